@@ -1,0 +1,198 @@
+//! Paged attention: the KV cache as fixed-size blocks, and attention over a flattened batch.
+//!
+//! The engine hands the model one flattened batch per step: every scheduled token of every
+//! sequence, prefill chunks and decode tokens mixed, no padding. [`BatchLayout`] says where each
+//! token belongs; [`PagedAttention::forward`] writes the step's K/V into their cache slots and
+//! attends each query causally over its sequence's cached K/V, wherever its blocks are.
+//! The same two operations run on the CPU (`cpu`) and, with the `cuda` feature, on the GPU.
+
+mod cpu;
+
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+use candle_core::{DType, Device, Tensor};
+
+/// Shapes of a paged KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCacheSpec {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    pub dtype: DType,
+}
+
+impl KvCacheSpec {
+    /// Bytes of K and V, all layers, for one token.
+    pub fn bytes_per_token(&self) -> u64 {
+        2 * (self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.size_in_bytes())
+            as u64
+    }
+
+    pub fn bytes_per_block(&self) -> u64 {
+        self.bytes_per_token() * self.block_size as u64
+    }
+
+    /// Blocks that fit in `budget` bytes.
+    pub fn blocks_in(&self, budget: u64) -> usize {
+        (budget / self.bytes_per_block()) as usize
+    }
+}
+
+/// The KV cache: per layer, K and V of shape `[num_blocks, block_size, num_kv_heads, head_dim]`.
+pub struct PagedKvCache {
+    pub spec: KvCacheSpec,
+    pub num_blocks: usize,
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+impl PagedKvCache {
+    /// Allocates the whole cache up front (zeroed: pages are touched only when written on CPU).
+    pub fn new(spec: KvCacheSpec, num_blocks: usize, device: &Device) -> Result<Self> {
+        if num_blocks == 0 {
+            bail!("the KV cache has no blocks");
+        }
+        let shape = (
+            num_blocks,
+            spec.block_size,
+            spec.num_kv_heads,
+            spec.head_dim,
+        );
+        let mut k = Vec::with_capacity(spec.num_layers);
+        let mut v = Vec::with_capacity(spec.num_layers);
+        for _ in 0..spec.num_layers {
+            k.push(Tensor::zeros(shape, spec.dtype, device)?);
+            v.push(Tensor::zeros(shape, spec.dtype, device)?);
+        }
+        Ok(Self {
+            spec,
+            num_blocks,
+            k,
+            v,
+        })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.spec.bytes_per_block() * self.num_blocks as u64
+    }
+}
+
+/// Where each token of a flattened batch sits: its sequence, its cache slot, and the blocks
+/// holding its sequence's earlier K/V.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchLayout {
+    /// Start of each sequence's tokens in the batch, then the total (`num_seqs + 1` entries).
+    pub query_start: Vec<u32>,
+    /// K/V length of each sequence once this step's tokens are written.
+    pub context_lens: Vec<u32>,
+    /// Each sequence's block table, padded to `max_blocks` entries.
+    pub block_tables: Vec<u32>,
+    pub max_blocks: usize,
+    /// Cache slot (`block * block_size + offset`) of each token.
+    pub slot_mapping: Vec<u32>,
+    /// Sequence index of each token.
+    pub token_seq: Vec<u32>,
+}
+
+impl BatchLayout {
+    pub fn num_tokens(&self) -> usize {
+        self.slot_mapping.len()
+    }
+
+    pub fn num_seqs(&self) -> usize {
+        self.context_lens.len()
+    }
+
+    /// Position of token `t` within its sequence.
+    pub fn position(&self, t: usize) -> usize {
+        let s = self.token_seq[t] as usize;
+        let (start, end) = (self.query_start[s], self.query_start[s + 1]);
+        (self.context_lens[s] - (end - start) + (t as u32 - start)) as usize
+    }
+
+    /// Checks the layout against a cache of `num_blocks` blocks of `block_size` tokens, so the
+    /// kernels can index without bounds surprises.
+    pub fn validate(&self, num_blocks: usize, block_size: usize) -> Result<()> {
+        let n = self.num_seqs();
+        if self.query_start.len() != n + 1 || self.query_start.first() != Some(&0) {
+            bail!("batch layout: query_start must have num_seqs + 1 entries starting at 0");
+        }
+        if *self.query_start.last().unwrap_or(&0) as usize != self.num_tokens()
+            || self.token_seq.len() != self.num_tokens()
+            || self.block_tables.len() != n * self.max_blocks
+        {
+            bail!("batch layout: inconsistent token or block-table counts");
+        }
+        for s in 0..n {
+            let qlen = self.query_start[s + 1].checked_sub(self.query_start[s]);
+            let ctx = self.context_lens[s] as usize;
+            match qlen {
+                Some(q) if q as usize <= ctx => {}
+                _ => bail!("batch layout: sequence {s} has more queries than context"),
+            }
+            if ctx.div_ceil(block_size) > self.max_blocks {
+                bail!("batch layout: sequence {s} needs more blocks than its table holds");
+            }
+            let row = &self.block_tables[s * self.max_blocks..][..ctx.div_ceil(block_size)];
+            if row.iter().any(|&b| b as usize >= num_blocks) {
+                bail!("batch layout: sequence {s} refers to a block outside the cache");
+            }
+        }
+        if self
+            .slot_mapping
+            .iter()
+            .any(|&s| s as usize >= num_blocks * block_size)
+        {
+            bail!("batch layout: a slot lies outside the cache");
+        }
+        Ok(())
+    }
+}
+
+/// Attention of one step: the cache, the batch layout and the scale, shared by all layers.
+pub struct PagedAttention<'a> {
+    cache: &'a PagedKvCache,
+    layout: Arc<BatchLayout>,
+    num_heads: usize,
+    scale: f32,
+}
+
+impl<'a> PagedAttention<'a> {
+    pub fn new(cache: &'a PagedKvCache, layout: Arc<BatchLayout>, num_heads: usize) -> Self {
+        let scale = 1.0 / (cache.spec.head_dim as f32).sqrt();
+        Self {
+            cache,
+            layout,
+            num_heads,
+            scale,
+        }
+    }
+
+    pub fn layout(&self) -> &BatchLayout {
+        &self.layout
+    }
+
+    /// Writes `k`, `v` (`[tokens, kv_heads, head_dim]`) into layer `layer`'s cache slots, then
+    /// returns attention of `q` (`[tokens, heads, head_dim]`) over each sequence's cached
+    /// K/V up to and including the token's own position.
+    pub fn forward(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (kc, vc) = (&self.cache.k[layer], &self.cache.v[layer]);
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        cpu::write_kv(kc, &k, &self.layout)?;
+        cpu::write_kv(vc, &v, &self.layout)?;
+        cpu::attend(
+            &q.contiguous()?,
+            kc,
+            vc,
+            &self.layout,
+            self.num_heads,
+            self.scale,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,255 @@
+//! Paged attention against a naive dense reference (f64 loops over contiguous K/V).
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::*;
+use crate::util::Rng64;
+
+/// One sequence of a test batch: its full K/V history and how many of its last tokens are
+/// queries this step.
+struct SeqCase {
+    ctx: usize,
+    queries: usize,
+}
+
+fn random(rng: &mut Rng64, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+        .collect()
+}
+
+/// Builds a layout placing each sequence's tokens in shuffled blocks; returns it with the
+/// per-sequence block lists.
+fn layout_for(
+    cases: &[SeqCase],
+    block_size: usize,
+    num_blocks: usize,
+    rng: &mut Rng64,
+    only_queries: bool,
+) -> BatchLayout {
+    let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..free.len()).rev() {
+        free.swap(i, rng.range_inclusive(0, i));
+    }
+    let max_blocks = cases
+        .iter()
+        .map(|c| c.ctx.div_ceil(block_size))
+        .max()
+        .unwrap();
+    let mut lay = BatchLayout {
+        max_blocks,
+        query_start: vec![0],
+        ..Default::default()
+    };
+    for (s, c) in cases.iter().enumerate() {
+        let blocks: Vec<u32> = (0..c.ctx.div_ceil(block_size))
+            .map(|_| free.pop().unwrap())
+            .collect();
+        let first = if only_queries { c.ctx - c.queries } else { 0 };
+        for p in first..c.ctx {
+            lay.slot_mapping
+                .push(blocks[p / block_size] * block_size as u32 + (p % block_size) as u32);
+            lay.token_seq.push(s as u32);
+        }
+        lay.query_start.push(lay.slot_mapping.len() as u32);
+        lay.context_lens.push(c.ctx as u32);
+        let mut row = blocks.clone();
+        row.resize(max_blocks, 0);
+        lay.block_tables.extend(row);
+    }
+    lay
+}
+
+/// softmax(q K^T / sqrt(d)) V for one query row against `n` keys, in f64.
+fn reference_row(q: &[f32], ks: &[&[f32]], vs: &[&[f32]]) -> Vec<f64> {
+    let d = q.len();
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores: Vec<f64> = ks
+        .iter()
+        .map(|k| {
+            q.iter()
+                .zip(*k)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>()
+                * scale
+        })
+        .collect();
+    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+    let z: f64 = e.iter().sum();
+    (0..d)
+        .map(|i| e.iter().zip(vs).map(|(p, v)| p * v[i] as f64).sum::<f64>() / z)
+        .collect()
+}
+
+fn check(cases: &[SeqCase], block_size: usize, heads: usize, kv_heads: usize, dtype: DType) {
+    let d = 16;
+    let dev = Device::Cpu;
+    let mut rng = Rng64::new(block_size as u64 * 31 + heads as u64);
+    let total_blocks: usize = cases
+        .iter()
+        .map(|c| c.ctx.div_ceil(block_size))
+        .sum::<usize>()
+        + 3;
+    let spec = KvCacheSpec {
+        num_layers: 1,
+        num_kv_heads: kv_heads,
+        head_dim: d,
+        block_size,
+        dtype,
+    };
+    let cache = PagedKvCache::new(spec, total_blocks, &dev).unwrap();
+    // Poison the cache so that a read of an unwritten slot shows up in the result.
+    let poison = Tensor::full(1e4f32, cache.k[0].shape(), &dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    cache.k[0].slice_set(&poison, 0, 0).unwrap();
+    cache.v[0].slice_set(&poison, 0, 0).unwrap();
+
+    // Full histories, then a prefill-style write of all but the queries, then the step itself.
+    let hist: Vec<(Vec<f32>, Vec<f32>)> = cases
+        .iter()
+        .map(|c| {
+            (
+                random(&mut rng, c.ctx * kv_heads * d),
+                random(&mut rng, c.ctx * kv_heads * d),
+            )
+        })
+        .collect();
+    let mut block_rng = Rng64::new(99);
+    let full = layout_for(cases, block_size, total_blocks, &mut block_rng, false);
+    let mut block_rng = Rng64::new(99);
+    let step = layout_for(cases, block_size, total_blocks, &mut block_rng, true);
+    let rows = |only_queries: bool, which: usize| -> Tensor {
+        let mut v = Vec::new();
+        for (c, h) in cases.iter().zip(&hist) {
+            let first = if only_queries { c.ctx - c.queries } else { 0 };
+            let src = if which == 0 { &h.0 } else { &h.1 };
+            v.extend_from_slice(&src[first * kv_heads * d..]);
+        }
+        let n = v.len() / (kv_heads * d);
+        Tensor::from_vec(v, (n, kv_heads, d), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let full = Arc::new(full);
+    cpu::write_kv(&cache.k[0], &rows(false, 0), &full).unwrap();
+    cpu::write_kv(&cache.v[0], &rows(false, 1), &full).unwrap();
+
+    let nq: usize = cases.iter().map(|c| c.queries).sum();
+    let q = random(&mut rng, nq * heads * d);
+    let qt = Tensor::from_vec(q.clone(), (nq, heads, d), &dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    step.validate(total_blocks, block_size).unwrap();
+    let attn = PagedAttention::new(&cache, Arc::new(step), heads);
+    let out = attn
+        .forward(0, &qt, &rows(true, 0), &rows(true, 1))
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+
+    // The reference sees the dtype-rounded inputs, as the kernel does.
+    let round = |x: &[f32]| -> Vec<f32> {
+        Tensor::from_slice(x, x.len(), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let q = round(&q);
+    let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+    let mut t = 0;
+    for (c, (hk, hv)) in cases.iter().zip(&hist) {
+        let (hk, hv) = (round(hk), round(hv));
+        for i in 0..c.queries {
+            let pos = c.ctx - c.queries + i;
+            for h in 0..heads {
+                let g = h / (heads / kv_heads);
+                let ks: Vec<&[f32]> = (0..=pos)
+                    .map(|j| &hk[(j * kv_heads + g) * d..][..d])
+                    .collect();
+                let vs: Vec<&[f32]> = (0..=pos)
+                    .map(|j| &hv[(j * kv_heads + g) * d..][..d])
+                    .collect();
+                let want = reference_row(&q[(t * heads + h) * d..][..d], &ks, &vs);
+                let got = &out[(t * heads + h) * d..][..d];
+                for (w, g) in want.iter().zip(got) {
+                    assert!(
+                        (w - *g as f64).abs() <= tol * (1.0 + w.abs()),
+                        "token {t} head {h}: want {w}, got {g} (block size {block_size}, {dtype:?})"
+                    );
+                }
+            }
+            t += 1;
+        }
+    }
+}
+
+fn mixed_batch() -> Vec<SeqCase> {
+    vec![
+        SeqCase { ctx: 1, queries: 1 }, // a one-token prompt
+        SeqCase {
+            ctx: 37,
+            queries: 37,
+        }, // a whole prompt
+        SeqCase {
+            ctx: 50,
+            queries: 1,
+        }, // decode
+        SeqCase {
+            ctx: 33,
+            queries: 9,
+        }, // a later prefill chunk
+        SeqCase {
+            ctx: 16,
+            queries: 1,
+        }, // decode at a block boundary
+    ]
+}
+
+#[test]
+fn matches_dense_reference_across_block_sizes() {
+    for bs in [1, 3, 16, 32] {
+        check(&mixed_batch(), bs, 6, 2, DType::F32);
+    }
+}
+
+#[test]
+fn grouped_and_plain_heads() {
+    check(&mixed_batch(), 16, 4, 4, DType::F32);
+    check(&mixed_batch(), 16, 8, 1, DType::F32);
+}
+
+#[test]
+fn half_precision_caches() {
+    check(&mixed_batch(), 16, 6, 2, DType::F16);
+    check(&mixed_batch(), 8, 6, 3, DType::BF16);
+}
+
+#[test]
+fn layout_positions_and_validation() {
+    let mut rng = Rng64::new(1);
+    let lay = layout_for(&mixed_batch(), 16, 20, &mut rng, true);
+    assert_eq!(lay.num_seqs(), 5);
+    assert_eq!(lay.position(0), 0);
+    assert_eq!(lay.position(1), 0); // first token of the 37-token prompt
+    assert_eq!(lay.position(38), 49); // the decode token of the 50-token sequence
+    lay.validate(20, 16).unwrap();
+    assert!(lay.validate(3, 16).is_err());
+    let mut bad = lay.clone();
+    bad.context_lens[2] = 0;
+    assert!(bad.validate(20, 16).is_err());
+}

@@ -1,0 +1,169 @@
+//! Command-line flags, named as vLLM names them where the concept exists.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::device::DeviceSpec;
+use crate::model::LoadFormat;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "offline-bench",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("OFFLINE_BENCH_COMMIT"), ")"),
+    about = "Offline LLM throughput benchmark: a paged-KV continuous-batching engine in one process"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a workload through the engine and report generations/s and tokens/s.
+    Throughput(ThroughputArgs),
+    /// Greedy continuation of one prompt (check that weights and tokenizer are right).
+    Generate(GenerateArgs),
+}
+
+/// Which model, and how to load it.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A .gguf file, an HF model folder, a preset (smollm2-135m, llama-3-8b, llama-3.1-8b,
+    /// mistral-7b) or a hub id (org/name).
+    #[arg(long)]
+    pub model: String,
+    /// tokenizer.json (or a folder holding one); default: the model's own.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// A Jinja chat template file, overriding the tokenizer's.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = LoadFormat::Auto)]
+    pub load_format: LoadFormat,
+    /// auto (f32 on the CPU, bf16 on CUDA), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Hub revision (branch, tag or commit) for hub ids.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Longest sequence (prompt + output); default: the model's maximum.
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+}
+
+/// Engine limits and sampling.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Most sequences in one step.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Most tokens in one step (prefill chunks are cut to fit).
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+    /// KV cache budget on the CPU, e.g. 4GiB or 512MiB.
+    #[arg(long, default_value = "4GiB", value_parser = crate::util::parse_bytes)]
+    pub kv_cache_memory: u64,
+    /// Use exactly this many KV blocks instead of sizing from the budget.
+    #[arg(long)]
+    pub num_kv_blocks: Option<usize>,
+    /// Seed for sampling the workload and for random sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// No progress bars or status lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DatasetName {
+    /// vLLM's ShareGPT sampling: first turn as prompt, second turn's length as output.
+    Sharegpt,
+    /// First --prompt-turns turns through the chat template, --output-len (250) tokens.
+    Chat,
+    /// Synthetic prompts of --input-len tokens.
+    Random,
+}
+
+#[derive(Args, Debug)]
+pub struct ThroughputArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[arg(long, value_enum, default_value_t = DatasetName::Sharegpt)]
+    pub dataset_name: DatasetName,
+    /// The ShareGPT JSON file; default: the hub's copy (cached, or downloaded).
+    #[arg(long)]
+    pub dataset_path: Option<PathBuf>,
+    /// Requests to run; default 1000 on CUDA (as vLLM), 100 on the CPU.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub num_prompts: Option<u64>,
+    /// Prompt length of the random dataset.
+    #[arg(long)]
+    pub input_len: Option<usize>,
+    /// Fixed output length (default: the dataset's; 128 for random, 250 for chat).
+    #[arg(long)]
+    pub output_len: Option<usize>,
+    #[arg(long, default_value_t = 0.0)]
+    pub random_range_ratio: f64,
+    #[arg(long, default_value_t = 0)]
+    pub prefix_len: usize,
+    /// Turns of each conversation in a chat prompt.
+    #[arg(long, default_value_t = 3)]
+    pub prompt_turns: usize,
+    /// Save the sampled, tokenized requests to FILE.
+    #[arg(long)]
+    pub save_workload: Option<PathBuf>,
+    /// Run the requests saved in FILE (no dataset or tokenizer needed).
+    #[arg(long, conflicts_with_all = ["dataset_path", "input_len"])]
+    pub workload: Option<PathBuf>,
+    /// Write the report, with per-request figures, to FILE.
+    #[arg(long)]
+    pub output_json: Option<PathBuf>,
+    /// Sample the workload, print its statistics, and stop (no model weights are loaded).
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tokens: u64,
+    /// Render the prompt as one user message through the chat template first.
+    #[arg(long)]
+    pub chat: bool,
+}
+
+/// One line for a clap error: its message and any `[possible values: ...]` hint.
+pub fn one_line(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    text.lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,159 @@
+//! The subcommands: `throughput` and `generate`, and the set-up they share (device, model,
+//! KV budget, engine).
+
+pub mod generate;
+pub mod throughput;
+
+use anyhow::{Result, bail};
+use candle_core::{DType, Device};
+use serde_json::{Value, json};
+
+use crate::cli::{EngineArgs, ModelArgs};
+use crate::engine::sampler::SamplingParams;
+use crate::engine::{Engine, EngineConfig};
+use crate::model::{self, ModelInfo, ModelOptions};
+use crate::progress::Progress;
+use crate::util::human_bytes;
+
+/// The commit the binary was built from.
+pub const COMMIT: &str = env!("OFFLINE_BENCH_COMMIT");
+
+/// A device, a dtype and an inspected model (weights not loaded yet).
+pub struct Setup {
+    pub device: Device,
+    pub dtype: DType,
+    pub info: ModelInfo,
+    pub max_model_len: usize,
+}
+
+impl Setup {
+    pub fn new(args: &ModelArgs, progress: &Progress) -> Result<Self> {
+        let dtype = crate::device::parse_dtype(&args.dtype, args.device)?;
+        let info = model::inspect(
+            &ModelOptions {
+                model: args.model.clone(),
+                tokenizer: args.tokenizer.clone(),
+                chat_template: args.chat_template.clone(),
+                load_format: args.load_format,
+                revision: args.revision.clone(),
+            },
+            progress,
+        )?;
+        let model_max = info.config.max_position_embeddings;
+        let max_model_len = match args.max_model_len {
+            Some(0) => bail!("--max-model-len must be at least 1"),
+            Some(n) if n > model_max => bail!(
+                "--max-model-len {n} exceeds the model's max_position_embeddings ({model_max})"
+            ),
+            Some(n) => n,
+            None => model_max,
+        };
+        let device = args.device.open()?;
+        Ok(Self {
+            device,
+            dtype,
+            info,
+            max_model_len,
+        })
+    }
+
+    /// Loads the weights and builds an engine with a KV cache sized from the budget.
+    pub fn engine(&self, eng: &EngineArgs, progress: &Progress) -> Result<Engine> {
+        let model = model::load_weights(
+            &self.info,
+            self.max_model_len,
+            self.dtype,
+            &self.device,
+            progress,
+        )?;
+        let spec = Engine::cache_spec(&model, eng.block_size.max(1));
+        let num_blocks = match eng.num_kv_blocks {
+            Some(n) => n,
+            None => {
+                if self.device.is_cpu()
+                    && let Some(avail) = crate::device::available_host_memory()
+                    && eng.kv_cache_memory > avail
+                {
+                    bail!(
+                        "--kv-cache-memory {} exceeds the {} of memory available",
+                        human_bytes(eng.kv_cache_memory),
+                        human_bytes(avail)
+                    );
+                }
+                spec.blocks_in(eng.kv_cache_memory)
+            }
+        };
+        if num_blocks == 0 {
+            bail!(
+                "the KV budget {} is too small for one block ({} for {} tokens); raise --kv-cache-memory",
+                human_bytes(eng.kv_cache_memory),
+                human_bytes(spec.bytes_per_block()),
+                spec.block_size
+            );
+        }
+        let tokens = num_blocks * spec.block_size;
+        progress.info(format!(
+            "KV cache: {} in {num_blocks} blocks of {} tokens ({tokens} tokens, {} per token); maximum concurrency at {} tokens per request: {:.2}x",
+            human_bytes(spec.bytes_per_block() * num_blocks as u64),
+            spec.block_size,
+            human_bytes(spec.bytes_per_token()),
+            self.max_model_len,
+            tokens as f64 / self.max_model_len as f64
+        ));
+        Engine::new(
+            model,
+            EngineConfig {
+                block_size: eng.block_size,
+                max_num_seqs: eng.max_num_seqs,
+                max_num_batched_tokens: eng.max_num_batched_tokens,
+                max_model_len: self.max_model_len,
+                num_blocks,
+            },
+            sampling(eng),
+        )
+    }
+
+    /// The report's description of the model, engine and machine.
+    pub fn context(&self, engine: &Engine, args: &ModelArgs, eng: &EngineArgs) -> Value {
+        let c = engine.config();
+        let cache = engine.runner().cache();
+        let model = engine.runner().model();
+        json!({
+            "model": {
+                "name": args.model,
+                "load_format": self.info.load_format.name(),
+                "dtype": format!("{:?}", self.dtype).to_lowercase(),
+                "parameters": self.info.config.num_parameters(),
+                "weight_bytes": model.weight_bytes(),
+                "tokenizer": self.info.tokenizer.as_ref().map(|t| t.source.clone()),
+            },
+            "engine": {
+                "block_size": c.block_size,
+                "max_num_seqs": c.max_num_seqs,
+                "max_num_batched_tokens": c.max_num_batched_tokens,
+                "max_model_len": c.max_model_len,
+                "sampling": sampling(eng).describe(),
+            },
+            "kv_cache": {
+                "num_blocks": cache.num_blocks,
+                "bytes": cache.bytes(),
+                "tokens": cache.num_blocks * c.block_size,
+                "max_concurrency": (cache.num_blocks * c.block_size) as f64 / c.max_model_len as f64,
+            },
+            "device": crate::device::describe(&self.device),
+            "commit": COMMIT,
+            "version": env!("CARGO_PKG_VERSION"),
+            "date": crate::util::utc_date(),
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+        })
+    }
+}
+
+pub fn sampling(eng: &EngineArgs) -> SamplingParams {
+    SamplingParams {
+        temperature: eng.temperature,
+        top_p: eng.top_p,
+        top_k: eng.top_k,
+        seed: eng.seed,
+    }
+}

@@ -1,0 +1,210 @@
+//! `offline-bench throughput`: sample a workload, run it through the engine, report.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use serde_json::json;
+
+use super::Setup;
+use crate::cli::{DatasetName, ThroughputArgs};
+use crate::model::hub;
+use crate::progress::Progress;
+use crate::report::Metrics;
+use crate::tokenizer::TextTokenizer;
+use crate::workload::chat::{self, ChatOptions, ChatTemplate};
+use crate::workload::random::{self, RandomOptions};
+use crate::workload::sharegpt::{self, SampleOptions, ShareGpt};
+use crate::workload::{LengthRules, Workload};
+
+/// Requests per run when `--num-prompts` is not given: vLLM's 1000 on a GPU; on the CPU, a
+/// number a small model finishes in a couple of minutes on two cores.
+fn default_num_prompts(args: &ThroughputArgs) -> usize {
+    match args.model.device {
+        crate::device::DeviceSpec::Cpu => 100,
+        crate::device::DeviceSpec::Cuda(_) => 1000,
+    }
+}
+
+pub fn run(args: &ThroughputArgs) -> Result<()> {
+    let progress = Progress::new(args.engine.quiet);
+    let setup = Setup::new(&args.model, &progress)?;
+    let num_prompts = args
+        .num_prompts
+        .map(|n| n as usize)
+        .unwrap_or_else(|| default_num_prompts(args));
+
+    let t = Instant::now();
+    let workload = match &args.workload {
+        Some(path) => {
+            let w = Workload::load(path)?;
+            if args.num_prompts.is_some() && num_prompts < w.requests.len() {
+                w.take(num_prompts)
+            } else {
+                w
+            }
+        }
+        None => sample_workload(args, &setup, num_prompts, &progress)?,
+    };
+    workload.validate()?;
+    progress.info(format!(
+        "sampled the workload in {:.1}s",
+        t.elapsed().as_secs_f64()
+    ));
+    if let Some(path) = &args.save_workload {
+        workload.save(path)?;
+        progress.info(format!("saved the workload to {}", path.display()));
+    }
+    println!("{}", workload.summary());
+    if args.dry_run {
+        return Ok(());
+    }
+
+    let mut engine = setup.engine(&args.engine, &progress)?;
+    engine.check(&workload.requests)?;
+    let total: u64 = workload.requests.len() as u64;
+    let bar = progress.bar(total, "requests");
+    let output = engine.run(&workload.requests, |s| {
+        bar.set_position(s.finished as u64);
+        if s.elapsed > 0.0 {
+            bar.set_message(format!(
+                "{:.1} generated tok/s",
+                s.generated as f64 / s.elapsed
+            ));
+        }
+    })?;
+    bar.finish_and_clear();
+    if output.stats.blocks_in_use_after != 0 {
+        progress.warn(format!(
+            "{} KV blocks were still allocated after the run",
+            output.stats.blocks_in_use_after
+        ));
+    }
+    let metrics = Metrics::of(&output);
+    print!("{}", metrics.block());
+    print!("{}", metrics.vllm_lines());
+    if let Some(path) = &args.output_json {
+        let mut ctx = setup.context(&engine, &args.model, &args.engine);
+        if let serde_json::Value::Object(m) = &mut ctx {
+            m.insert(
+                "workload".into(),
+                json!({
+                    "info": workload.info,
+                    "num_requests": workload.requests.len(),
+                    "fingerprint": workload.fingerprint(),
+                }),
+            );
+        }
+        let report = metrics.json(&output, ctx);
+        let bytes = serde_json::to_vec_pretty(&report).context("cannot serialise the report")?;
+        crate::util::write_atomic(path, &bytes)?;
+        progress.info(format!("wrote {}", path.display()));
+    }
+    Ok(())
+}
+
+/// The dataset file: `--dataset-path`, or the hub's ShareGPT copy.
+fn dataset_path(args: &ThroughputArgs, progress: &Progress) -> Result<PathBuf> {
+    match &args.dataset_path {
+        Some(p) => Ok(p.clone()),
+        None => hub::fetch_dataset_file(
+            hub::SHAREGPT_REPO,
+            hub::SHAREGPT_FILE,
+            progress.shows_bars(),
+        ),
+    }
+}
+
+fn read_sharegpt(path: &Path, progress: &Progress) -> Result<ShareGpt> {
+    let data = ShareGpt::read(path)?;
+    if let Some(note) = data.truncation_note() {
+        progress.warn(format!("{}: {note}", path.display()));
+    }
+    Ok(data)
+}
+
+fn tokenizer<'a>(setup: &'a Setup, what: &str) -> Result<&'a TextTokenizer> {
+    setup.info.tokenizer.as_ref().ok_or_else(|| {
+        anyhow!(
+            "the {what} dataset needs a tokenizer: pass --tokenizer (tokenizer.json or its folder)"
+        )
+    })
+}
+
+fn sample_workload(
+    args: &ThroughputArgs,
+    setup: &Setup,
+    num_prompts: usize,
+    progress: &Progress,
+) -> Result<Workload> {
+    match args.dataset_name {
+        DatasetName::Sharegpt => {
+            let tok = tokenizer(setup, "sharegpt")?;
+            let path = dataset_path(args, progress)?;
+            let data = read_sharegpt(&path, progress)?;
+            sharegpt::sample(
+                &data,
+                tok,
+                &SampleOptions {
+                    num_prompts,
+                    seed: args.engine.seed,
+                    output_len: args.output_len,
+                    rules: LengthRules::default(),
+                },
+                &path.display().to_string(),
+            )
+        }
+        DatasetName::Chat => {
+            let tok = tokenizer(setup, "chat")?;
+            let template = ChatTemplate::of(tok)?;
+            let path = dataset_path(args, progress)?;
+            let data = read_sharegpt(&path, progress)?;
+            chat::sample(
+                &data,
+                tok,
+                &template,
+                &ChatOptions {
+                    num_prompts,
+                    seed: args.engine.seed,
+                    turns: args.prompt_turns,
+                    output_len: args.output_len.unwrap_or(250),
+                    rules: LengthRules::default(),
+                },
+                &path.display().to_string(),
+            )
+        }
+        DatasetName::Random => {
+            let input_len = args
+                .input_len
+                .ok_or_else(|| anyhow!("the random dataset needs --input-len"))?;
+            let opts = RandomOptions {
+                num_prompts,
+                input_len,
+                output_len: args.output_len.unwrap_or(128),
+                range_ratio: args.random_range_ratio,
+                prefix_len: args.prefix_len,
+                seed: args.engine.seed,
+            };
+            if input_len + args.prefix_len + opts.output_len > setup.max_model_len {
+                anyhow::bail!(
+                    "random prompts of {} tokens plus {} output tokens exceed --max-model-len {}",
+                    input_len + args.prefix_len,
+                    opts.output_len,
+                    setup.max_model_len
+                );
+            }
+            let vocab = setup.info.config.vocab_size as u32;
+            match setup.info.tokenizer.as_ref() {
+                Some(tok) => {
+                    let special = tok.special_ids();
+                    let allowed: Vec<u32> = (0..vocab).filter(|i| !special.contains(i)).collect();
+                    random::sample(&opts, &allowed, Some(&tok.source))
+                }
+                None => {
+                    let allowed: Vec<u32> = (0..vocab).collect();
+                    random::sample(&opts, &allowed, None)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The device a run uses (`--device cpu|cuda[:N]`), its description for reports, and the memory
+//! it has, so a model or KV budget that cannot fit is refused before anything is allocated.
+
+use anyhow::{Result, bail};
+use candle_core::{DType, Device};
+
+/// A parsed `--device` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device '{s}' (expected cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device; a CUDA device in a build without CUDA is a clear error.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) => {
+                if !candle_core::utils::cuda_is_available() {
+                    bail!(
+                        "--device cuda:{n}: this binary was built without CUDA (rebuild with --features cuda)"
+                    );
+                }
+                Device::new_cuda(n).map_err(|e| anyhow::anyhow!("cannot open CUDA device {n}: {e}"))
+            }
+        }
+    }
+
+    /// The dtype `--dtype auto` means here: f32 on the CPU (candle's CPU matmul has no bf16),
+    /// bf16 on CUDA.
+    pub fn default_dtype(self) -> DType {
+        match self {
+            Self::Cpu => DType::F32,
+            Self::Cuda(_) => DType::BF16,
+        }
+    }
+}
+
+/// A one-line description of the machine a run used ("cpu: Intel Xeon ..., 2 threads").
+pub fn describe(device: &Device) -> String {
+    match device {
+        Device::Cpu => {
+            let model = std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("model name"))
+                        .and_then(|l| l.split_once(':'))
+                        .map(|(_, v)| v.trim().to_string())
+                })
+                .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+            format!(
+                "cpu: {model}, {} threads",
+                candle_core::utils::get_num_threads()
+            )
+        }
+        other => format!("{:?}", other.location()),
+    }
+}
+
+/// Bytes of memory the OS says are available for new allocations (Linux `MemAvailable`).
+pub fn available_host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Parses `--dtype` (`auto`, `f32`/`float32`, `f16`/`float16`/`half`, `bf16`/`bfloat16`).
+pub fn parse_dtype(text: &str, device: DeviceSpec) -> Result<DType> {
+    let dtype = match text {
+        "auto" => device.default_dtype(),
+        "f32" | "float32" | "float" => DType::F32,
+        "f16" | "float16" | "half" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        other => bail!("unknown --dtype '{other}' (expected auto, f32, f16 or bf16)"),
+    };
+    if dtype == DType::BF16 && device == DeviceSpec::Cpu {
+        bail!(
+            "--dtype bf16 is not supported on the CPU (candle's CPU matmul has no bf16); use f32 or f16"
+        );
+    }
+    Ok(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs() {
+        assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
+        assert!("gpu".parse::<DeviceSpec>().is_err());
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn dtypes() {
+        assert_eq!(parse_dtype("auto", DeviceSpec::Cpu).unwrap(), DType::F32);
+        assert_eq!(
+            parse_dtype("auto", DeviceSpec::Cuda(0)).unwrap(),
+            DType::BF16
+        );
+        assert_eq!(parse_dtype("half", DeviceSpec::Cpu).unwrap(), DType::F16);
+        assert!(parse_dtype("bf16", DeviceSpec::Cpu).is_err());
+        assert!(parse_dtype("int4", DeviceSpec::Cpu).is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! offline-bench: how fast a large language model runs offline, in one process.
+//!
+//! Data flows one way: a [`workload`] of tokenized requests goes into the [`engine`] (a
+//! [`engine::scheduler`] over a [`engine::block`] pool; a [`engine::runner`] driving the
+//! [`model`] and its paged [`attention`]), whose per-request events become the [`report`].
+
+pub mod attention;
+pub mod cli;
+pub mod commands;
+pub mod device;
+pub mod engine;
+pub mod model;
+pub mod progress;
+pub mod report;
+pub mod tokenizer;
+pub mod util;
+pub mod workload;

@@ -1,0 +1,324 @@
+//! The Llama family (Llama 2/3/3.1, Mistral, SmolLM2; Qwen2 with its q/k/v biases) as a forward
+//! pass over a flattened batch: no batch dimension, no padding, attention through the paged cache.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::ops::rms_norm;
+use candle_nn::rotary_emb::rope_thd;
+
+use super::config::ModelConfig;
+use super::weights::WeightSource;
+use crate::attention::PagedAttention;
+
+/// `x W^T + b`, with `W` as `[out, in]`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(
+        weights: &mut dyn WeightSource,
+        name: &str,
+        out: usize,
+        inp: usize,
+        with_bias: bool,
+    ) -> Result<Self> {
+        let w = weights.get(&format!("{name}.weight"), &[out, inp])?;
+        let b = if with_bias {
+            Some(weights.get(&format!("{name}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Self { w, b })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.w.t()?)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// Several projections of the same input fused into one (rows stacked): one GEMM instead
+    /// of several smaller ones.
+    fn fused(parts: Vec<Linear>) -> Result<Self> {
+        let ws: Vec<&Tensor> = parts.iter().map(|p| &p.w).collect();
+        let w = Tensor::cat(&ws, 0)?;
+        let b = if parts.iter().all(|p| p.b.is_some()) {
+            let bs: Vec<&Tensor> = parts.iter().filter_map(|p| p.b.as_ref()).collect();
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        };
+        Ok(Self { w, b })
+    }
+}
+
+#[derive(Clone)]
+struct Layer {
+    attn_norm: Tensor,
+    qkv: Linear,
+    o: Linear,
+    mlp_norm: Tensor,
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// Sizes the forward pass needs, derived once from the config.
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub layers: usize,
+    pub eps: f32,
+}
+
+/// A loaded Llama-family model. Cloning shares the weights.
+#[derive(Clone)]
+pub struct Llama {
+    dims: Dims,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    /// The LM head is the embedding matrix (not counted twice).
+    tied: bool,
+    cos: Tensor,
+    sin: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+/// Rotary tables `[max_positions, head_dim / 2]` (HF "rotate half" layout), with Llama 3.1's
+/// frequency scaling when the config asks for it.
+fn rotary_tables(
+    cfg: &ModelConfig,
+    max_positions: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let d = cfg.head_dim();
+    let mut inv_freq: Vec<f64> = (0..d / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64))
+        .collect();
+    let mut position_scale = 1.0;
+    if let Some(s) = &cfg.rope_scaling {
+        match s.rope_type.as_deref() {
+            Some("llama3") => {
+                let factor = s.factor.unwrap_or(8.0);
+                let low = s.low_freq_factor.unwrap_or(1.0);
+                let high = s.high_freq_factor.unwrap_or(4.0);
+                let old_ctx = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+                let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *f;
+                    if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth = (old_ctx / wavelen - low) / (high - low);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+            Some("linear") => position_scale = 1.0 / s.factor.unwrap_or(1.0),
+            _ => {}
+        }
+    }
+    let mut cos = Vec::with_capacity(max_positions * d / 2);
+    let mut sin = Vec::with_capacity(max_positions * d / 2);
+    for p in 0..max_positions {
+        for f in &inv_freq {
+            let angle = p as f64 * position_scale * f;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let cos = Tensor::from_vec(cos, (max_positions, d / 2), device)?;
+    let sin = Tensor::from_vec(sin, (max_positions, d / 2), device)?;
+    Ok((cos, sin))
+}
+
+impl Llama {
+    /// Builds the model from `weights`, fusing q/k/v and gate/up as it goes.
+    /// `max_positions` bounds the rotary tables (the run's maximum model length).
+    pub fn load(
+        cfg: &ModelConfig,
+        weights: &mut dyn WeightSource,
+        max_positions: usize,
+        dtype: DType,
+        device: &Device,
+        mut on_layer: impl FnMut(usize),
+    ) -> Result<Self> {
+        let dims = Dims {
+            hidden: cfg.hidden_size,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_kv_heads(),
+            head_dim: cfg.head_dim(),
+            intermediate: cfg.intermediate_size,
+            vocab: cfg.vocab_size,
+            layers: cfg.num_hidden_layers,
+            eps: cfg.rms_norm_eps as f32,
+        };
+        let (h, hd) = (dims.hidden, dims.head_dim);
+        let q_size = dims.heads * hd;
+        let kv_size = dims.kv_heads * hd;
+        let bias = cfg.qkv_bias();
+        let mut layers = Vec::with_capacity(dims.layers);
+        for i in 0..dims.layers {
+            let p = format!("model.layers.{i}");
+            let qkv = Linear::fused(vec![
+                Linear::load(weights, &format!("{p}.self_attn.q_proj"), q_size, h, bias)?,
+                Linear::load(weights, &format!("{p}.self_attn.k_proj"), kv_size, h, bias)?,
+                Linear::load(weights, &format!("{p}.self_attn.v_proj"), kv_size, h, bias)?,
+            ])?;
+            let o = Linear::load(weights, &format!("{p}.self_attn.o_proj"), h, q_size, false)?;
+            let gate_up = Linear::fused(vec![
+                Linear::load(
+                    weights,
+                    &format!("{p}.mlp.gate_proj"),
+                    dims.intermediate,
+                    h,
+                    false,
+                )?,
+                Linear::load(
+                    weights,
+                    &format!("{p}.mlp.up_proj"),
+                    dims.intermediate,
+                    h,
+                    false,
+                )?,
+            ])?;
+            let down = Linear::load(
+                weights,
+                &format!("{p}.mlp.down_proj"),
+                h,
+                dims.intermediate,
+                false,
+            )?;
+            layers.push(Layer {
+                attn_norm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                qkv,
+                o,
+                mlp_norm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate_up,
+                down,
+            });
+            on_layer(i);
+        }
+        let embed = weights.get("model.embed_tokens.weight", &[dims.vocab, h])?;
+        let norm = weights.get("model.norm.weight", &[h])?;
+        let tied = cfg.tie_word_embeddings && !weights.contains("lm_head.weight");
+        let lm_head = if tied {
+            embed.clone()
+        } else {
+            weights.get("lm_head.weight", &[dims.vocab, h])?
+        };
+        let (cos, sin) = rotary_tables(cfg, max_positions, device)?;
+        Ok(Self {
+            dims,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            tied,
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dims(&self) -> Dims {
+        self.dims
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Positions the rotary tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// Hidden states `[tokens, hidden]` of a flattened batch: `input_ids` and `positions` are
+    /// `[tokens]` (u32); attention goes through `attn`, which also writes the step's K/V.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        attn: &PagedAttention,
+    ) -> Result<Tensor> {
+        let d = self.dims;
+        let tokens = input_ids.dim(0)?;
+        let (q_size, kv_size) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+        let cos = self.cos.index_select(positions, 0)?;
+        let sin = self.sin.index_select(positions, 0)?;
+        let mut x = self.embed.index_select(input_ids, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.attn_norm, d.eps)?;
+            let qkv = layer.qkv.forward(&h)?;
+            let q = qkv
+                .narrow(1, 0, q_size)?
+                .reshape((1, tokens, d.heads, d.head_dim))?;
+            let k = qkv
+                .narrow(1, q_size, kv_size)?
+                .reshape((1, tokens, d.kv_heads, d.head_dim))?;
+            let v = qkv
+                .narrow(1, q_size + kv_size, kv_size)?
+                .reshape((tokens, d.kv_heads, d.head_dim))?;
+            let q = rope_thd(&q, &cos, &sin)?.squeeze(0)?;
+            let k = rope_thd(&k, &cos, &sin)?.squeeze(0)?;
+            let a = attn
+                .forward(i, &q, &k, &v)
+                .with_context(|| format!("attention of layer {i}"))?;
+            let a = layer.o.forward(&a.reshape((tokens, q_size))?)?;
+            x = (x + a)?;
+            let h = rms_norm(&x, &layer.mlp_norm, d.eps)?;
+            let gu = layer.gate_up.forward(&h)?;
+            let act = (candle_nn::ops::silu(&gu.narrow(1, 0, d.intermediate)?)?
+                * gu.narrow(1, d.intermediate, d.intermediate)?)?;
+            x = (x + layer.down.forward(&act)?)?;
+        }
+        Ok(x)
+    }
+
+    /// Logits `[rows, vocab]` (f32) of the hidden states at `rows` (indices into the batch):
+    /// the final norm and the LM head run only where a token is sampled.
+    pub fn logits(&self, hidden: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        let h = hidden.index_select(rows, 0)?;
+        let h = rms_norm(&h, &self.norm, self.dims.eps)?;
+        let logits = h.matmul(&self.lm_head.t()?)?;
+        Ok(logits.to_dtype(DType::F32)?.contiguous()?)
+    }
+
+    /// Bytes of the weights as loaded.
+    pub fn weight_bytes(&self) -> u64 {
+        let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let lin = |l: &Linear| size(&l.w) + l.b.as_ref().map_or(0, size);
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|l| {
+                size(&l.attn_norm)
+                    + size(&l.mlp_norm)
+                    + lin(&l.qkv)
+                    + lin(&l.o)
+                    + lin(&l.gate_up)
+                    + lin(&l.down)
+            })
+            .sum();
+        let head = if self.tied { 0 } else { size(&self.lm_head) };
+        layers + size(&self.embed) + size(&self.norm) + head
+    }
+}

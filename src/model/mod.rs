@@ -1,0 +1,248 @@
+//! Models: finding what `--model` names, reading its config and tokenizer, loading its weights.
+
+pub mod config;
+pub mod hub;
+pub mod llama;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use candle_core::{DType, Device};
+
+use self::config::ModelConfig;
+use self::llama::Llama;
+use self::weights::{DummyWeights, GgufWeights, SafetensorsWeights, WeightSource};
+use crate::progress::Progress;
+use crate::tokenizer::TextTokenizer;
+
+/// `--load-format`, as vLLM names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadFormat {
+    /// GGUF for a .gguf file, safetensors for a folder or hub id, dummy for a preset.
+    Auto,
+    Safetensors,
+    Gguf,
+    /// Random weights with the model's shapes: no download, same compute and memory.
+    Dummy,
+}
+
+impl LoadFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Safetensors => "safetensors",
+            Self::Gguf => "gguf",
+            Self::Dummy => "dummy",
+        }
+    }
+}
+
+/// What `--model` resolved to.
+#[derive(Clone, Debug)]
+pub enum ModelSource {
+    Gguf(PathBuf),
+    /// An HF folder (local, or a hub snapshot): `config.json` plus weights.
+    Folder(PathBuf),
+    /// A bare `config.json`-style file (dummy weights only).
+    ConfigFile(PathBuf),
+    Preset(String),
+}
+
+/// How to find and load a model.
+#[derive(Clone, Debug)]
+pub struct ModelOptions {
+    pub model: String,
+    pub tokenizer: Option<PathBuf>,
+    pub chat_template: Option<PathBuf>,
+    pub load_format: LoadFormat,
+    pub revision: Option<String>,
+}
+
+/// A model's description without its weights: enough to sample a workload or size a cache.
+pub struct ModelInfo {
+    pub source: ModelSource,
+    pub config: ModelConfig,
+    pub tokenizer: Option<TextTokenizer>,
+    /// The load format in effect (never `Auto`).
+    pub load_format: LoadFormat,
+}
+
+/// Resolves `--model`: an existing path, a preset name, or a hub id.
+pub fn resolve(model: &str, revision: Option<&str>, progress: &Progress) -> Result<ModelSource> {
+    let path = Path::new(model);
+    if path.is_file() {
+        return match path.extension().and_then(|e| e.to_str()) {
+            Some("gguf") => Ok(ModelSource::Gguf(path.to_path_buf())),
+            Some("json") => Ok(ModelSource::ConfigFile(path.to_path_buf())),
+            _ => bail!(
+                "model file {model} is neither a .gguf file nor a config .json (for an HF model, give its folder)"
+            ),
+        };
+    }
+    if path.is_dir() {
+        if !path.join("config.json").is_file() {
+            bail!("model folder {model} has no config.json");
+        }
+        return Ok(ModelSource::Folder(path.to_path_buf()));
+    }
+    if ModelConfig::preset(model).is_some() {
+        return Ok(ModelSource::Preset(model.to_string()));
+    }
+    let pathlike = model.starts_with('.')
+        || model.starts_with('/')
+        || model.starts_with('~')
+        || model.ends_with(".gguf")
+        || model.ends_with(".json");
+    if !pathlike && hub::looks_like_repo_id(model) {
+        progress.info(format!(
+            "fetching {model} from the Hugging Face hub (or its cache)"
+        ));
+        return Ok(ModelSource::Folder(hub::fetch(
+            model,
+            revision,
+            progress.shows_bars(),
+        )?));
+    }
+    if pathlike {
+        bail!("model path {model} does not exist");
+    }
+    bail!(
+        "model '{model}' is not a file, a folder, a preset ({}) or a hub id (org/name)",
+        config::preset_names().join(", ")
+    )
+}
+
+/// Reads the config and tokenizer of `opts.model` (no weights).
+pub fn inspect(opts: &ModelOptions, progress: &Progress) -> Result<ModelInfo> {
+    let source = resolve(&opts.model, opts.revision.as_deref(), progress)?;
+    let (config, mut tokenizer, default_format) = match &source {
+        ModelSource::Gguf(p) => {
+            let g = GgufWeights::open(p)?;
+            let cfg = ModelConfig::from_gguf(g.content())
+                .with_context(|| format!("model {}", p.display()))?;
+            let tok = match &opts.tokenizer {
+                Some(_) => None,
+                None => Some(TextTokenizer::from_gguf(g.content(), p)?),
+            };
+            (cfg, tok, LoadFormat::Gguf)
+        }
+        ModelSource::Folder(dir) => {
+            let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+            let tok_file = dir.join("tokenizer.json");
+            let tok = if opts.tokenizer.is_none() && tok_file.is_file() {
+                Some(TextTokenizer::from_file(&tok_file)?)
+            } else {
+                None
+            };
+            (cfg, tok, LoadFormat::Safetensors)
+        }
+        ModelSource::ConfigFile(p) => (ModelConfig::from_file(p)?, None, LoadFormat::Dummy),
+        ModelSource::Preset(name) => {
+            let cfg =
+                ModelConfig::preset(name).ok_or_else(|| anyhow!("unknown preset {name}"))??;
+            (cfg, None, LoadFormat::Dummy)
+        }
+    };
+    if let Some(t) = &opts.tokenizer {
+        let file = if t.is_dir() {
+            t.join("tokenizer.json")
+        } else {
+            t.clone()
+        };
+        tokenizer = Some(TextTokenizer::from_file(&file).context("--tokenizer")?);
+    }
+    if let Some(tok) = tokenizer.as_mut() {
+        if tok.chat_template.is_none()
+            && let Some(t) = config.preset_chat_template()
+        {
+            tok.chat_template = Some(t);
+            let extras = config.offline_bench.clone().unwrap_or_default();
+            tok.bos_token = tok.bos_token.take().or(extras.bos_token);
+            tok.eos_token = tok.eos_token.take().or(extras.eos_token);
+        }
+        if let Some(path) = &opts.chat_template {
+            tok.chat_template = Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --chat-template {}", path.display()))?,
+            );
+        }
+    }
+    let load_format = match (opts.load_format, &source) {
+        (LoadFormat::Auto, _) => default_format,
+        (LoadFormat::Dummy, _) => LoadFormat::Dummy,
+        (f, _) if f == default_format => f,
+        (f, s) => bail!(
+            "--load-format {} does not fit model {} ({})",
+            f.name(),
+            opts.model,
+            match s {
+                ModelSource::Gguf(_) => "a GGUF file: use gguf or dummy",
+                ModelSource::Folder(_) => "a safetensors folder: use safetensors or dummy",
+                _ => "a config without weights: use dummy",
+            }
+        ),
+    };
+    Ok(ModelInfo {
+        source,
+        config,
+        tokenizer,
+        load_format,
+    })
+}
+
+/// Loads the weights of an inspected model onto `device` in `dtype`.
+pub fn load_weights(
+    info: &ModelInfo,
+    max_positions: usize,
+    dtype: DType,
+    device: &Device,
+    progress: &Progress,
+) -> Result<Llama> {
+    let cfg = &info.config;
+    let need = cfg.num_parameters() * dtype.size_in_bytes() as u64;
+    if device.is_cpu()
+        && let Some(avail) = crate::device::available_host_memory()
+        && need > avail
+    {
+        bail!(
+            "the weights need {} in {dtype:?} but only {} of memory is available (try --dtype f16 or a smaller model)",
+            crate::util::human_bytes(need),
+            crate::util::human_bytes(avail)
+        );
+    }
+    let bar = progress.bar(cfg.num_hidden_layers as u64, "loading");
+    let on_layer = |_: usize| bar.inc(1);
+    let model = match (info.load_format, &info.source) {
+        (LoadFormat::Dummy, _) => {
+            let mut w = DummyWeights::new(dtype, device);
+            Llama::load(cfg, &mut w, max_positions, dtype, device, on_layer)
+        }
+        (LoadFormat::Gguf, ModelSource::Gguf(p)) => {
+            let mut w = GgufWeights::open(p)?;
+            let llama_cpp_permuted = w
+                .content()
+                .metadata
+                .get("general.architecture")
+                .and_then(|v| v.to_string().ok())
+                .is_some_and(|a| a == "llama");
+            let heads = llama_cpp_permuted.then(|| (cfg.num_attention_heads, cfg.num_kv_heads()));
+            w.configure(dtype, device, heads);
+            Llama::load(cfg, &mut w, max_positions, dtype, device, on_layer)
+        }
+        (LoadFormat::Safetensors, ModelSource::Folder(dir)) => {
+            let mut w = SafetensorsWeights::open(dir, dtype, device)?;
+            Llama::load(
+                cfg,
+                &mut w as &mut dyn WeightSource,
+                max_positions,
+                dtype,
+                device,
+                on_layer,
+            )
+        }
+        (f, s) => bail!("cannot load {s:?} with --load-format {}", f.name()),
+    };
+    bar.finish_and_clear();
+    model
+}

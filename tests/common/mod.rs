@@ -1,0 +1,167 @@
+//! Shared set-up for the end-to-end tests: the real SmolLM2 model from `assets/` (fetched by
+//! `datasets/fetch.sh`), an engine over it, and an independent reference.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use offline_bench::engine::sampler::SamplingParams;
+use offline_bench::engine::{Engine, EngineConfig};
+use offline_bench::model::llama::Llama;
+use offline_bench::model::{self, LoadFormat, ModelInfo, ModelOptions};
+use offline_bench::progress::Progress;
+
+/// The assets folder (`OFFLINE_BENCH_ASSETS`, else `./assets`).
+pub fn assets() -> PathBuf {
+    let dir = std::env::var_os("OFFLINE_BENCH_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets"));
+    assert!(
+        dir.join("SmolLM2-135M-Instruct.Q4_1.gguf").is_file(),
+        "test assets missing in {}: run datasets/fetch.sh first",
+        dir.display()
+    );
+    dir
+}
+
+pub fn smollm_gguf() -> PathBuf {
+    assets().join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub fn sharegpt() -> PathBuf {
+    assets().join("ShareGPT_V3_unfiltered_cleaned_split.json")
+}
+
+pub fn llama3_tokenizer() -> PathBuf {
+    assets().join("llama3-tokenizer/tokenizer.json")
+}
+
+/// The binary under test.
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_offline-bench"))
+}
+
+/// SmolLM2 (config, tokenizer, f32 weights), loaded once per test binary.
+pub fn smollm() -> &'static (ModelInfo, Llama) {
+    static MODEL: OnceLock<(ModelInfo, Llama)> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let info = model::inspect(
+            &ModelOptions {
+                model: smollm_gguf().display().to_string(),
+                tokenizer: None,
+                chat_template: None,
+                load_format: LoadFormat::Auto,
+                revision: None,
+            },
+            &Progress::silent(),
+        )
+        .expect("inspect SmolLM2");
+        let llama = model::load_weights(&info, 2048, DType::F32, &Device::Cpu, &Progress::silent())
+            .expect("load SmolLM2");
+        (info, llama)
+    })
+}
+
+/// An engine over SmolLM2 with the given limits.
+pub fn engine(block_size: usize, num_blocks: usize, max_seqs: usize, max_tokens: usize) -> Engine {
+    Engine::new(
+        smollm().1.clone(),
+        EngineConfig {
+            block_size,
+            max_num_seqs: max_seqs,
+            max_num_batched_tokens: max_tokens,
+            max_model_len: 2048,
+            num_blocks,
+        },
+        SamplingParams::greedy(),
+    )
+    .expect("engine")
+}
+
+/// The eight fixture prompts, tokenized.
+pub fn prompts() -> Vec<Vec<u32>> {
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets/fixtures/prompts.json"),
+    )
+    .expect("fixture prompts");
+    let list: Vec<String> = serde_json::from_str(&text).expect("fixture JSON");
+    let tok = smollm().0.tokenizer.as_ref().expect("GGUF tokenizer");
+    list.iter()
+        .map(|p| tok.encode(p, true).expect("encode"))
+        .collect()
+}
+
+/// candle-transformers' `quantized_llama` (its own attention, rotary and KV cache; one sequence
+/// at a time) over the same weights dequantized to f32: an independent reference.
+fn reference_model() -> &'static Mutex<ModelWeights> {
+    static REF: OnceLock<Mutex<ModelWeights>> = OnceLock::new();
+    REF.get_or_init(|| {
+        let path = smollm_gguf();
+        let mut file = std::fs::File::open(&path).expect("open GGUF");
+        let content = gguf_file::Content::read(&mut file).expect("read GGUF");
+        let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+        names.sort();
+        let tensors: Vec<(String, QTensor)> = names
+            .iter()
+            .map(|n| {
+                let t = content
+                    .tensor(&mut file, n, &Device::Cpu)
+                    .and_then(|q| q.dequantize(&Device::Cpu))
+                    .and_then(|t| QTensor::quantize(&t, GgmlDType::F32))
+                    .expect("dequantize");
+                (n.to_string(), t)
+            })
+            .collect();
+        let mut buf = std::io::Cursor::new(Vec::new());
+        let meta: Vec<(&str, &gguf_file::Value)> = content
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        gguf_file::write(&mut buf, &meta, &refs).expect("write f32 GGUF");
+        buf.set_position(0);
+        let f32_content = gguf_file::Content::read(&mut buf).expect("reread");
+        let model =
+            ModelWeights::from_gguf(f32_content, &mut buf, &Device::Cpu).expect("reference");
+        Mutex::new(model)
+    })
+}
+
+/// Greedy tokens of the reference for `prompt`.
+pub fn reference_greedy(prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut m = reference_model().lock().expect("reference lock");
+    m.clear_kv_cache();
+    let mut out = Vec::with_capacity(n);
+    let mut input = Tensor::new(prompt, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut pos = 0;
+    for _ in 0..n {
+        let logits = m.forward(&input, pos).expect("reference forward");
+        pos += input.dim(1).unwrap();
+        let next = logits
+            .squeeze(0)
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
+        out.push(next);
+        input = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+    }
+    out
+}
+
+/// Reference tokens for every fixture prompt (computed once).
+pub fn reference_outputs(n: usize) -> &'static Vec<Vec<u32>> {
+    static OUT: OnceLock<Vec<Vec<u32>>> = OnceLock::new();
+    OUT.get_or_init(|| prompts().iter().map(|p| reference_greedy(p, n)).collect())
+}

@@ -1,0 +1,103 @@
+//! The paged engine's greedy tokens on SmolLM2 equal an independent unbatched reference, and
+//! stay equal whatever the block size, the chunking of prompts, or preemptions.
+
+mod common;
+
+use offline_bench::engine::RunOutput;
+use offline_bench::workload::Request;
+
+const TOKENS: usize = 32;
+
+fn requests() -> Vec<Request> {
+    common::prompts()
+        .into_iter()
+        .map(|p| Request {
+            prompt_ids: p,
+            max_tokens: TOKENS,
+        })
+        .collect()
+}
+
+fn assert_matches_reference(run: &RunOutput, what: &str) {
+    let want = common::reference_outputs(TOKENS);
+    for (i, (out, exp)) in run.outputs.iter().zip(want).enumerate() {
+        assert_eq!(
+            &out.output_ids, exp,
+            "{what}: prompt {i} differs from the reference"
+        );
+    }
+    assert_eq!(run.stats.blocks_in_use_after, 0, "{what}: blocks leaked");
+}
+
+#[test]
+fn prompts_have_mixed_lengths() {
+    let lens: Vec<usize> = common::prompts().iter().map(Vec::len).collect();
+    assert!(lens.len() >= 8);
+    assert!(lens.iter().any(|&l| l <= 2), "{lens:?}");
+    assert!(lens.iter().any(|&l| l >= 100), "{lens:?}");
+}
+
+#[test]
+fn batched_greedy_equals_reference() {
+    let run = common::engine(16, 512, 256, 8192)
+        .run(&requests(), |_| {})
+        .unwrap();
+    assert_eq!(run.stats.preemptions, 0);
+    assert!(
+        run.stats.max_batch_seqs >= 8,
+        "all prompts should run together"
+    );
+    assert_matches_reference(&run, "block size 16");
+}
+
+#[test]
+fn block_sizes_do_not_change_tokens() {
+    for bs in [1, 32] {
+        let run = common::engine(bs, 8192 / bs, 256, 8192)
+            .run(&requests(), |_| {})
+            .unwrap();
+        assert_matches_reference(&run, &format!("block size {bs}"));
+    }
+}
+
+#[test]
+fn chunked_prefill_does_not_change_tokens() {
+    let run = common::engine(16, 512, 256, 24)
+        .run(&requests(), |_| {})
+        .unwrap();
+    // The longest prompt alone needs several 24-token chunks.
+    let longest = common::prompts().iter().map(Vec::len).max().unwrap();
+    assert!(longest > 2 * 24);
+    assert!(run.stats.steps > TOKENS + longest / 24);
+    assert_matches_reference(&run, "max-num-batched-tokens 24");
+}
+
+#[test]
+fn preemption_does_not_change_tokens() {
+    // 24 blocks of 16 tokens: enough for the longest request alone (about 170 tokens), far too
+    // few for all eight at once, so sequences are preempted and recomputed.
+    let run = common::engine(16, 24, 256, 8192)
+        .run(&requests(), |_| {})
+        .unwrap();
+    assert!(run.stats.preemptions > 0, "expected preemptions");
+    assert!(run.outputs.iter().any(|o| o.preemptions > 0));
+    assert_matches_reference(&run, "tiny KV budget");
+}
+
+#[test]
+fn every_request_gets_exactly_its_max_tokens() {
+    let reqs: Vec<Request> = common::prompts()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| Request {
+            prompt_ids: p,
+            max_tokens: 1 + 5 * i,
+        })
+        .collect();
+    let run = common::engine(4, 200, 3, 40).run(&reqs, |_| {}).unwrap();
+    for (r, o) in reqs.iter().zip(&run.outputs) {
+        assert_eq!(o.output_ids.len(), r.max_tokens);
+        assert!(o.ttft <= o.e2e);
+    }
+    assert_eq!(run.stats.blocks_in_use_after, 0);
+}
