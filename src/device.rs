@@ -100,6 +100,19 @@ pub fn parse_dtype(text: &str, device: DeviceSpec) -> Result<DType> {
     Ok(dtype)
 }
 
+/// Parses `--kv-cache-dtype`. `auto` is the model's dtype, except that an f32 model on the
+/// CPU gets an f16 cache: decode attention there is bound by memory bandwidth, and half the
+/// bytes is worth the rounding (llama.cpp's default cache is f16 too).
+pub fn parse_kv_dtype(text: &str, model: DType, device: DeviceSpec) -> Result<DType> {
+    match text {
+        "auto" if device == DeviceSpec::Cpu && model == DType::F32 => Ok(DType::F16),
+        "auto" => Ok(model),
+        other => parse_dtype(other, device).map_err(|_| {
+            anyhow::anyhow!("unknown --kv-cache-dtype '{other}' (expected auto, f32, f16 or bf16)")
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +136,15 @@ mod tests {
         assert_eq!(parse_dtype("half", DeviceSpec::Cpu).unwrap(), DType::F16);
         assert!(parse_dtype("bf16", DeviceSpec::Cpu).is_err());
         assert!(parse_dtype("int4", DeviceSpec::Cpu).is_err());
+        let cpu = DeviceSpec::Cpu;
+        assert_eq!(parse_kv_dtype("auto", DType::F32, cpu).unwrap(), DType::F16);
+        assert_eq!(parse_kv_dtype("auto", DType::F16, cpu).unwrap(), DType::F16);
+        assert_eq!(parse_kv_dtype("f32", DType::F32, cpu).unwrap(), DType::F32);
+        let gpu = DeviceSpec::Cuda(0);
+        assert_eq!(
+            parse_kv_dtype("auto", DType::BF16, gpu).unwrap(),
+            DType::BF16
+        );
+        assert!(parse_kv_dtype("fp8", DType::F32, cpu).is_err());
     }
 }

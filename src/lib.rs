@@ -9,6 +9,7 @@ pub mod cli;
 pub mod commands;
 pub mod device;
 pub mod engine;
+pub mod fastmath;
 pub mod model;
 pub mod progress;
 pub mod report;

@@ -1,34 +1,60 @@
-//! CPU paged attention: candle custom ops over the paged cache, parallel over tokens (rayon).
+//! CPU paged attention: candle custom ops over the paged cache, parallel over query tiles.
 //!
-//! `write_kv` copies each token's K (or V) rows into its slot. `attend` computes, for every
-//! query token and head, softmax(q·K^T * scale) V over the token's sequence up to its own
-//! position, reading K/V block by block through the block table. Math is in f32 whatever the
-//! storage dtype (f32, f16, bf16).
+//! Cache layouts (per layer), chosen so the inner loops run along contiguous memory:
+//! - K: `[num_blocks, kv_heads, head_dim, block_size]`: the keys of one block and head are stored
+//!   transposed, so the scores of a query against a whole block are one vector
+//!   multiply-accumulate per dimension, with no horizontal sums;
+//! - V: `[num_blocks, kv_heads, block_size, head_dim]`: value rows contiguous per block and head,
+//!   so the weighted sum is one vector multiply-accumulate per key.
+//!
+//! `write_kv` scatters each token's K and V into its slot. `attend` computes, for every query
+//! token and head, softmax(q·K^T * scale) V over the token's sequence up to its own position.
+//! Queries and outputs are f32; the cache may hold f32, f16 or bf16 (converted as it is read).
 
 use std::sync::Arc;
 
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, InplaceOp2, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Shape, Storage, Tensor};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::BatchLayout;
+use super::simd;
 
-/// Element types the CPU kernels read and write.
+/// Which of the two caches a tensor is; they are laid out differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheKind {
+    Keys,
+    Values,
+}
+
+/// The CPU cache shape of `kind` for the given geometry.
+pub fn cache_shape(
+    kind: CacheKind,
+    num_blocks: usize,
+    block_size: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> (usize, usize, usize, usize) {
+    match kind {
+        CacheKind::Keys => (num_blocks, kv_heads, head_dim, block_size),
+        CacheKind::Values => (num_blocks, kv_heads, block_size, head_dim),
+    }
+}
+
+/// Element types a KV cache can hold; the math is always f32.
 trait Elem: candle_core::WithDType + Copy + Send + Sync {
-    fn f32(self) -> f32;
-    fn of(x: f32) -> Self;
+    /// Converts a run of elements into `dst` (vectorised for f16/bf16).
+    fn to_f32_run(src: &[Self], dst: &mut [f32]);
     /// The slice itself when the storage is already f32 (no conversion needed).
     fn as_f32(s: &[Self]) -> Option<&[f32]>;
 }
 
 impl Elem for f32 {
-    fn f32(self) -> f32 {
-        self
-    }
-    fn of(x: f32) -> Self {
-        x
+    fn to_f32_run(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
     }
     fn as_f32(s: &[Self]) -> Option<&[f32]> {
         Some(s)
@@ -36,11 +62,8 @@ impl Elem for f32 {
 }
 
 impl Elem for f16 {
-    fn f32(self) -> f32 {
-        self.to_f32()
-    }
-    fn of(x: f32) -> Self {
-        f16::from_f32(x)
+    fn to_f32_run(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
     }
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
@@ -48,14 +71,25 @@ impl Elem for f16 {
 }
 
 impl Elem for bf16 {
-    fn f32(self) -> f32 {
-        self.to_f32()
-    }
-    fn of(x: f32) -> Self {
-        bf16::from_f32(x)
+    fn to_f32_run(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
     }
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+}
+
+/// `src` as f32: the slice itself for f32 storage, else converted into `buf`.
+#[inline]
+fn as_f32<'a, T: Elem>(src: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] {
+    match T::as_f32(src) {
+        Some(r) => r,
+        None => {
+            buf.clear();
+            buf.resize(src.len(), 0.0);
+            T::to_f32_run(src, buf);
+            buf
+        }
     }
 }
 
@@ -66,11 +100,18 @@ fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<
     }
 }
 
-/// Writes `src` (`[tokens, kv_heads, head_dim]`) into `cache` at the layout's slots.
-pub fn write_kv(cache: &Tensor, src: &Tensor, layout: &Arc<BatchLayout>) -> Result<()> {
+/// Writes `src` (`[tokens, kv_heads, head_dim]`, the cache's dtype) into `cache` at the
+/// layout's slots.
+pub fn write_kv(
+    cache: &Tensor,
+    kind: CacheKind,
+    src: &Tensor,
+    layout: &Arc<BatchLayout>,
+) -> Result<()> {
     cache.inplace_op2(
         src,
         &WriteKv {
+            kind,
             layout: layout.clone(),
         },
     )?;
@@ -78,11 +119,12 @@ pub fn write_kv(cache: &Tensor, src: &Tensor, layout: &Arc<BatchLayout>) -> Resu
 }
 
 struct WriteKv {
+    kind: CacheKind,
     layout: Arc<BatchLayout>,
 }
 
 impl WriteKv {
-    fn run<T: Copy + Send + Sync>(
+    fn run<T: Copy>(
         &self,
         cache: &mut [T],
         cl: &Layout,
@@ -90,23 +132,40 @@ impl WriteKv {
         sl: &Layout,
     ) -> candle_core::Result<()> {
         let src = contiguous(src, sl, "K/V input")?;
-        let (start, end) = match cl.contiguous_offsets() {
-            Some(x) => x,
-            None => candle_core::bail!("the KV cache must be contiguous"),
+        let Some((start, end)) = cl.contiguous_offsets() else {
+            candle_core::bail!("the KV cache must be contiguous");
         };
         let cache = &mut cache[start..end];
-        let tokens = self.layout.num_tokens();
-        if tokens == 0 {
-            return Ok(());
-        }
-        let row = src.len() / tokens;
-        let dims = cl.dims();
-        if dims.len() != 4 || dims[2] * dims[3] != row || src.len() != row * tokens {
-            candle_core::bail!("write_kv: cache {dims:?} does not match rows of {row}");
+        let &[_, kv_heads, a, b] = cl.dims() else {
+            candle_core::bail!("write_kv: the cache must be 4-d, got {:?}", cl.dims());
+        };
+        let (d, bs) = match self.kind {
+            CacheKind::Keys => (a, b),
+            CacheKind::Values => (b, a),
+        };
+        if src.len() != self.layout.num_tokens() * kv_heads * d {
+            candle_core::bail!(
+                "write_kv: {} values for {} tokens of {kv_heads} x {d}",
+                src.len(),
+                self.layout.num_tokens()
+            );
         }
         for (t, &slot) in self.layout.slot_mapping.iter().enumerate() {
-            let dst = &mut cache[slot as usize * row..][..row];
-            dst.copy_from_slice(&src[t * row..][..row]);
+            let (blk, off) = (slot as usize / bs, slot as usize % bs);
+            for g in 0..kv_heads {
+                let row = &src[(t * kv_heads + g) * d..][..d];
+                let base = (blk * kv_heads + g) * d * bs;
+                match self.kind {
+                    CacheKind::Keys => {
+                        for (i, &x) in row.iter().enumerate() {
+                            cache[base + i * bs + off] = x;
+                        }
+                    }
+                    CacheKind::Values => {
+                        cache[base + off * d..][..d].copy_from_slice(row);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -137,7 +196,7 @@ impl InplaceOp2 for WriteKv {
     }
 }
 
-/// Attention of `q` (`[tokens, heads, head_dim]`) over the paged K/V caches.
+/// Attention of `q` (`[tokens, heads, head_dim]`, f32) over the paged K/V caches; f32 output.
 pub fn attend(
     q: &Tensor,
     k_cache: &Tensor,
@@ -163,35 +222,277 @@ struct Attend {
     scale: f32,
 }
 
-/// `sum(a[i] * b[i])` in eight independent lanes, so the compiler vectorises it.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
+/// Queries per work item: a sequence's queries are cut into tiles so that one long prompt still
+/// spreads over every core.
+const TILE: usize = 64;
+
+/// From this many queries on, a tile runs as GEMMs over its sequence's K/V gathered into
+/// contiguous rows (compute-bound: prefill); fewer queries (decode) read K/V in place, block by
+/// block, as memory bandwidth is what bounds them.
+const GEMM_MIN_QUERIES: usize = 8;
+
+/// In-place softmax of `row[..n]`; entries from `n` on become 0 (causally masked). Written as
+/// separate lane-parallel passes (max, exp, sum, scale) so each one vectorises.
+fn softmax_prefix(row: &mut [f32], n: usize) {
+    let (head, tail) = row.split_at_mut(n);
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = head.chunks_exact(8);
+    let mut max = chunks
         .remainder()
         .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
         for l in 0..8 {
-            acc[l] += x[l] * y[l];
+            lanes[l] = lanes[l].max(c[l]);
         }
     }
-    acc.iter().sum::<f32>() + tail
+    max = lanes.iter().copied().fold(max, f32::max);
+    for x in head.iter_mut() {
+        *x = crate::fastmath::exp(*x - max);
+    }
+    let mut sums = [0f32; 8];
+    let chunks = head.chunks_exact(8);
+    let mut sum: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..8 {
+            sums[l] += c[l];
+        }
+    }
+    sum += sums.iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    head.iter_mut().for_each(|x| *x *= inv);
+    tail.fill(0.0);
 }
 
-/// `out += p * v`.
-#[inline]
-fn axpy(out: &mut [f32], p: f32, v: &[f32]) {
-    for (o, x) in out.iter_mut().zip(v) {
-        *o += p * x;
+/// `dst[m x n] = lhs[m x k] * rhs[k x n]` (f32, single-threaded: callers parallelise), with
+/// explicit row and column strides; bounds are checked before the unchecked kernel runs.
+fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm: dst too small");
+    if k > 0 {
+        assert!(
+            (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(),
+            "gemm: lhs too small"
+        );
+        assert!(
+            (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(),
+            "gemm: rhs too small"
+        );
+    }
+    // SAFETY: every index the kernel touches is within the slices (checked above), and `dst`
+    // is exclusively borrowed, so it overlaps neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Reusable per-thread buffers.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    q: Vec<f32>,
+    acc: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+fn resized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.clear();
+    v.resize(n, 0.0);
+    v
+}
+
+/// The geometry shared by every tile of one call.
+struct Geometry<'a, T> {
+    q: &'a [f32],
+    kc: &'a [T],
+    vc: &'a [T],
+    block_size: usize,
+    kv_heads: usize,
+    heads: usize,
+    d: usize,
+    scale: f32,
+}
+
+impl<T: Elem> Geometry<'_, T> {
+    /// The K (`[d, block_size]`) and V (`[block_size, d]`) of block `blk` for KV head `g`.
+    fn block(&self, blk: u32, g: usize) -> (&[T], &[T]) {
+        let len = self.d * self.block_size;
+        let base = (blk as usize * self.kv_heads + g) * len;
+        (&self.kc[base..base + len], &self.vc[base..base + len])
+    }
+
+    /// Few queries (decode): per query and KV head, the scores against each block's keys as
+    /// vector multiply-adds along the block, softmax, then the weighted sum of V rows.
+    /// `keys[i]` is the number of keys query `i` sees.
+    fn direct(&self, t0: usize, keys: &[usize], table: &[u32], out: &mut [f32], scr: &mut Scratch) {
+        let (d, heads, bs) = (self.d, self.heads, self.block_size);
+        let group = heads / self.kv_heads;
+        for (i, &n) in keys.iter().enumerate() {
+            let t = t0 + i;
+            let table = &table[..n.div_ceil(bs)];
+            let padded = table.len() * bs;
+            let scores = resized(&mut scr.scores, group * padded);
+            let acc = resized(&mut scr.acc, group * d);
+            for g in 0..self.kv_heads {
+                let qg = &self.q[(t * heads + g * group) * d..][..group * d];
+                scores.fill(0.0);
+                for (b, &blk) in table.iter().enumerate() {
+                    let (kb, _) = self.block(blk, g);
+                    let kb = as_f32(kb, &mut scr.k);
+                    for h in 0..group {
+                        let s = &mut scores[h * padded + b * bs..][..bs];
+                        for (dd, &qd) in qg[h * d..][..d].iter().enumerate() {
+                            let qd = qd * self.scale;
+                            for (x, &k) in s.iter_mut().zip(&kb[dd * bs..][..bs]) {
+                                *x += qd * k;
+                            }
+                        }
+                    }
+                }
+                for h in 0..group {
+                    softmax_prefix(&mut scores[h * padded..][..padded], n);
+                }
+                acc.fill(0.0);
+                for (b, &blk) in table.iter().enumerate() {
+                    let (_, vb) = self.block(blk, g);
+                    let vb = as_f32(vb, &mut scr.v);
+                    let m = bs.min(n - b * bs);
+                    for h in 0..group {
+                        let a = &mut acc[h * d..][..d];
+                        for j in 0..m {
+                            let p = scores[h * padded + b * bs + j];
+                            for (o, &v) in a.iter_mut().zip(&vb[j * d..][..d]) {
+                                *o += p * v;
+                            }
+                        }
+                    }
+                }
+                out[(i * heads + g * group) * d..][..group * d].copy_from_slice(acc);
+            }
+        }
+    }
+
+    /// [`Self::direct`] for blocks of 16 tokens, with the hand-vectorised kernels of `simd`.
+    fn direct16(
+        &self,
+        t0: usize,
+        keys: &[usize],
+        table: &[u32],
+        out: &mut [f32],
+        scr: &mut Scratch,
+    ) {
+        const BS: usize = 16;
+        let (d, heads) = (self.d, self.heads);
+        let group = heads / self.kv_heads;
+        for (i, &n) in keys.iter().enumerate() {
+            let t = t0 + i;
+            let table = &table[..n.div_ceil(BS)];
+            let padded = table.len() * BS;
+            let scores = resized(&mut scr.scores, group * padded);
+            let acc = resized(&mut scr.acc, group * d);
+            for g in 0..self.kv_heads {
+                let qg = &self.q[(t * heads + g * group) * d..][..group * d];
+                for (b, &blk) in table.iter().enumerate() {
+                    let (kb, _) = self.block(blk, g);
+                    let kb = as_f32(kb, &mut scr.k);
+                    for h in 0..group {
+                        let s = &mut scores[h * padded + b * BS..][..BS];
+                        simd::block_scores16(&qg[h * d..][..d], kb, self.scale, s);
+                    }
+                }
+                for h in 0..group {
+                    softmax_prefix(&mut scores[h * padded..][..padded], n);
+                }
+                acc.fill(0.0);
+                for (b, &blk) in table.iter().enumerate() {
+                    let (_, vb) = self.block(blk, g);
+                    let vb = as_f32(vb, &mut scr.v);
+                    let m = BS.min(n - b * BS);
+                    for h in 0..group {
+                        let p = &scores[h * padded + b * BS..][..m];
+                        simd::weighted_rows(p, vb, &mut acc[h * d..][..d]);
+                    }
+                }
+                out[(i * heads + g * group) * d..][..group * d].copy_from_slice(acc);
+            }
+        }
+    }
+
+    /// Many queries (prefill): per KV head, gather the sequence's K (as `K^T`, `[d, n]`) and V
+    /// (`[n, d]`) contiguously, then per query head two GEMMs, `S = Q K^T` and
+    /// `O = softmax(S) V`, with the causal mask applied to each row of `S`.
+    fn tiled(&self, t0: usize, keys: &[usize], table: &[u32], out: &mut [f32], scr: &mut Scratch) {
+        let (d, heads, bs) = (self.d, self.heads, self.block_size);
+        let group = heads / self.kv_heads;
+        let m = keys.len();
+        let n = keys[m - 1];
+        for g in 0..self.kv_heads {
+            let kt = resized(&mut scr.k, d * n);
+            let vbuf = resized(&mut scr.v, n * d);
+            for (b, &blk) in table.iter().enumerate() {
+                let (kb, vb) = self.block(blk, g);
+                let cnt = bs.min(n - b * bs);
+                for dd in 0..d {
+                    T::to_f32_run(&kb[dd * bs..][..cnt], &mut kt[dd * n + b * bs..][..cnt]);
+                }
+                T::to_f32_run(&vb[..cnt * d], &mut vbuf[b * bs * d..][..cnt * d]);
+            }
+            for h in 0..group {
+                let head = g * group + h;
+                let qf = resized(&mut scr.q, m * d);
+                for i in 0..m {
+                    let src = &self.q[((t0 + i) * heads + head) * d..][..d];
+                    for (dst, x) in qf[i * d..][..d].iter_mut().zip(src) {
+                        *dst = x * self.scale;
+                    }
+                }
+                let s = resized(&mut scr.scores, m * n);
+                gemm_f32((m, n, d), s, n, (qf, d, 1), (kt, n, 1));
+                for (i, &ni) in keys.iter().enumerate() {
+                    softmax_prefix(&mut s[i * n..][..n], ni);
+                }
+                let o = resized(&mut scr.acc, m * d);
+                gemm_f32((m, d, n), o, d, (s, n, 1), (vbuf, d, 1));
+                for i in 0..m {
+                    out[(i * heads + head) * d..][..d].copy_from_slice(&o[i * d..][..d]);
+                }
+            }
+        }
     }
 }
 
 impl Attend {
-    fn run<T: Elem>(&self, q: &[T], ql: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn run<T: Elem>(&self, q: &[f32], ql: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let q = contiguous(q, ql, "queries")?;
         let (kst, kl) = self.k_cache.storage_and_layout();
         let (vst, vl) = self.v_cache.storage_and_layout();
@@ -200,9 +501,16 @@ impl Attend {
         };
         let kc = contiguous(kst.as_slice::<T>()?, kl, "K cache")?;
         let vc = contiguous(vst.as_slice::<T>()?, vl, "V cache")?;
-        let &[_, block_size, kv_heads, d] = kl.dims() else {
+        let &[_, kv_heads, d, block_size] = kl.dims() else {
             candle_core::bail!("attend: K cache must be 4-d, got {:?}", kl.dims());
         };
+        if vl.dims() != [kl.dims()[0], kv_heads, block_size, d] {
+            candle_core::bail!(
+                "attend: V cache {:?} does not match K cache {:?}",
+                vl.dims(),
+                kl.dims()
+            );
+        }
         let heads = self.num_heads;
         let lay = &*self.layout;
         let tokens = lay.num_tokens();
@@ -212,79 +520,49 @@ impl Attend {
                 ql.dims()
             );
         }
-        let group = heads / kv_heads;
-        let mut out = vec![T::of(0.0); tokens * heads * d];
-        out.par_chunks_mut(heads * d).enumerate().for_each_init(
-            Vec::<f32>::new,
-            |scratch, (t, out_t)| {
-                let s = lay.token_seq[t] as usize;
-                let n = lay.position(t) + 1;
+        let geo = Geometry {
+            q,
+            kc,
+            vc,
+            block_size,
+            kv_heads,
+            heads,
+            d,
+            scale: self.scale,
+        };
+        // Work items in token order, each owning a contiguous range of output rows.
+        let mut items = Vec::new();
+        for s in 0..lay.num_seqs() {
+            let (a, b) = (lay.query_start[s] as usize, lay.query_start[s + 1] as usize);
+            let mut t = a;
+            while t < b {
+                let len = TILE.min(b - t);
+                items.push((s, t, len));
+                t += len;
+            }
+        }
+        let mut out = vec![0f32; tokens * heads * d];
+        let mut chunks = Vec::with_capacity(items.len());
+        let mut rest = out.as_mut_slice();
+        for &(_, _, len) in &items {
+            let (chunk, tail) = rest.split_at_mut(len * heads * d);
+            chunks.push(chunk);
+            rest = tail;
+        }
+        items.into_par_iter().zip(chunks).for_each_init(
+            Scratch::default,
+            |scr, ((s, t0, len), chunk)| {
+                let keys: Vec<usize> = (t0..t0 + len).map(|t| lay.position(t) + 1).collect();
+                let n = keys[len - 1];
                 let table = &lay.block_tables[s * lay.max_blocks..][..n.div_ceil(block_size)];
-                // scratch: [group * n] scores, [group * d] queries, [group * d] accumulators,
-                // [2 * d] converted K/V rows.
-                scratch.clear();
-                scratch.resize(group * n + 2 * group * d + 2 * d, 0.0);
-                let (scores, rest) = scratch.split_at_mut(group * n);
-                let (qf, rest) = rest.split_at_mut(group * d);
-                let (acc, row) = rest.split_at_mut(group * d);
-                let row_at = |j: usize, g: usize| -> usize {
-                    let slot = table[j / block_size] as usize * block_size + j % block_size;
-                    (slot * kv_heads + g) * d
-                };
-                for g in 0..kv_heads {
-                    let q_t = &q[(t * heads + g * group) * d..][..group * d];
-                    for (dst, &x) in qf.iter_mut().zip(q_t) {
-                        *dst = x.f32() * self.scale;
-                    }
-                    for j in 0..n {
-                        let off = row_at(j, g);
-                        let k_row: &[f32] = match T::as_f32(&kc[off..off + d]) {
-                            Some(r) => r,
-                            None => {
-                                for (dst, x) in row[..d].iter_mut().zip(&kc[off..off + d]) {
-                                    *dst = x.f32();
-                                }
-                                &row[..d]
-                            }
-                        };
-                        for h in 0..group {
-                            scores[h * n + j] = dot(&qf[h * d..][..d], k_row);
-                        }
-                    }
-                    for h in 0..group {
-                        let sc = &mut scores[h * n..][..n];
-                        let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0.0;
-                        for x in sc.iter_mut() {
-                            *x = (*x - max).exp();
-                            sum += *x;
-                        }
-                        let inv = 1.0 / sum;
-                        sc.iter_mut().for_each(|x| *x *= inv);
-                    }
-                    acc.fill(0.0);
-                    for j in 0..n {
-                        let off = row_at(j, g);
-                        let v_row: &[f32] = match T::as_f32(&vc[off..off + d]) {
-                            Some(r) => r,
-                            None => {
-                                for (dst, x) in row[d..].iter_mut().zip(&vc[off..off + d]) {
-                                    *dst = x.f32();
-                                }
-                                &row[d..]
-                            }
-                        };
-                        for h in 0..group {
-                            axpy(&mut acc[h * d..][..d], scores[h * n + j], v_row);
-                        }
-                    }
-                    for (dst, &x) in out_t[g * group * d..][..group * d].iter_mut().zip(&*acc) {
-                        *dst = T::of(x);
-                    }
+                match (len >= GEMM_MIN_QUERIES, block_size, d) {
+                    (true, _, _) => geo.tiled(t0, &keys, table, chunk, scr),
+                    (false, 16, d) if d % 4 == 0 => geo.direct16(t0, &keys, table, chunk, scr),
+                    _ => geo.direct(t0, &keys, table, chunk, scr),
                 }
             },
         );
-        Ok((T::to_cpu_storage_owned(out), ql.shape().clone()))
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 }
 
@@ -294,11 +572,14 @@ impl CustomOp1 for Attend {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        match s {
-            CpuStorage::F32(q) => self.run(q, l),
-            CpuStorage::F16(q) => self.run(q, l),
-            CpuStorage::BF16(q) => self.run(q, l),
-            other => candle_core::bail!("attend: unsupported dtype {:?}", other.dtype()),
+        let CpuStorage::F32(q) = s else {
+            candle_core::bail!("attend: queries must be f32, got {:?}", s.dtype());
+        };
+        match self.k_cache.dtype() {
+            DType::F32 => self.run::<f32>(q, l),
+            DType::F16 => self.run::<f16>(q, l),
+            DType::BF16 => self.run::<bf16>(q, l),
+            other => candle_core::bail!("attend: unsupported KV cache dtype {other:?}"),
         }
     }
 }

@@ -7,6 +7,9 @@
 //! The same two operations run on the CPU (`cpu`) and, with the `cuda` feature, on the GPU.
 
 mod cpu;
+mod simd;
+
+pub use cpu::CacheKind;
 
 use std::sync::Arc;
 
@@ -41,7 +44,8 @@ impl KvCacheSpec {
     }
 }
 
-/// The KV cache: per layer, K and V of shape `[num_blocks, block_size, num_kv_heads, head_dim]`.
+/// The KV cache: per layer, a K and a V tensor of `num_blocks` blocks of `block_size` tokens,
+/// laid out as the attention kernels of the device want them (see `cpu`).
 pub struct PagedKvCache {
     pub spec: KvCacheSpec,
     pub num_blocks: usize,
@@ -55,17 +59,20 @@ impl PagedKvCache {
         if num_blocks == 0 {
             bail!("the KV cache has no blocks");
         }
-        let shape = (
-            num_blocks,
-            spec.block_size,
-            spec.num_kv_heads,
-            spec.head_dim,
-        );
+        let shape = |kind| {
+            cpu::cache_shape(
+                kind,
+                num_blocks,
+                spec.block_size,
+                spec.num_kv_heads,
+                spec.head_dim,
+            )
+        };
         let mut k = Vec::with_capacity(spec.num_layers);
         let mut v = Vec::with_capacity(spec.num_layers);
         for _ in 0..spec.num_layers {
-            k.push(Tensor::zeros(shape, spec.dtype, device)?);
-            v.push(Tensor::zeros(shape, spec.dtype, device)?);
+            k.push(zeros(shape(CacheKind::Keys), spec.dtype, device)?);
+            v.push(zeros(shape(CacheKind::Values), spec.dtype, device)?);
         }
         Ok(Self {
             spec,
@@ -78,6 +85,23 @@ impl PagedKvCache {
     pub fn bytes(&self) -> u64 {
         self.spec.bytes_per_block() * self.num_blocks as u64
     }
+}
+
+/// A zeroed tensor. On the CPU the memory comes zeroed from the allocator (`calloc`), so the
+/// pages of blocks that are never used are never touched: a 4 GiB budget costs nothing until
+/// it fills (candle's `zeros` writes every f16 element, seconds of start-up for a large cache).
+fn zeros(shape: (usize, usize, usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    Ok(match (device, dtype) {
+        (Device::Cpu, DType::F32) => Tensor::from_vec(vec![0f32; n], shape, device)?,
+        (Device::Cpu, DType::F16) => {
+            Tensor::from_vec(bytemuck::zeroed_vec::<half::f16>(n), shape, device)?
+        }
+        (Device::Cpu, DType::BF16) => {
+            Tensor::from_vec(bytemuck::zeroed_vec::<half::bf16>(n), shape, device)?
+        }
+        _ => Tensor::zeros(shape, dtype, device)?,
+    })
 }
 
 /// Where each token of a flattened batch sits: its sequence, its cache slot, and the blocks
@@ -175,22 +199,20 @@ impl<'a> PagedAttention<'a> {
         &self.layout
     }
 
-    /// Writes `k`, `v` (`[tokens, kv_heads, head_dim]`) into layer `layer`'s cache slots, then
-    /// returns attention of `q` (`[tokens, heads, head_dim]`) over each sequence's cached
-    /// K/V up to and including the token's own position.
+    /// Writes `k`, `v` (`[tokens, kv_heads, head_dim]`) into layer `layer`'s cache slots
+    /// (converted to the cache's dtype), then returns attention of `q` (`[tokens, heads,
+    /// head_dim]`) over each sequence's cached K/V up to and including the token's own
+    /// position, in `q`'s dtype.
     pub fn forward(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (kc, vc) = (&self.cache.k[layer], &self.cache.v[layer]);
-        let (k, v) = (k.contiguous()?, v.contiguous()?);
-        cpu::write_kv(kc, &k, &self.layout)?;
-        cpu::write_kv(vc, &v, &self.layout)?;
-        cpu::attend(
-            &q.contiguous()?,
-            kc,
-            vc,
-            &self.layout,
-            self.num_heads,
-            self.scale,
-        )
+        let kv_dtype = self.cache.spec.dtype;
+        let k = k.to_dtype(kv_dtype)?.contiguous()?;
+        let v = v.to_dtype(kv_dtype)?.contiguous()?;
+        cpu::write_kv(kc, CacheKind::Keys, &k, &self.layout)?;
+        cpu::write_kv(vc, CacheKind::Values, &v, &self.layout)?;
+        let q32 = q.to_dtype(DType::F32)?.contiguous()?;
+        let out = cpu::attend(&q32, kc, vc, &self.layout, self.num_heads, self.scale)?;
+        Ok(out.to_dtype(q.dtype())?)
     }
 }
 

@@ -84,7 +84,13 @@ fn reference_row(q: &[f32], ks: &[&[f32]], vs: &[&[f32]]) -> Vec<f64> {
         .collect()
 }
 
-fn check(cases: &[SeqCase], block_size: usize, heads: usize, kv_heads: usize, dtype: DType) {
+fn check(
+    cases: &[SeqCase],
+    block_size: usize,
+    heads: usize,
+    kv_heads: usize,
+    (dtype, kv_dtype): (DType, DType),
+) {
     let d = 16;
     let dev = Device::Cpu;
     let mut rng = Rng64::new(block_size as u64 * 31 + heads as u64);
@@ -98,16 +104,18 @@ fn check(cases: &[SeqCase], block_size: usize, heads: usize, kv_heads: usize, dt
         num_kv_heads: kv_heads,
         head_dim: d,
         block_size,
-        dtype,
+        dtype: kv_dtype,
     };
     let cache = PagedKvCache::new(spec, total_blocks, &dev).unwrap();
     // Poison the cache so that a read of an unwritten slot shows up in the result.
     let poison = Tensor::full(1e4f32, cache.k[0].shape(), &dev)
         .unwrap()
-        .to_dtype(dtype)
+        .to_dtype(kv_dtype)
         .unwrap();
     cache.k[0].slice_set(&poison, 0, 0).unwrap();
-    cache.v[0].slice_set(&poison, 0, 0).unwrap();
+    cache.v[0]
+        .slice_set(&poison.reshape(cache.v[0].shape()).unwrap(), 0, 0)
+        .unwrap();
 
     // Full histories, then a prefill-style write of all but the queries, then the step itself.
     let hist: Vec<(Vec<f32>, Vec<f32>)> = cases
@@ -137,8 +145,15 @@ fn check(cases: &[SeqCase], block_size: usize, heads: usize, kv_heads: usize, dt
             .unwrap()
     };
     let full = Arc::new(full);
-    cpu::write_kv(&cache.k[0], &rows(false, 0), &full).unwrap();
-    cpu::write_kv(&cache.v[0], &rows(false, 1), &full).unwrap();
+    let as_kv = |t: Tensor| t.to_dtype(kv_dtype).unwrap();
+    cpu::write_kv(&cache.k[0], CacheKind::Keys, &as_kv(rows(false, 0)), &full).unwrap();
+    cpu::write_kv(
+        &cache.v[0],
+        CacheKind::Values,
+        &as_kv(rows(false, 1)),
+        &full,
+    )
+    .unwrap();
 
     let nq: usize = cases.iter().map(|c| c.queries).sum();
     let q = random(&mut rng, nq * heads * d);
@@ -159,21 +174,29 @@ fn check(cases: &[SeqCase], block_size: usize, heads: usize, kv_heads: usize, dt
         .unwrap();
 
     // The reference sees the dtype-rounded inputs, as the kernel does.
-    let round = |x: &[f32]| -> Vec<f32> {
+    let round = |x: &[f32], dt: DType| -> Vec<f32> {
         Tensor::from_slice(x, x.len(), &dev)
             .unwrap()
-            .to_dtype(dtype)
+            .to_dtype(dt)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap()
             .to_vec1()
             .unwrap()
     };
-    let q = round(&q);
-    let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+    let q = round(&q, dtype);
+    let tol = if dtype == DType::F32 && kv_dtype == DType::F32 {
+        1e-5
+    } else {
+        2e-2
+    };
     let mut t = 0;
     for (c, (hk, hv)) in cases.iter().zip(&hist) {
-        let (hk, hv) = (round(hk), round(hv));
+        // K/V pass through the input dtype, then the cache's.
+        let (hk, hv) = (
+            round(&round(hk, dtype), kv_dtype),
+            round(&round(hv, dtype), kv_dtype),
+        );
         for i in 0..c.queries {
             let pos = c.ctx - c.queries + i;
             for h in 0..heads {
@@ -223,20 +246,38 @@ fn mixed_batch() -> Vec<SeqCase> {
 #[test]
 fn matches_dense_reference_across_block_sizes() {
     for bs in [1, 3, 16, 32] {
-        check(&mixed_batch(), bs, 6, 2, DType::F32);
+        check(&mixed_batch(), bs, 6, 2, (DType::F32, DType::F32));
     }
 }
 
 #[test]
 fn grouped_and_plain_heads() {
-    check(&mixed_batch(), 16, 4, 4, DType::F32);
-    check(&mixed_batch(), 16, 8, 1, DType::F32);
+    check(&mixed_batch(), 16, 4, 4, (DType::F32, DType::F32));
+    check(&mixed_batch(), 16, 8, 1, (DType::F32, DType::F32));
 }
 
 #[test]
 fn half_precision_caches() {
-    check(&mixed_batch(), 16, 6, 2, DType::F16);
-    check(&mixed_batch(), 8, 6, 3, DType::BF16);
+    check(&mixed_batch(), 16, 6, 2, (DType::F16, DType::F16));
+    check(&mixed_batch(), 8, 6, 3, (DType::BF16, DType::BF16));
+    check(&mixed_batch(), 16, 6, 2, (DType::F32, DType::F16));
+    check(&mixed_batch(), 32, 6, 2, (DType::F32, DType::BF16));
+}
+
+#[test]
+fn long_prefill_spans_many_tiles() {
+    // 150 queries: three tiles of one sequence (gemm path), and a 5-query tail chunk (direct).
+    let cases = vec![
+        SeqCase {
+            ctx: 150,
+            queries: 150,
+        },
+        SeqCase {
+            ctx: 200,
+            queries: 5,
+        },
+    ];
+    check(&cases, 16, 6, 2, (DType::F32, DType::F32));
 }
 
 #[test]

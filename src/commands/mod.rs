@@ -20,6 +20,7 @@ pub const COMMIT: &str = env!("OFFLINE_BENCH_COMMIT");
 
 /// A device, a dtype and an inspected model (weights not loaded yet).
 pub struct Setup {
+    pub spec: crate::device::DeviceSpec,
     pub device: Device,
     pub dtype: DType,
     pub info: ModelInfo,
@@ -50,6 +51,7 @@ impl Setup {
         };
         let device = args.device.open()?;
         Ok(Self {
+            spec: args.device,
             device,
             dtype,
             info,
@@ -66,7 +68,8 @@ impl Setup {
             &self.device,
             progress,
         )?;
-        let spec = Engine::cache_spec(&model, eng.block_size.max(1));
+        let kv_dtype = crate::device::parse_kv_dtype(&eng.kv_cache_dtype, self.dtype, self.spec)?;
+        let spec = Engine::cache_spec(&model, eng.block_size.max(1), kv_dtype);
         let num_blocks = match eng.num_kv_blocks {
             Some(n) => n,
             None => {
@@ -93,7 +96,8 @@ impl Setup {
         }
         let tokens = num_blocks * spec.block_size;
         progress.info(format!(
-            "KV cache: {} in {num_blocks} blocks of {} tokens ({tokens} tokens, {} per token); maximum concurrency at {} tokens per request: {:.2}x",
+            "KV cache ({}): {} in {num_blocks} blocks of {} tokens ({tokens} tokens, {} per token); maximum concurrency at {} tokens per request: {:.2}x",
+            dtype_name(kv_dtype),
             human_bytes(spec.bytes_per_block() * num_blocks as u64),
             spec.block_size,
             human_bytes(spec.bytes_per_token()),
@@ -105,9 +109,13 @@ impl Setup {
             EngineConfig {
                 block_size: eng.block_size,
                 max_num_seqs: eng.max_num_seqs,
-                max_num_batched_tokens: eng.max_num_batched_tokens,
+                max_num_batched_tokens: eng.max_num_batched_tokens.unwrap_or(match self.spec {
+                    crate::device::DeviceSpec::Cpu => 2048,
+                    crate::device::DeviceSpec::Cuda(_) => 8192,
+                }),
                 max_model_len: self.max_model_len,
                 num_blocks,
+                kv_cache_dtype: kv_dtype,
             },
             sampling(eng),
         )
@@ -122,7 +130,7 @@ impl Setup {
             "model": {
                 "name": args.model,
                 "load_format": self.info.load_format.name(),
-                "dtype": format!("{:?}", self.dtype).to_lowercase(),
+                "dtype": dtype_name(self.dtype),
                 "parameters": self.info.config.num_parameters(),
                 "weight_bytes": model.weight_bytes(),
                 "tokenizer": self.info.tokenizer.as_ref().map(|t| t.source.clone()),
@@ -135,6 +143,7 @@ impl Setup {
                 "sampling": sampling(eng).describe(),
             },
             "kv_cache": {
+                "dtype": dtype_name(cache.spec.dtype),
                 "num_blocks": cache.num_blocks,
                 "bytes": cache.bytes(),
                 "tokens": cache.num_blocks * c.block_size,
@@ -147,6 +156,11 @@ impl Setup {
             "command": std::env::args().collect::<Vec<_>>().join(" "),
         })
     }
+}
+
+/// `f32`, `f16`, `bf16`.
+pub fn dtype_name(dtype: DType) -> String {
+    format!("{dtype:?}").to_lowercase()
 }
 
 pub fn sampling(eng: &EngineArgs) -> SamplingParams {

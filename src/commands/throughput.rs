@@ -1,6 +1,6 @@
 //! `offline-bench throughput`: sample a workload, run it through the engine, report.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
@@ -115,14 +115,6 @@ fn dataset_path(args: &ThroughputArgs, progress: &Progress) -> Result<PathBuf> {
     }
 }
 
-fn read_sharegpt(path: &Path, progress: &Progress) -> Result<ShareGpt> {
-    let data = ShareGpt::read(path)?;
-    if let Some(note) = data.truncation_note() {
-        progress.warn(format!("{}: {note}", path.display()));
-    }
-    Ok(data)
-}
-
 fn tokenizer<'a>(setup: &'a Setup, what: &str) -> Result<&'a TextTokenizer> {
     setup.info.tokenizer.as_ref().ok_or_else(|| {
         anyhow!(
@@ -141,7 +133,7 @@ fn sample_workload(
         DatasetName::Sharegpt => {
             let tok = tokenizer(setup, "sharegpt")?;
             let path = dataset_path(args, progress)?;
-            let data = read_sharegpt(&path, progress)?;
+            let data = ShareGpt::read(&path)?;
             sharegpt::sample(
                 &data,
                 tok,
@@ -158,7 +150,7 @@ fn sample_workload(
             let tok = tokenizer(setup, "chat")?;
             let template = ChatTemplate::of(tok)?;
             let path = dataset_path(args, progress)?;
-            let data = read_sharegpt(&path, progress)?;
+            let data = ShareGpt::read(&path)?;
             chat::sample(
                 &data,
                 tok,

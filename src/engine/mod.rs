@@ -15,6 +15,7 @@ pub mod sequence;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
+use candle_core::DType;
 
 use self::block::{BlockPool, blocks_for};
 use self::runner::{ModelRunner, StepTimes};
@@ -33,6 +34,8 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     pub max_model_len: usize,
     pub num_blocks: usize,
+    /// Element type of the KV cache.
+    pub kv_cache_dtype: DType,
 }
 
 impl EngineConfig {
@@ -113,7 +116,7 @@ impl Engine {
                 model.max_positions()
             );
         }
-        let spec = Self::cache_spec(&model, config.block_size);
+        let spec = Self::cache_spec(&model, config.block_size, config.kv_cache_dtype);
         let cache = PagedKvCache::new(spec, config.num_blocks, model.device())?;
         Ok(Self {
             runner: ModelRunner::new(model, cache, sampling),
@@ -121,15 +124,15 @@ impl Engine {
         })
     }
 
-    /// The cache layout `model` needs with blocks of `block_size` tokens.
-    pub fn cache_spec(model: &Llama, block_size: usize) -> KvCacheSpec {
+    /// The cache layout `model` needs with blocks of `block_size` tokens of `dtype`.
+    pub fn cache_spec(model: &Llama, block_size: usize, dtype: DType) -> KvCacheSpec {
         let d = model.dims();
         KvCacheSpec {
             num_layers: d.layers,
             num_kv_heads: d.kv_heads,
             head_dim: d.head_dim,
             block_size,
-            dtype: model.dtype(),
+            dtype,
         }
     }
 

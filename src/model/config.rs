@@ -215,7 +215,10 @@ impl ModelConfig {
         if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 {
             bail!("hidden_size, num_hidden_layers and vocab_size must be positive");
         }
-        if self.num_attention_heads == 0 || self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
+        if self.num_attention_heads == 0
+            || self.head_dim() == 0
+            || !self.head_dim().is_multiple_of(2)
+        {
             bail!(
                 "num_attention_heads ({}) and an even head_dim ({}) are required",
                 self.num_attention_heads,

@@ -35,7 +35,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.w.t()?)?;
+        let y = super::ops::linear(x, &self.w)?;
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -286,8 +286,7 @@ impl Llama {
             x = (x + a)?;
             let h = rms_norm(&x, &layer.mlp_norm, d.eps)?;
             let gu = layer.gate_up.forward(&h)?;
-            let act = (candle_nn::ops::silu(&gu.narrow(1, 0, d.intermediate)?)?
-                * gu.narrow(1, d.intermediate, d.intermediate)?)?;
+            let act = super::ops::silu_mul(&gu)?;
             x = (x + layer.down.forward(&act)?)?;
         }
         Ok(x)
@@ -298,7 +297,7 @@ impl Llama {
     pub fn logits(&self, hidden: &Tensor, rows: &Tensor) -> Result<Tensor> {
         let h = hidden.index_select(rows, 0)?;
         let h = rms_norm(&h, &self.norm, self.dims.eps)?;
-        let logits = h.matmul(&self.lm_head.t()?)?;
+        let logits = super::ops::linear(&h, &self.lm_head)?;
         Ok(logits.to_dtype(DType::F32)?.contiguous()?)
     }
 

@@ -75,6 +75,7 @@ pub fn engine(block_size: usize, num_blocks: usize, max_seqs: usize, max_tokens:
             max_num_batched_tokens: max_tokens,
             max_model_len: 2048,
             num_blocks,
+            kv_cache_dtype: DType::F32,
         },
         SamplingParams::greedy(),
     )
