@@ -115,9 +115,9 @@ pub struct ThroughputArgs {
     /// The ShareGPT JSON file; default: the hub's copy (cached, or downloaded).
     #[arg(long)]
     pub dataset_path: Option<PathBuf>,
-    /// Requests to run; default 1000 on CUDA (as vLLM), 100 on the CPU.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub num_prompts: Option<u64>,
+    /// Requests to run; default 1000 on CUDA (as vLLM), 64 on the CPU.
+    #[arg(long, value_parser = positive)]
+    pub num_prompts: Option<usize>,
     /// Prompt length of the random dataset.
     #[arg(long)]
     pub input_len: Option<usize>,
@@ -154,11 +154,20 @@ pub struct GenerateArgs {
     /// The prompt text.
     #[arg(long)]
     pub prompt: String,
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
-    pub max_tokens: u64,
+    #[arg(long, default_value_t = 32, value_parser = positive)]
+    pub max_tokens: usize,
     /// Render the prompt as one user message through the chat template first.
     #[arg(long)]
     pub chat: bool,
+}
+
+/// A count that must be at least 1.
+fn positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{text}' is not a whole number")),
+    }
 }
 
 /// One line for a clap error: its message and any `[possible values: ...]` hint.

@@ -24,7 +24,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line: the context chain. candle appends a backtrace on later lines when
+            // RUST_BACKTRACE is set; the cause is all on the first.
+            let text = format!("{e:#}");
+            eprintln!("error: {}", text.lines().next().unwrap_or("").trim_end());
             ExitCode::FAILURE
         }
     }

@@ -159,6 +159,13 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Writes the tokenizer as a `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

@@ -33,7 +33,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let mut engine = setup.engine(&args.engine, &progress)?;
     let request = Request {
         prompt_ids: prompt_ids.clone(),
-        max_tokens: args.max_tokens as usize,
+        max_tokens: args.max_tokens,
     };
     let out = engine.run(std::slice::from_ref(&request), |_| {})?;
     let ids = &out.outputs[0].output_ids;

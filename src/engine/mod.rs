@@ -163,7 +163,7 @@ impl Engine {
             let need = blocks_for(total, c.block_size);
             if need > c.num_blocks {
                 bail!(
-                    "the KV cache is too small for one sequence: request {i} needs {need} blocks of {} tokens ({total} tokens), the budget holds {} (raise --kv-cache-memory / --gpu-memory-utilization or lower --max-model-len)",
+                    "the KV cache is too small for one sequence: request {i} needs {need} blocks of {} tokens ({total} tokens), the budget holds {} (raise --kv-cache-memory)",
                     c.block_size,
                     c.num_blocks
                 );

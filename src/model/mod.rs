@@ -207,8 +207,9 @@ pub fn load_weights(
         && need > avail
     {
         bail!(
-            "the weights need {} in {dtype:?} but only {} of memory is available (try --dtype f16 or a smaller model)",
+            "the weights need {} in {} but only {} of memory is available (try --dtype f16 or a smaller model)",
             crate::util::human_bytes(need),
+            crate::commands::dtype_name(dtype),
             crate::util::human_bytes(avail)
         );
     }

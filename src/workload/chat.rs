@@ -156,7 +156,8 @@ pub struct ChatOptions {
 /// Samples the `chat` workload: conversations whose first `turns` turns alternate
 /// user/assistant, shuffled as vLLM shuffles ShareGPT, rendered with the chat template plus the
 /// generation prompt and tokenized without adding special tokens (the template has them), kept
-/// when the length rules accept them with the fixed output length.
+/// when the length rules accept them with the fixed output length (the `throughput` command
+/// bounds only prompt + output, by 2048, and the prompt's minimum of 4).
 pub fn sample(
     data: &ShareGpt,
     tokenizer: &TextTokenizer,

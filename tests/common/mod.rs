@@ -166,3 +166,40 @@ pub fn reference_outputs(n: usize) -> &'static Vec<Vec<u32>> {
     static OUT: OnceLock<Vec<Vec<u32>>> = OnceLock::new();
     OUT.get_or_init(|| prompts().iter().map(|p| reference_greedy(p, n)).collect())
 }
+
+/// Writes SmolLM2 as an HF model folder (config.json, model.safetensors with HF names and row
+/// order, tokenizer.json, tokenizer_config.json), from the GGUF's weights dequantized to f32.
+pub fn write_hf_folder(dir: &std::path::Path) {
+    use offline_bench::model::llama::weight_shapes;
+    use offline_bench::model::weights::{GgufWeights, WeightSource};
+    let (info, _) = smollm();
+    let cfg = &info.config;
+    let mut g = GgufWeights::open(&smollm_gguf()).expect("open GGUF");
+    g.configure(
+        DType::F32,
+        &Device::Cpu,
+        Some((cfg.num_attention_heads, cfg.num_kv_heads())),
+    );
+    let tensors: std::collections::HashMap<String, Tensor> = weight_shapes(cfg)
+        .into_iter()
+        .map(|(name, shape)| {
+            let t = g.get(&name, &shape).expect("weight");
+            (name, t)
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).expect("save");
+    std::fs::copy(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    let tok = info.tokenizer.as_ref().unwrap();
+    tok.save(&dir.join("tokenizer.json")).unwrap();
+    let tc = serde_json::json!({
+        "chat_template": tok.chat_template,
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+}

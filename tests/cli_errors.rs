@@ -1,0 +1,281 @@
+//! Bad input ends with one line on stderr that names the cause, and a non-zero exit; never a
+//! panic, never a partial output file.
+
+mod common;
+
+use std::path::Path;
+
+/// Runs the binary; returns (exit code, stdout, stderr).
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = common::bin()
+        .args(args)
+        .output()
+        .expect("run offline-bench");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Asserts a failed run with a single stderr line containing every one of `words`.
+fn assert_one_line_error(args: &[&str], words: &[&str]) {
+    let (code, _, err) = run(args);
+    assert_ne!(code, 0, "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {err:?}");
+    for w in words {
+        assert!(lines[0].contains(w), "{args:?}: {:?} lacks {w:?}", lines[0]);
+    }
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A throughput invocation on the real model with the given dataset path.
+fn with_dataset(dataset: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "throughput",
+        "--quiet",
+        "--model",
+        &path_str(&common::smollm_gguf()),
+        "--dataset-path",
+        dataset,
+        "--num-prompts",
+        "2",
+        "--output-len",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn missing_model_path() {
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            "/nonexistent/model.gguf",
+            "--prompt",
+            "hi",
+        ],
+        &["/nonexistent/model.gguf", "does not exist"],
+    );
+    assert_one_line_error(
+        &["generate", "--model", "no-such-preset", "--prompt", "hi"],
+        &["no-such-preset", "preset"],
+    );
+}
+
+#[test]
+fn garbled_config_gguf_and_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("model");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("config.json"), "{\"hidden_size\": 12, oops").unwrap();
+    assert_one_line_error(
+        &["generate", "--model", &path_str(&folder), "--prompt", "hi"],
+        &["config.json", "not a valid model config"],
+    );
+
+    let gguf = dir.path().join("broken.gguf");
+    std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00 this is not really a model").unwrap();
+    assert_one_line_error(
+        &["generate", "--model", &path_str(&gguf), "--prompt", "hi"],
+        &["broken.gguf", "not a readable GGUF file"],
+    );
+
+    // A real GGUF cut short: the header reads, the tensors do not.
+    let short = dir.path().join("short.gguf");
+    let bytes = std::fs::read(common::smollm_gguf()).unwrap();
+    std::fs::write(&short, &bytes[..bytes.len() / 2]).unwrap();
+    assert_one_line_error(
+        &["generate", "--model", &path_str(&short), "--prompt", "hi"],
+        &["short.gguf"],
+    );
+
+    let tok = dir.path().join("tokenizer.json");
+    std::fs::write(&tok, "{\"model\": 42}").unwrap();
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            &path_str(&common::smollm_gguf()),
+            "--tokenizer",
+            &path_str(&tok),
+            "--prompt",
+            "hi",
+        ],
+        &["tokenizer", "tokenizer.json"],
+    );
+}
+
+#[test]
+fn missing_garbage_and_broken_datasets() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = with_dataset("/nonexistent/sharegpt.json", &[]);
+    assert_one_line_error(
+        &strs(&args),
+        &["/nonexistent/sharegpt.json", "cannot read dataset"],
+    );
+
+    let garbage = dir.path().join("garbage.json");
+    std::fs::write(&garbage, "hello, world").unwrap();
+    let args = with_dataset(&path_str(&garbage), &[]);
+    assert_one_line_error(&strs(&args), &["garbage.json", "not a ShareGPT JSON file"]);
+
+    // Complete records, then damage in the middle, then more records.
+    let broken = dir.path().join("broken.json");
+    let good = r#"{"id":"a","conversations":[{"from":"human","value":"What is two plus two?"},{"from":"gpt","value":"Two plus two is four."}]}"#;
+    let text = format!(
+        "[{good},\n{good},\n{{\"id\": \"b\", \"conversations\": [{{\"from\" \"human\"}}]}},\n{good}]"
+    );
+    std::fs::write(&broken, &text).unwrap();
+    let offset = text.find("\"from\" \"human\"").unwrap() + "\"from\" ".len();
+    let args = with_dataset(&path_str(&broken), &[]);
+    assert_one_line_error(
+        &strs(&args),
+        &["broken.json", "record 2", &format!("byte {offset}")],
+    );
+}
+
+#[test]
+fn zero_prompts_and_unknown_load_format() {
+    assert_one_line_error(
+        &[
+            "throughput",
+            "--model",
+            "smollm2-135m",
+            "--num-prompts",
+            "0",
+        ],
+        &["--num-prompts", "0"],
+    );
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            "smollm2-135m",
+            "--prompt",
+            "x",
+            "--load-format",
+            "pickle",
+        ],
+        &["--load-format", "pickle"],
+    );
+}
+
+#[test]
+fn random_prompt_longer_than_max_model_len() {
+    assert_one_line_error(
+        &[
+            "throughput",
+            "--quiet",
+            "--model",
+            &path_str(&common::smollm_gguf()),
+            "--dataset-name",
+            "random",
+            "--input-len",
+            "3000",
+            "--max-model-len",
+            "2048",
+            "--dry-run",
+        ],
+        &["3000", "--max-model-len 2048"],
+    );
+}
+
+#[test]
+fn kv_budget_too_small_for_one_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    assert_one_line_error(
+        &[
+            "throughput",
+            "--quiet",
+            "--model",
+            &path_str(&common::smollm_gguf()),
+            "--dataset-name",
+            "random",
+            "--input-len",
+            "200",
+            "--output-len",
+            "8",
+            "--num-prompts",
+            "2",
+            "--kv-cache-memory",
+            "1MiB",
+            "--output-json",
+            &path_str(&json),
+        ],
+        &[
+            "KV cache is too small for one sequence",
+            "--kv-cache-memory",
+        ],
+    );
+    assert!(!json.exists(), "no partial report");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(leftovers.is_empty(), "no temporary files left behind");
+}
+
+#[test]
+fn bad_flag_values() {
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            "smollm2-135m",
+            "--prompt",
+            "x",
+            "--device",
+            "tpu",
+        ],
+        &["--device", "tpu"],
+    );
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            "smollm2-135m",
+            "--prompt",
+            "x",
+            "--dtype",
+            "int3",
+        ],
+        &["--dtype", "int3"],
+    );
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            "smollm2-135m",
+            "--prompt",
+            "x",
+            "--device",
+            "cuda",
+        ],
+        &["without CUDA"],
+    );
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            "smollm2-135m",
+            "--prompt",
+            "x",
+            "--kv-cache-memory",
+            "lots",
+        ],
+        &["--kv-cache-memory", "lots"],
+    );
+}

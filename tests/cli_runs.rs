@@ -1,0 +1,291 @@
+//! The binary end to end on the real assets: sampling as vLLM samples, the report and its JSON,
+//! saved workloads, generate, and the other ways to name a model (HF folder, hub cache, preset).
+
+mod common;
+
+use std::path::Path;
+
+fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = common::bin()
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run offline-bench");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let (code, out, err) = run(args, &[]);
+    assert_eq!(code, 0, "{args:?} failed: {err}");
+    out
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn sharegpt_sample_matches_vllm_with_the_llama3_tokenizer() {
+    // vLLM's ShareGPT sampling (random.seed(0); random.shuffle; first two turns tokenized with
+    // special tokens; 4 <= prompt <= 1024, output >= 4, total <= 2048), replayed in Python with
+    // the same file and tokenizer, gives 17400 eligible conversations, 1121 examined, and
+    // averages of 231.238 prompt and 188.619 output tokens.
+    let out = ok(&[
+        "throughput",
+        "--quiet",
+        "--model",
+        "llama-3-8b",
+        "--tokenizer",
+        &s(&common::llama3_tokenizer()),
+        "--dataset-name",
+        "sharegpt",
+        "--dataset-path",
+        &s(&common::sharegpt()),
+        "--num-prompts",
+        "1000",
+        "--seed",
+        "0",
+        "--dry-run",
+    ]);
+    assert!(
+        out.contains("1000 requests, avg prompt 231.24 tokens, avg output 188.62 tokens"),
+        "{out}"
+    );
+    assert!(
+        out.contains("eligible conversations: 17400, examined 1121"),
+        "{out}"
+    );
+    assert!(out.contains("17671 complete records"), "{out}");
+}
+
+#[test]
+fn chat_workload_renders_the_template() {
+    // The same Python replay with Llama-3's template: 7529 conversations whose first three
+    // turns alternate user/assistant; the first 1000 accepted average 468.016 prompt tokens.
+    let out = ok(&[
+        "throughput",
+        "--quiet",
+        "--model",
+        "llama-3-8b",
+        "--tokenizer",
+        &s(&common::llama3_tokenizer()),
+        "--dataset-name",
+        "chat",
+        "--dataset-path",
+        &s(&common::sharegpt()),
+        "--num-prompts",
+        "1000",
+        "--dry-run",
+    ]);
+    assert!(
+        out.contains("1000 requests, avg prompt 468.02 tokens, avg output 250.00 tokens"),
+        "{out}"
+    );
+    assert!(out.contains("eligible conversations: 7529"), "{out}");
+}
+
+#[test]
+fn throughput_prints_the_report_and_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let out = ok(&[
+        "throughput",
+        "--quiet",
+        "--model",
+        &s(&common::smollm_gguf()),
+        "--dataset-path",
+        &s(&common::sharegpt()),
+        "--num-prompts",
+        "4",
+        "--output-len",
+        "3",
+        "--output-json",
+        &s(&json),
+    ]);
+    let labels = [
+        "* Total Time:",
+        "* Total Generations:            4",
+        "* Generations / Sec:",
+        "* Generation Tok / Sec:",
+        "* Prompt Tok / Sec:",
+        "* Avg Generation Tokens:        3.00",
+        "* Avg Prompt Tokens:",
+    ];
+    let mut at = 0;
+    for l in labels {
+        let i = out[at..]
+            .find(l)
+            .unwrap_or_else(|| panic!("{l:?} missing or out of order:\n{out}"));
+        at += i;
+    }
+    assert!(out.contains("Throughput: "), "{out}");
+    assert!(out.contains("Total num output tokens:  12"), "{out}");
+
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for k in [
+        "elapsed_time",
+        "num_requests",
+        "total_num_tokens",
+        "requests_per_second",
+        "tokens_per_second",
+    ] {
+        assert!(v.get(k).is_some(), "vLLM key {k} missing");
+    }
+    assert_eq!(v["num_requests"], 4);
+    assert_eq!(v["total_output_tokens"], 12);
+    assert!(v["output_tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert!(v["prompt_tokens_per_second"].as_f64().unwrap() > 0.0);
+    for d in ["ttft_s", "tpot_s", "e2e_s"] {
+        for p in ["mean", "p50", "p90", "p99"] {
+            assert!(v[d][p].is_number(), "{d}.{p}");
+        }
+    }
+    let reqs = v["requests"].as_array().unwrap();
+    assert_eq!(reqs.len(), 4);
+    for r in reqs {
+        assert_eq!(r["output_len"], 3);
+        assert!(r["prompt_len"].as_u64().unwrap() >= 4);
+        assert!(r["ttft_s"].as_f64().unwrap() <= r["e2e_s"].as_f64().unwrap());
+    }
+    assert_eq!(v["engine"]["block_size"], 16);
+    assert!(v["kv_cache"]["num_blocks"].as_u64().unwrap() > 0);
+    assert!(v["num_preemptions"].is_number());
+    assert_eq!(v["workload"]["fingerprint"].as_str().unwrap().len(), 16);
+    assert!(v["commit"].is_string() && v["device"].as_str().unwrap().starts_with("cpu"));
+}
+
+#[test]
+fn saved_workload_runs_without_dataset_or_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("workload.json");
+    let sampled = ok(&[
+        "throughput",
+        "--quiet",
+        "--model",
+        &s(&common::smollm_gguf()),
+        "--dataset-path",
+        &s(&common::sharegpt()),
+        "--num-prompts",
+        "3",
+        "--output-len",
+        "2",
+        "--save-workload",
+        &s(&saved),
+        "--dry-run",
+    ]);
+    let fp = sampled
+        .split("fingerprint ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    // A preset with dummy weights: no model file, no dataset, no tokenizer.
+    let json = dir.path().join("r.json");
+    let out = ok(&[
+        "throughput",
+        "--quiet",
+        "--model",
+        "smollm2-135m",
+        "--load-format",
+        "dummy",
+        "--workload",
+        &s(&saved),
+        "--output-json",
+        &s(&json),
+    ]);
+    assert!(out.contains(&format!("fingerprint {fp}")), "{out}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["workload"]["fingerprint"], fp);
+    assert_eq!(v["num_requests"], 3);
+    assert_eq!(v["model"]["load_format"], "dummy");
+}
+
+/// `generate`'s output ids line.
+fn generated_ids(model: &str, envs: &[(&str, &str)]) -> String {
+    let args = [
+        "generate",
+        "--quiet",
+        "--model",
+        model,
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+    ];
+    let (code, out, err) = run(&args, envs);
+    assert_eq!(code, 0, "{model}: {err}");
+    out.lines()
+        .find(|l| l.starts_with("output ids:"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn generate_continues_the_prompt() {
+    let (code, out, err) = run(
+        &[
+            "generate",
+            "--quiet",
+            "--model",
+            &s(&common::smollm_gguf()),
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "4",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("The capital of France is Paris"), "{out}");
+    assert!(out.contains("output ids: [7042, 30,"), "{out}");
+}
+
+#[test]
+fn hf_folder_and_hub_cache_give_the_gguf_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("smollm2");
+    common::write_hf_folder(&folder);
+    let want = generated_ids(&s(&common::smollm_gguf()), &[]);
+    assert!(want.starts_with("output ids: [7042"), "{want}");
+    assert_eq!(generated_ids(&s(&folder), &[]), want, "safetensors folder");
+
+    // The same folder as a snapshot in a Hugging Face cache, read with HF_HUB_OFFLINE=1.
+    let home = dir.path().join("hf");
+    let repo = home.join("hub/models--offline-bench--smollm2");
+    let snap = repo.join("snapshots/0123456789abcdef");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
+    for f in std::fs::read_dir(&folder).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::rename(&f, snap.join(f.file_name().unwrap())).unwrap();
+    }
+    let envs = [("HF_HOME", home.to_str().unwrap()), ("HF_HUB_OFFLINE", "1")];
+    assert_eq!(
+        generated_ids("offline-bench/smollm2", &envs),
+        want,
+        "hub cache"
+    );
+
+    let (code, _, err) = run(
+        &[
+            "generate",
+            "--quiet",
+            "--model",
+            "offline-bench/absent",
+            "--prompt",
+            "x",
+        ],
+        &envs,
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("not in the Hugging Face cache") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+}
