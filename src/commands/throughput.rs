@@ -131,6 +131,19 @@ fn sample_workload(
     num_prompts: usize,
     progress: &Progress,
 ) -> Result<Workload> {
+    let bar = progress.bar(num_prompts as u64, "tokenizing");
+    let workload = sample_dataset(args, setup, num_prompts, progress, &bar);
+    bar.finish_and_clear();
+    workload
+}
+
+fn sample_dataset(
+    args: &ThroughputArgs,
+    setup: &Setup,
+    num_prompts: usize,
+    progress: &Progress,
+    bar: &indicatif::ProgressBar,
+) -> Result<Workload> {
     match args.dataset_name {
         DatasetName::Sharegpt => {
             let tok = tokenizer(setup, "sharegpt")?;
@@ -146,6 +159,7 @@ fn sample_workload(
                     rules: LengthRules::default(),
                 },
                 &path.display().to_string(),
+                &|n| bar.set_position(n as u64),
             )
         }
         DatasetName::Chat => {
@@ -170,6 +184,7 @@ fn sample_workload(
                     },
                 },
                 &path.display().to_string(),
+                &|n| bar.set_position(n as u64),
             )
         }
         DatasetName::Random => {

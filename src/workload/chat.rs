@@ -164,6 +164,7 @@ pub fn sample(
     template: &ChatTemplate,
     opts: &ChatOptions,
     source: &str,
+    on_progress: &dyn Fn(usize),
 ) -> Result<Workload> {
     if opts.turns == 0 {
         bail!("--prompt-turns must be at least 1");
@@ -206,6 +207,7 @@ pub fn sample(
                 rejected += 1;
             }
         }
+        on_progress(requests.len());
     }
     if requests.is_empty() {
         bail!("{source}: no rendered conversation passes the length rules");

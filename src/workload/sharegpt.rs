@@ -175,6 +175,7 @@ pub fn sample(
     tokenizer: &TextTokenizer,
     opts: &SampleOptions,
     source: &str,
+    on_progress: &dyn Fn(usize),
 ) -> Result<Workload> {
     let mut eligible: Vec<&Vec<Turn>> = data
         .conversations
@@ -218,6 +219,7 @@ pub fn sample(
                 rejected += 1;
             }
         }
+        on_progress(requests.len());
     }
     if requests.is_empty() {
         bail!(
