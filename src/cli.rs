@@ -64,10 +64,9 @@ pub struct EngineArgs {
     /// Most sequences in one step.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
-    /// Most tokens in one step (prefill chunks are cut to fit); default 8192 on CUDA (vLLM's),
-    /// 2048 on the CPU (smaller GEMMs stay in cache: 15% faster prefill measured on 2 cores).
-    #[arg(long)]
-    pub max_num_batched_tokens: Option<usize>,
+    /// Most tokens in one step (prefill chunks are cut to fit).
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
     /// KV cache budget on the CPU, e.g. 4GiB or 512MiB.
     #[arg(long, default_value = "4GiB", value_parser = crate::util::parse_bytes)]
     pub kv_cache_memory: u64,

@@ -109,10 +109,7 @@ impl Setup {
             EngineConfig {
                 block_size: eng.block_size,
                 max_num_seqs: eng.max_num_seqs,
-                max_num_batched_tokens: eng.max_num_batched_tokens.unwrap_or(match self.spec {
-                    crate::device::DeviceSpec::Cpu => 2048,
-                    crate::device::DeviceSpec::Cuda(_) => 8192,
-                }),
+                max_num_batched_tokens: eng.max_num_batched_tokens,
                 max_model_len: self.max_model_len,
                 num_blocks,
                 kv_cache_dtype: kv_dtype,
