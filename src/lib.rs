@@ -10,6 +10,7 @@ pub mod commands;
 pub mod device;
 pub mod engine;
 pub mod fastmath;
+pub mod gemm;
 pub mod model;
 pub mod progress;
 pub mod report;

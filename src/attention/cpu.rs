@@ -265,56 +265,6 @@ fn softmax_prefix(row: &mut [f32], n: usize) {
     tail.fill(0.0);
 }
 
-/// `dst[m x n] = lhs[m x k] * rhs[k x n]` (f32, single-threaded: callers parallelise), with
-/// explicit row and column strides; bounds are checked before the unchecked kernel runs.
-fn gemm_f32(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
-    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm: dst too small");
-    if k > 0 {
-        assert!(
-            (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(),
-            "gemm: lhs too small"
-        );
-        assert!(
-            (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(),
-            "gemm: rhs too small"
-        );
-    }
-    // SAFETY: every index the kernel touches is within the slices (checked above), and `dst`
-    // is exclusively borrowed, so it overlaps neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 /// Reusable per-thread buffers.
 #[derive(Default)]
 struct Scratch {
@@ -351,9 +301,10 @@ impl<T: Elem> Geometry<'_, T> {
         (&self.kc[base..base + len], &self.vc[base..base + len])
     }
 
-    /// Few queries (decode): per query and KV head, the scores against each block's keys as
-    /// vector multiply-adds along the block, softmax, then the weighted sum of V rows.
-    /// `keys[i]` is the number of keys query `i` sees.
+    /// Few queries (decode): per query and KV head, the scores against each block's keys (the
+    /// block's transposed K makes them vector multiply-adds along the block), softmax, then the
+    /// weighted sum of V rows, all reading the cache in place. `keys[i]` is the number of keys
+    /// query `i` sees.
     fn direct(&self, t0: usize, keys: &[usize], table: &[u32], out: &mut [f32], scr: &mut Scratch) {
         let (d, heads, bs) = (self.d, self.heads, self.block_size);
         let group = heads / self.kv_heads;
@@ -365,18 +316,12 @@ impl<T: Elem> Geometry<'_, T> {
             let acc = resized(&mut scr.acc, group * d);
             for g in 0..self.kv_heads {
                 let qg = &self.q[(t * heads + g * group) * d..][..group * d];
-                scores.fill(0.0);
                 for (b, &blk) in table.iter().enumerate() {
                     let (kb, _) = self.block(blk, g);
                     let kb = as_f32(kb, &mut scr.k);
                     for h in 0..group {
                         let s = &mut scores[h * padded + b * bs..][..bs];
-                        for (dd, &qd) in qg[h * d..][..d].iter().enumerate() {
-                            let qd = qd * self.scale;
-                            for (x, &k) in s.iter_mut().zip(&kb[dd * bs..][..bs]) {
-                                *x += qd * k;
-                            }
-                        }
+                        simd::block_scores(&qg[h * d..][..d], kb, self.scale, s);
                     }
                 }
                 for h in 0..group {
@@ -388,58 +333,7 @@ impl<T: Elem> Geometry<'_, T> {
                     let vb = as_f32(vb, &mut scr.v);
                     let m = bs.min(n - b * bs);
                     for h in 0..group {
-                        let a = &mut acc[h * d..][..d];
-                        for j in 0..m {
-                            let p = scores[h * padded + b * bs + j];
-                            for (o, &v) in a.iter_mut().zip(&vb[j * d..][..d]) {
-                                *o += p * v;
-                            }
-                        }
-                    }
-                }
-                out[(i * heads + g * group) * d..][..group * d].copy_from_slice(acc);
-            }
-        }
-    }
-
-    /// [`Self::direct`] for blocks of 16 tokens, with the hand-vectorised kernels of `simd`.
-    fn direct16(
-        &self,
-        t0: usize,
-        keys: &[usize],
-        table: &[u32],
-        out: &mut [f32],
-        scr: &mut Scratch,
-    ) {
-        const BS: usize = 16;
-        let (d, heads) = (self.d, self.heads);
-        let group = heads / self.kv_heads;
-        for (i, &n) in keys.iter().enumerate() {
-            let t = t0 + i;
-            let table = &table[..n.div_ceil(BS)];
-            let padded = table.len() * BS;
-            let scores = resized(&mut scr.scores, group * padded);
-            let acc = resized(&mut scr.acc, group * d);
-            for g in 0..self.kv_heads {
-                let qg = &self.q[(t * heads + g * group) * d..][..group * d];
-                for (b, &blk) in table.iter().enumerate() {
-                    let (kb, _) = self.block(blk, g);
-                    let kb = as_f32(kb, &mut scr.k);
-                    for h in 0..group {
-                        let s = &mut scores[h * padded + b * BS..][..BS];
-                        simd::block_scores16(&qg[h * d..][..d], kb, self.scale, s);
-                    }
-                }
-                for h in 0..group {
-                    softmax_prefix(&mut scores[h * padded..][..padded], n);
-                }
-                acc.fill(0.0);
-                for (b, &blk) in table.iter().enumerate() {
-                    let (_, vb) = self.block(blk, g);
-                    let vb = as_f32(vb, &mut scr.v);
-                    let m = BS.min(n - b * BS);
-                    for h in 0..group {
-                        let p = &scores[h * padded + b * BS..][..m];
+                        let p = &scores[h * padded + b * bs..][..m];
                         simd::weighted_rows(p, vb, &mut acc[h * d..][..d]);
                     }
                 }
@@ -477,12 +371,12 @@ impl<T: Elem> Geometry<'_, T> {
                     }
                 }
                 let s = resized(&mut scr.scores, m * n);
-                gemm_f32((m, n, d), s, n, (qf, d, 1), (kt, n, 1));
+                crate::gemm::gemm_f32((m, n, d), s, n, (qf, d, 1), (kt, n, 1));
                 for (i, &ni) in keys.iter().enumerate() {
                     softmax_prefix(&mut s[i * n..][..n], ni);
                 }
                 let o = resized(&mut scr.acc, m * d);
-                gemm_f32((m, d, n), o, d, (s, n, 1), (vbuf, d, 1));
+                crate::gemm::gemm_f32((m, d, n), o, d, (s, n, 1), (vbuf, d, 1));
                 for i in 0..m {
                     out[(i * heads + head) * d..][..d].copy_from_slice(&o[i * d..][..d]);
                 }
@@ -555,10 +449,10 @@ impl Attend {
                 let keys: Vec<usize> = (t0..t0 + len).map(|t| lay.position(t) + 1).collect();
                 let n = keys[len - 1];
                 let table = &lay.block_tables[s * lay.max_blocks..][..n.div_ceil(block_size)];
-                match (len >= GEMM_MIN_QUERIES, block_size, d) {
-                    (true, _, _) => geo.tiled(t0, &keys, table, chunk, scr),
-                    (false, 16, d) if d % 4 == 0 => geo.direct16(t0, &keys, table, chunk, scr),
-                    _ => geo.direct(t0, &keys, table, chunk, scr),
+                if len >= GEMM_MIN_QUERIES {
+                    geo.tiled(t0, &keys, table, chunk, scr);
+                } else {
+                    geo.direct(t0, &keys, table, chunk, scr);
                 }
             },
         );

@@ -2,26 +2,24 @@
 //! has them (checked once at run time) and plain loops elsewhere. Written by hand because the
 //! compiler keeps neither loop's accumulators in registers on its own (measured: 3-4x slower).
 
-/// `out[l] = scale * sum_d q[d] * kt[d * 16 + l]` for the 16 keys of one block, `kt` being the
-/// block's keys transposed (`[d, 16]`).
-pub fn block_scores16(q: &[f32], kt: &[f32], scale: f32, out: &mut [f32]) {
-    let d = q.len();
-    assert!(kt.len() >= d * 16 && out.len() >= 16 && d.is_multiple_of(4));
+/// `out[l] = scale * sum_d q[d] * kt[d * bs + l]` for the `bs = out.len()` keys of one block,
+/// `kt` being the block's keys transposed (`[d, bs]`).
+pub fn block_scores(q: &[f32], kt: &[f32], scale: f32, out: &mut [f32]) {
+    let (d, bs) = (q.len(), out.len());
+    assert!(kt.len() >= d * bs);
     #[cfg(target_arch = "x86_64")]
-    if avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked), and the asserts above bound every access.
+    if bs == 16 && d.is_multiple_of(4) && avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked), and the assert above bounds every access.
         unsafe { x86::block_scores16(q, kt, scale, out) };
         return;
     }
-    let mut acc = [0f32; 16];
+    out.fill(0.0);
     for (dd, &qd) in q.iter().enumerate() {
-        for (a, &k) in acc.iter_mut().zip(&kt[dd * 16..][..16]) {
+        for (a, &k) in out.iter_mut().zip(&kt[dd * bs..][..bs]) {
             *a += qd * k;
         }
     }
-    for (o, a) in out[..16].iter_mut().zip(acc) {
-        *o = a * scale;
-    }
+    out.iter_mut().for_each(|a| *a *= scale);
 }
 
 /// `acc[..d] += sum_j p[j] * v[j * d ..][..d]`: the probability-weighted sum of V rows.
@@ -53,8 +51,8 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// AVX2 and FMA must be available; `kt` holds `16 * q.len()` values, `out` at least 16,
-    /// and `q.len()` is a multiple of 4.
+    /// AVX2 and FMA must be available; `kt` holds `16 * q.len()` values, `out` 16, and
+    /// `q.len()` is a multiple of 4.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn block_scores16(q: &[f32], kt: &[f32], scale: f32, out: &mut [f32]) {
         // SAFETY: the caller's contract (above) bounds every pointer offset.
@@ -127,15 +125,17 @@ mod tests {
         for d in [64usize, 128] {
             let q = rand(d, &mut rng);
             let kt = rand(d * 16, &mut rng);
-            let mut got = [0f32; 16];
-            block_scores16(&q, &kt, 0.5, &mut got);
-            for l in 0..16 {
-                let want: f32 = (0..d).map(|i| q[i] * kt[i * 16 + l]).sum::<f32>() * 0.5;
-                assert!(
-                    (got[l] - want).abs() < 1e-4,
-                    "{d} {l}: {} vs {want}",
-                    got[l]
-                );
+            for bs in [16, 5] {
+                let mut got = vec![0f32; bs];
+                block_scores(&q, &kt, 0.5, &mut got);
+                for l in 0..bs {
+                    let want: f32 = (0..d).map(|i| q[i] * kt[i * bs + l]).sum::<f32>() * 0.5;
+                    assert!(
+                        (got[l] - want).abs() < 1e-4,
+                        "{d} {bs} {l}: {} vs {want}",
+                        got[l]
+                    );
+                }
             }
             let p = rand(11, &mut rng);
             let v = rand(11 * d, &mut rng);
