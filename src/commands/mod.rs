@@ -20,7 +20,7 @@ pub const COMMIT: &str = env!("OFFLINE_BENCH_COMMIT");
 
 /// A device, a dtype and an inspected model (weights not loaded yet).
 pub struct Setup {
-    pub spec: crate::device::DeviceSpec,
+    pub device_spec: crate::device::DeviceSpec,
     pub device: Device,
     pub dtype: DType,
     pub info: ModelInfo,
@@ -51,7 +51,7 @@ impl Setup {
         };
         let device = args.device.open()?;
         Ok(Self {
-            spec: args.device,
+            device_spec: args.device,
             device,
             dtype,
             info,
@@ -61,6 +61,9 @@ impl Setup {
 
     /// Loads the weights and builds an engine with a KV cache sized from the budget.
     pub fn engine(&self, eng: &EngineArgs, progress: &Progress) -> Result<Engine> {
+        if eng.block_size == 0 {
+            bail!("--block-size must be at least 1");
+        }
         let model = model::load_weights(
             &self.info,
             self.max_model_len,
@@ -68,8 +71,9 @@ impl Setup {
             &self.device,
             progress,
         )?;
-        let kv_dtype = crate::device::parse_kv_dtype(&eng.kv_cache_dtype, self.dtype, self.spec)?;
-        let spec = Engine::cache_spec(&model, eng.block_size.max(1), kv_dtype);
+        let kv_dtype =
+            crate::device::parse_kv_dtype(&eng.kv_cache_dtype, self.dtype, self.device_spec)?;
+        let spec = Engine::cache_spec(&model, eng.block_size, kv_dtype);
         let num_blocks = match eng.num_kv_blocks {
             Some(n) => n,
             None => {

@@ -63,7 +63,6 @@ pub fn run(args: &ThroughputArgs) -> Result<()> {
     }
 
     let mut engine = setup.engine(&args.engine, &progress)?;
-    engine.check(&workload.requests)?;
     let total: u64 = workload.requests.len() as u64;
     let bar = progress.bar(total, "requests");
     let output = engine.run(&workload.requests, |s| {
@@ -199,11 +198,14 @@ fn sample_dataset(
                 prefix_len: args.prefix_len,
                 seed: args.engine.seed,
             };
-            if input_len + args.prefix_len + opts.output_len > setup.max_model_len {
+            let longest = |len: usize| (len as f64 * (1.0 + opts.range_ratio)).ceil() as usize;
+            let (prompt, output) = (
+                longest(input_len) + args.prefix_len,
+                longest(opts.output_len),
+            );
+            if prompt + output > setup.max_model_len {
                 anyhow::bail!(
-                    "random prompts of {} tokens plus {} output tokens exceed --max-model-len {}",
-                    input_len + args.prefix_len,
-                    opts.output_len,
+                    "random prompts of up to {prompt} tokens plus {output} output tokens exceed --max-model-len {}",
                     setup.max_model_len
                 );
             }
