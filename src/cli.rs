@@ -67,9 +67,13 @@ pub struct EngineArgs {
     /// Most tokens in one step (prefill chunks are cut to fit).
     #[arg(long, default_value_t = 8192)]
     pub max_num_batched_tokens: usize,
-    /// KV cache budget on the CPU, e.g. 4GiB or 512MiB.
+    /// KV cache budget on the CPU, e.g. 4GiB or 512MiB (on CUDA the budget is what
+    /// --gpu-memory-utilization leaves after the weights and the activation peak).
     #[arg(long, default_value = "4GiB", value_parser = crate::util::parse_bytes)]
     pub kv_cache_memory: u64,
+    /// Fraction of the GPU's memory the run may use (weights, activations and the KV cache).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
     /// KV cache element type: auto (the model's dtype, but f16 for an f32 model on the CPU, as
     /// llama.cpp does), f32, f16 or bf16.
     #[arg(long, default_value = "auto")]

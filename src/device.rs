@@ -71,6 +71,8 @@ pub fn describe(device: &Device) -> String {
                 candle_core::utils::get_num_threads()
             )
         }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => format!("cuda: {}", crate::gpu::describe(dev)),
         other => format!("{:?}", other.location()),
     }
 }

@@ -11,6 +11,8 @@ pub mod device;
 pub mod engine;
 pub mod fastmath;
 pub mod gemm;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod model;
 pub mod progress;
 pub mod report;

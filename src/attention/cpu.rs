@@ -1,51 +1,22 @@
-//! CPU paged attention: candle custom ops over the paged cache, parallel over query tiles.
-//!
-//! Cache layouts (per layer), chosen so the inner loops run along contiguous memory:
-//! - K: `[num_blocks, kv_heads, head_dim, block_size]`: the keys of one block and head are stored
-//!   transposed, so the scores of a query against a whole block are one vector
-//!   multiply-accumulate per dimension, with no horizontal sums;
-//! - V: `[num_blocks, kv_heads, block_size, head_dim]`: value rows contiguous per block and head,
-//!   so the weighted sum is one vector multiply-accumulate per key.
+//! CPU paged attention kernels, parallel over query tiles (rayon).
 //!
 //! `write_kv` scatters each token's K and V into its slot. `attend` computes, for every query
 //! token and head, softmax(q·K^T * scale) V over the token's sequence up to its own position.
 //! Queries and outputs are f32; the cache may hold f32, f16 or bf16 (converted as it is read).
+//! The cache layout (see `ops::cache_shape`) keeps each block's keys transposed, so the scores
+//! of a query against a block are vector multiply-adds along the block.
 
-use std::sync::Arc;
-
-use anyhow::Result;
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, Layout, Shape};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::BatchLayout;
+use super::ops::CacheKind;
 use super::simd;
 
-/// Which of the two caches a tensor is; they are laid out differently.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CacheKind {
-    Keys,
-    Values,
-}
-
-/// The CPU cache shape of `kind` for the given geometry.
-pub fn cache_shape(
-    kind: CacheKind,
-    num_blocks: usize,
-    block_size: usize,
-    kv_heads: usize,
-    head_dim: usize,
-) -> (usize, usize, usize, usize) {
-    match kind {
-        CacheKind::Keys => (num_blocks, kv_heads, head_dim, block_size),
-        CacheKind::Values => (num_blocks, kv_heads, block_size, head_dim),
-    }
-}
-
 /// Element types a KV cache can hold; the math is always f32.
-trait Elem: candle_core::WithDType + Copy + Send + Sync {
+pub trait Elem: candle_core::WithDType + Copy + Send + Sync {
     /// Converts a run of elements into `dst` (vectorised for f16/bf16).
     fn to_f32_run(src: &[Self], dst: &mut [f32]);
     /// The slice itself when the storage is already f32 (no conversion needed).
@@ -100,126 +71,52 @@ fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<
     }
 }
 
-/// Writes `src` (`[tokens, kv_heads, head_dim]`, the cache's dtype) into `cache` at the
-/// layout's slots.
-pub fn write_kv(
-    cache: &Tensor,
+/// Writes `src` (`[tokens, kv_heads, head_dim]`) into the cache at the layout's slots.
+pub fn write_kv<T: Copy>(
     kind: CacheKind,
-    src: &Tensor,
-    layout: &Arc<BatchLayout>,
-) -> Result<()> {
-    cache.inplace_op2(
-        src,
-        &WriteKv {
-            kind,
-            layout: layout.clone(),
-        },
-    )?;
-    Ok(())
-}
-
-struct WriteKv {
-    kind: CacheKind,
-    layout: Arc<BatchLayout>,
-}
-
-impl WriteKv {
-    fn run<T: Copy>(
-        &self,
-        cache: &mut [T],
-        cl: &Layout,
-        src: &[T],
-        sl: &Layout,
-    ) -> candle_core::Result<()> {
-        let src = contiguous(src, sl, "K/V input")?;
-        let Some((start, end)) = cl.contiguous_offsets() else {
-            candle_core::bail!("the KV cache must be contiguous");
-        };
-        let cache = &mut cache[start..end];
-        let &[_, kv_heads, a, b] = cl.dims() else {
-            candle_core::bail!("write_kv: the cache must be 4-d, got {:?}", cl.dims());
-        };
-        let (d, bs) = match self.kind {
-            CacheKind::Keys => (a, b),
-            CacheKind::Values => (b, a),
-        };
-        if src.len() != self.layout.num_tokens() * kv_heads * d {
-            candle_core::bail!(
-                "write_kv: {} values for {} tokens of {kv_heads} x {d}",
-                src.len(),
-                self.layout.num_tokens()
-            );
-        }
-        for (t, &slot) in self.layout.slot_mapping.iter().enumerate() {
-            let (blk, off) = (slot as usize / bs, slot as usize % bs);
-            for g in 0..kv_heads {
-                let row = &src[(t * kv_heads + g) * d..][..d];
-                let base = (blk * kv_heads + g) * d * bs;
-                match self.kind {
-                    CacheKind::Keys => {
-                        for (i, &x) in row.iter().enumerate() {
-                            cache[base + i * bs + off] = x;
-                        }
+    layout: &BatchLayout,
+    cache: &mut [T],
+    cl: &Layout,
+    src: &[T],
+    sl: &Layout,
+) -> candle_core::Result<()> {
+    let src = contiguous(src, sl, "K/V input")?;
+    let Some((start, end)) = cl.contiguous_offsets() else {
+        candle_core::bail!("the KV cache must be contiguous");
+    };
+    let cache = &mut cache[start..end];
+    let &[_, kv_heads, a, b] = cl.dims() else {
+        candle_core::bail!("write_kv: the cache must be 4-d, got {:?}", cl.dims());
+    };
+    let (d, bs) = match kind {
+        CacheKind::Keys => (a, b),
+        CacheKind::Values => (b, a),
+    };
+    if src.len() != layout.num_tokens() * kv_heads * d {
+        candle_core::bail!(
+            "write_kv: {} values for {} tokens of {kv_heads} x {d}",
+            src.len(),
+            layout.num_tokens()
+        );
+    }
+    for (t, &slot) in layout.slot_mapping.iter().enumerate() {
+        let (blk, off) = (slot as usize / bs, slot as usize % bs);
+        for g in 0..kv_heads {
+            let row = &src[(t * kv_heads + g) * d..][..d];
+            let base = (blk * kv_heads + g) * d * bs;
+            match kind {
+                CacheKind::Keys => {
+                    for (i, &x) in row.iter().enumerate() {
+                        cache[base + i * bs + off] = x;
                     }
-                    CacheKind::Values => {
-                        cache[base + off * d..][..d].copy_from_slice(row);
-                    }
+                }
+                CacheKind::Values => {
+                    cache[base + off * d..][..d].copy_from_slice(row);
                 }
             }
         }
-        Ok(())
     }
-}
-
-impl InplaceOp2 for WriteKv {
-    fn name(&self) -> &'static str {
-        "write-kv"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        match (s1, s2) {
-            (CpuStorage::F32(c), CpuStorage::F32(s)) => self.run(c, l1, s, l2),
-            (CpuStorage::F16(c), CpuStorage::F16(s)) => self.run(c, l1, s, l2),
-            (CpuStorage::BF16(c), CpuStorage::BF16(s)) => self.run(c, l1, s, l2),
-            (c, s) => candle_core::bail!(
-                "write_kv: unsupported dtypes cache {:?}, input {:?}",
-                c.dtype(),
-                s.dtype()
-            ),
-        }
-    }
-}
-
-/// Attention of `q` (`[tokens, heads, head_dim]`, f32) over the paged K/V caches; f32 output.
-pub fn attend(
-    q: &Tensor,
-    k_cache: &Tensor,
-    v_cache: &Tensor,
-    layout: &Arc<BatchLayout>,
-    num_heads: usize,
-    scale: f32,
-) -> Result<Tensor> {
-    Ok(q.apply_op1_no_bwd(&Attend {
-        k_cache: k_cache.clone(),
-        v_cache: v_cache.clone(),
-        layout: layout.clone(),
-        num_heads,
-        scale,
-    })?)
-}
-
-struct Attend {
-    k_cache: Tensor,
-    v_cache: Tensor,
-    layout: Arc<BatchLayout>,
-    num_heads: usize,
-    scale: f32,
+    Ok(())
 }
 
 /// Queries per work item: a sequence's queries are cut into tiles so that one long prompt still
@@ -385,95 +282,77 @@ impl<T: Elem> Geometry<'_, T> {
     }
 }
 
-impl Attend {
-    fn run<T: Elem>(&self, q: &[f32], ql: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let q = contiguous(q, ql, "queries")?;
-        let (kst, kl) = self.k_cache.storage_and_layout();
-        let (vst, vl) = self.v_cache.storage_and_layout();
-        let (Storage::Cpu(kst), Storage::Cpu(vst)) = (&*kst, &*vst) else {
-            candle_core::bail!("attend: the KV cache is not on the CPU");
-        };
-        let kc = contiguous(kst.as_slice::<T>()?, kl, "K cache")?;
-        let vc = contiguous(vst.as_slice::<T>()?, vl, "V cache")?;
-        let &[_, kv_heads, d, block_size] = kl.dims() else {
-            candle_core::bail!("attend: K cache must be 4-d, got {:?}", kl.dims());
-        };
-        if vl.dims() != [kl.dims()[0], kv_heads, block_size, d] {
-            candle_core::bail!(
-                "attend: V cache {:?} does not match K cache {:?}",
-                vl.dims(),
-                kl.dims()
-            );
-        }
-        let heads = self.num_heads;
-        let lay = &*self.layout;
-        let tokens = lay.num_tokens();
-        if q.len() != tokens * heads * d || !heads.is_multiple_of(kv_heads) {
-            candle_core::bail!(
-                "attend: queries {:?} do not match {tokens} tokens x {heads} heads x {d}",
-                ql.dims()
-            );
-        }
-        let geo = Geometry {
-            q,
-            kc,
-            vc,
-            block_size,
-            kv_heads,
-            heads,
-            d,
-            scale: self.scale,
-        };
-        // Work items in token order, each owning a contiguous range of output rows.
-        let mut items = Vec::new();
-        for s in 0..lay.num_seqs() {
-            let (a, b) = (lay.query_start[s] as usize, lay.query_start[s + 1] as usize);
-            let mut t = a;
-            while t < b {
-                let len = TILE.min(b - t);
-                items.push((s, t, len));
-                t += len;
-            }
-        }
-        let mut out = vec![0f32; tokens * heads * d];
-        let mut chunks = Vec::with_capacity(items.len());
-        let mut rest = out.as_mut_slice();
-        for &(_, _, len) in &items {
-            let (chunk, tail) = rest.split_at_mut(len * heads * d);
-            chunks.push(chunk);
-            rest = tail;
-        }
-        items.into_par_iter().zip(chunks).for_each_init(
-            Scratch::default,
-            |scr, ((s, t0, len), chunk)| {
-                let keys: Vec<usize> = (t0..t0 + len).map(|t| lay.position(t) + 1).collect();
-                let n = keys[len - 1];
-                let table = &lay.block_tables[s * lay.max_blocks..][..n.div_ceil(block_size)];
-                if len >= GEMM_MIN_QUERIES {
-                    geo.tiled(t0, &keys, table, chunk, scr);
-                } else {
-                    geo.direct(t0, &keys, table, chunk, scr);
-                }
-            },
+/// Attention of `q` (`[tokens, heads, head_dim]`, f32) over caches of element type `T`.
+pub fn attend<T: Elem>(
+    q: &[f32],
+    ql: &Layout,
+    (kst, kl): (&CpuStorage, &Layout),
+    (vst, vl): (&CpuStorage, &Layout),
+    lay: &BatchLayout,
+    heads: usize,
+    scale: f32,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let q = contiguous(q, ql, "queries")?;
+    let kc = contiguous(kst.as_slice::<T>()?, kl, "K cache")?;
+    let vc = contiguous(vst.as_slice::<T>()?, vl, "V cache")?;
+    let &[_, kv_heads, d, block_size] = kl.dims() else {
+        candle_core::bail!("attend: K cache must be 4-d, got {:?}", kl.dims());
+    };
+    if vl.dims() != [kl.dims()[0], kv_heads, block_size, d] {
+        candle_core::bail!(
+            "attend: V cache {:?} does not match K cache {:?}",
+            vl.dims(),
+            kl.dims()
         );
-        Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
-}
-
-impl CustomOp1 for Attend {
-    fn name(&self) -> &'static str {
-        "paged-attention"
+    let tokens = lay.num_tokens();
+    if q.len() != tokens * heads * d || !heads.is_multiple_of(kv_heads) {
+        candle_core::bail!(
+            "attend: queries {:?} do not match {tokens} tokens x {heads} heads x {d}",
+            ql.dims()
+        );
     }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(q) = s else {
-            candle_core::bail!("attend: queries must be f32, got {:?}", s.dtype());
-        };
-        match self.k_cache.dtype() {
-            DType::F32 => self.run::<f32>(q, l),
-            DType::F16 => self.run::<f16>(q, l),
-            DType::BF16 => self.run::<bf16>(q, l),
-            other => candle_core::bail!("attend: unsupported KV cache dtype {other:?}"),
+    let geo = Geometry {
+        q,
+        kc,
+        vc,
+        block_size,
+        kv_heads,
+        heads,
+        d,
+        scale,
+    };
+    // Work items in token order, each owning a contiguous range of output rows.
+    let mut items = Vec::new();
+    for s in 0..lay.num_seqs() {
+        let (a, b) = (lay.query_start[s] as usize, lay.query_start[s + 1] as usize);
+        let mut t = a;
+        while t < b {
+            let len = TILE.min(b - t);
+            items.push((s, t, len));
+            t += len;
         }
     }
+    let mut out = vec![0f32; tokens * heads * d];
+    let mut chunks = Vec::with_capacity(items.len());
+    let mut rest = out.as_mut_slice();
+    for &(_, _, len) in &items {
+        let (chunk, tail) = rest.split_at_mut(len * heads * d);
+        chunks.push(chunk);
+        rest = tail;
+    }
+    items.into_par_iter().zip(chunks).for_each_init(
+        Scratch::default,
+        |scr, ((s, t0, len), chunk)| {
+            let keys: Vec<usize> = (t0..t0 + len).map(|t| lay.position(t) + 1).collect();
+            let n = keys[len - 1];
+            let table = &lay.block_tables[s * lay.max_blocks..][..n.div_ceil(block_size)];
+            if len >= GEMM_MIN_QUERIES {
+                geo.tiled(t0, &keys, table, chunk, scr);
+            } else {
+                geo.direct(t0, &keys, table, chunk, scr);
+            }
+        },
+    );
+    Ok((CpuStorage::F32(out), ql.shape().clone()))
 }

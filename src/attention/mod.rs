@@ -7,9 +7,13 @@
 //! The same two operations run on the CPU (`cpu`) and, with the `cuda` feature, on the GPU.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod ops;
+pub mod plan;
 mod simd;
 
-pub use cpu::CacheKind;
+pub use ops::{CacheKind, StepMeta};
 
 use std::sync::Arc;
 
@@ -60,7 +64,7 @@ impl PagedKvCache {
             bail!("the KV cache has no blocks");
         }
         let shape = |kind| {
-            cpu::cache_shape(
+            ops::cache_shape(
                 kind,
                 num_blocks,
                 spec.block_size,
@@ -84,6 +88,10 @@ impl PagedKvCache {
 
     pub fn bytes(&self) -> u64 {
         self.spec.bytes_per_block() * self.num_blocks as u64
+    }
+
+    pub fn device(&self) -> &Device {
+        self.k[0].device()
     }
 }
 
@@ -176,23 +184,42 @@ impl BatchLayout {
     }
 }
 
-/// Attention of one step: the cache, the batch layout and the scale, shared by all layers.
+/// Attention of one step: the cache, the batch layout (and on CUDA its uploaded plan) and the
+/// scale, shared by all layers.
 pub struct PagedAttention<'a> {
     cache: &'a PagedKvCache,
     layout: Arc<BatchLayout>,
+    meta: StepMeta,
     num_heads: usize,
     scale: f32,
 }
 
 impl<'a> PagedAttention<'a> {
-    pub fn new(cache: &'a PagedKvCache, layout: Arc<BatchLayout>, num_heads: usize) -> Self {
+    /// Prepares a step; on CUDA this plans the kernels and uploads the metadata once.
+    pub fn new(
+        cache: &'a PagedKvCache,
+        layout: Arc<BatchLayout>,
+        num_heads: usize,
+    ) -> Result<Self> {
         let scale = 1.0 / (cache.spec.head_dim as f32).sqrt();
-        Self {
+        #[allow(unused_mut)]
+        let mut meta = StepMeta::default();
+        #[cfg(feature = "cuda")]
+        if cache.device().is_cuda() {
+            meta.plan = Some(cuda::DevicePlan::upload(
+                &layout,
+                num_heads,
+                cache.spec.num_kv_heads,
+                cache.device(),
+            )?);
+        }
+        Ok(Self {
             cache,
             layout,
+            meta,
             num_heads,
             scale,
-        }
+        })
     }
 
     pub fn layout(&self) -> &BatchLayout {
@@ -208,10 +235,24 @@ impl<'a> PagedAttention<'a> {
         let kv_dtype = self.cache.spec.dtype;
         let k = k.to_dtype(kv_dtype)?.contiguous()?;
         let v = v.to_dtype(kv_dtype)?.contiguous()?;
-        cpu::write_kv(kc, CacheKind::Keys, &k, &self.layout)?;
-        cpu::write_kv(vc, CacheKind::Values, &v, &self.layout)?;
-        let q32 = q.to_dtype(DType::F32)?.contiguous()?;
-        let out = cpu::attend(&q32, kc, vc, &self.layout, self.num_heads, self.scale)?;
+        ops::write_kv(kc, CacheKind::Keys, &k, &self.layout, &self.meta)?;
+        ops::write_kv(vc, CacheKind::Values, &v, &self.layout, &self.meta)?;
+        // The CPU kernels compute in f32; the CUDA kernels in the cache's type.
+        let q_dtype = if q.device().is_cpu() {
+            DType::F32
+        } else {
+            kv_dtype
+        };
+        let qc = q.to_dtype(q_dtype)?.contiguous()?;
+        let out = ops::attend(
+            &qc,
+            kc,
+            vc,
+            &self.layout,
+            &self.meta,
+            self.num_heads,
+            self.scale,
+        )?;
         Ok(out.to_dtype(q.dtype())?)
     }
 }

@@ -146,12 +146,20 @@ fn check(
     };
     let full = Arc::new(full);
     let as_kv = |t: Tensor| t.to_dtype(kv_dtype).unwrap();
-    cpu::write_kv(&cache.k[0], CacheKind::Keys, &as_kv(rows(false, 0)), &full).unwrap();
-    cpu::write_kv(
+    ops::write_kv(
+        &cache.k[0],
+        CacheKind::Keys,
+        &as_kv(rows(false, 0)),
+        &full,
+        &StepMeta::default(),
+    )
+    .unwrap();
+    ops::write_kv(
         &cache.v[0],
         CacheKind::Values,
         &as_kv(rows(false, 1)),
         &full,
+        &StepMeta::default(),
     )
     .unwrap();
 
@@ -162,7 +170,7 @@ fn check(
         .to_dtype(dtype)
         .unwrap();
     step.validate(total_blocks, block_size).unwrap();
-    let attn = PagedAttention::new(&cache, Arc::new(step), heads);
+    let attn = PagedAttention::new(&cache, Arc::new(step), heads).unwrap();
     let out = attn
         .forward(0, &qt, &rows(true, 0), &rows(true, 1))
         .unwrap()

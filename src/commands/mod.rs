@@ -64,6 +64,18 @@ impl Setup {
         if eng.block_size == 0 {
             bail!("--block-size must be at least 1");
         }
+        if self.device.is_cuda() && eng.block_size > 32 {
+            bail!(
+                "--block-size {} is not supported on CUDA (at most 32)",
+                eng.block_size
+            );
+        }
+        if !(eng.gpu_memory_utilization > 0.0 && eng.gpu_memory_utilization <= 1.0) {
+            bail!(
+                "--gpu-memory-utilization must be in (0, 1], got {}",
+                eng.gpu_memory_utilization
+            );
+        }
         let model = model::load_weights(
             &self.info,
             self.max_model_len,
@@ -74,11 +86,10 @@ impl Setup {
         let kv_dtype =
             crate::device::parse_kv_dtype(&eng.kv_cache_dtype, self.dtype, self.device_spec)?;
         let spec = Engine::cache_spec(&model, eng.block_size, kv_dtype);
-        let num_blocks = match eng.num_kv_blocks {
-            Some(n) => n,
-            None => {
-                if self.device.is_cpu()
-                    && let Some(avail) = crate::device::available_host_memory()
+        let num_blocks = match (eng.num_kv_blocks, &self.device) {
+            (Some(n), _) => n,
+            (None, Device::Cpu) => {
+                if let Some(avail) = crate::device::available_host_memory()
                     && eng.kv_cache_memory > avail
                 {
                     bail!(
@@ -89,13 +100,23 @@ impl Setup {
                 }
                 spec.blocks_in(eng.kv_cache_memory)
             }
+            #[cfg(feature = "cuda")]
+            (None, Device::Cuda(dev)) => {
+                let budget = gpu_kv_budget(dev, &model, spec, eng, progress)?;
+                spec.blocks_in(budget)
+            }
+            (None, other) => bail!("no KV sizing for device {other:?}"),
         };
         if num_blocks == 0 {
             bail!(
-                "the KV budget {} is too small for one block ({} for {} tokens); raise --kv-cache-memory",
-                human_bytes(eng.kv_cache_memory),
+                "the KV budget is too small for one block ({} for {} tokens); raise {}",
                 human_bytes(spec.bytes_per_block()),
-                spec.block_size
+                spec.block_size,
+                if self.device.is_cpu() {
+                    "--kv-cache-memory"
+                } else {
+                    "--gpu-memory-utilization or lower --max-num-batched-tokens"
+                }
             );
         }
         let tokens = num_blocks * spec.block_size;
@@ -157,6 +178,56 @@ impl Setup {
             "command": std::env::args().collect::<Vec<_>>().join(" "),
         })
     }
+}
+
+/// The KV budget on a GPU, as vLLM computes it: `--gpu-memory-utilization` of the device's
+/// memory, minus what is in use after the weights, minus the activation peak of the largest
+/// step (measured by running one, with the memory pool keeping its peak).
+#[cfg(feature = "cuda")]
+fn gpu_kv_budget(
+    dev: &candle_core::CudaDevice,
+    model: &crate::model::llama::Llama,
+    spec: crate::attention::KvCacheSpec,
+    eng: &EngineArgs,
+    progress: &Progress,
+) -> Result<u64> {
+    crate::gpu::keep_pool_memory(dev)?;
+    let (free0, total) = crate::gpu::memory(dev)?;
+    let used0 = (total - free0) as u64;
+    let temp = crate::engine::runner::profile_step(
+        model,
+        spec,
+        eng.max_num_batched_tokens,
+        eng.max_num_seqs,
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "profiling a step of {} tokens failed ({e:#}); lower --max-num-batched-tokens",
+            eng.max_num_batched_tokens
+        )
+    })?;
+    let (free1, _) = crate::gpu::memory(dev)?;
+    let peak = ((total - free1) as u64).saturating_sub(used0 + temp);
+    let allowed = (total as f64 * eng.gpu_memory_utilization) as u64;
+    let budget = allowed.saturating_sub(used0 + peak);
+    progress.info(format!(
+        "GPU memory: {} total, {} in use after loading, activation peak {}, KV budget {} (--gpu-memory-utilization {})",
+        human_bytes(total as u64),
+        human_bytes(used0),
+        human_bytes(peak),
+        human_bytes(budget),
+        eng.gpu_memory_utilization
+    ));
+    if budget == 0 {
+        bail!(
+            "no memory left for the KV cache: {} in use after loading plus a {} activation peak exceed --gpu-memory-utilization {} of {}; raise it or lower --max-num-batched-tokens",
+            human_bytes(used0),
+            human_bytes(peak),
+            eng.gpu_memory_utilization,
+            human_bytes(total as u64)
+        );
+    }
+    Ok(budget)
 }
 
 /// `f32`, `f16`, `bf16`.

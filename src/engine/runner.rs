@@ -9,9 +9,9 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 
 use super::sampler::{SamplingParams, sample};
-use super::scheduler::Schedule;
+use super::scheduler::{Schedule, ScheduledSeq};
 use super::sequence::Sequence;
-use crate::attention::{BatchLayout, PagedAttention, PagedKvCache};
+use crate::attention::{BatchLayout, KvCacheSpec, PagedAttention, PagedKvCache};
 use crate::model::llama::Llama;
 
 /// Host-side inputs of one step.
@@ -59,6 +59,54 @@ pub fn build_inputs(sched: &Schedule, seqs: &[Sequence], block_size: usize) -> S
         }
     }
     inp
+}
+
+/// Runs one synthetic step of `tokens` prompt tokens spread over up to `max_seqs` sequences,
+/// through a temporary cache, so that the device's memory pool reaches the activation peak of
+/// the largest step the scheduler can build. Returns the temporary cache's bytes.
+pub fn profile_step(
+    model: &Llama,
+    spec: KvCacheSpec,
+    tokens: usize,
+    max_seqs: usize,
+) -> Result<u64> {
+    let n = max_seqs.clamp(1, tokens.max(1));
+    let per = tokens.max(1).div_ceil(n);
+    let blocks_per_seq = per.div_ceil(spec.block_size);
+    let cache = PagedKvCache::new(spec, n * blocks_per_seq, model.device())?;
+    let mut seqs = Vec::with_capacity(n);
+    let mut left = tokens.max(1);
+    for i in 0..n {
+        let len = per.min(left).max(1);
+        left = left.saturating_sub(len);
+        let mut seq = Sequence::new(i, &vec![0; len], 1);
+        seq.blocks = (0..blocks_per_seq)
+            .map(|b| (i * blocks_per_seq + b) as u32)
+            .collect();
+        seqs.push(seq);
+    }
+    let sched = Schedule {
+        seqs: seqs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ScheduledSeq {
+                seq: i,
+                num_tokens: s.num_tokens(),
+            })
+            .collect(),
+        preempted: vec![],
+    };
+    let inputs = build_inputs(&sched, &seqs, spec.block_size);
+    let dev = model.device().clone();
+    let count = inputs.input_ids.len();
+    let ids = Tensor::from_slice(&inputs.input_ids, count, &dev)?;
+    let positions = Tensor::from_slice(&inputs.positions, count, &dev)?;
+    let rows = Tensor::from_slice(&inputs.sample_rows, inputs.sample_rows.len(), &dev)?;
+    let attn = PagedAttention::new(&cache, Arc::new(inputs.layout), model.dims().heads)?;
+    let hidden = model.forward(&ids, &positions, &attn)?;
+    model.logits(&hidden, &rows)?;
+    dev.synchronize()?;
+    Ok(cache.bytes())
 }
 
 /// Where a step's time went, in seconds.
@@ -129,7 +177,7 @@ impl ModelRunner {
         let t1 = Instant::now();
         let logits = dev
             .with_context(|| -> Result<Option<Tensor>> {
-                let attn = PagedAttention::new(&self.cache, layout, self.model.dims().heads);
+                let attn = PagedAttention::new(&self.cache, layout, self.model.dims().heads)?;
                 let hidden = self.model.forward(&ids, &positions, &attn)?;
                 if rows.dim(0)? == 0 {
                     return Ok(None);
@@ -157,7 +205,33 @@ impl ModelRunner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::scheduler::ScheduledSeq;
+    use crate::engine::Engine;
+    use crate::model::config::ModelConfig;
+    use crate::model::weights::DummyWeights;
+    use candle_core::DType;
+
+    fn tiny_model() -> Llama {
+        let cfg: ModelConfig = serde_json::from_str(
+            r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "vocab_size": 100, "max_position_embeddings": 256}"#,
+        )
+        .unwrap();
+        let mut w = DummyWeights::new(DType::F32, &Device::Cpu);
+        Llama::load(&cfg, &mut w, 256, DType::F32, &Device::Cpu, |_| {}).unwrap()
+    }
+
+    #[test]
+    fn profile_step_runs_the_largest_step() {
+        let model = tiny_model();
+        let spec = Engine::cache_spec(&model, 16, DType::F32);
+        // 100 tokens over 7 sequences: 15 per sequence, one block each.
+        let bytes = profile_step(&model, spec, 100, 7).unwrap();
+        assert_eq!(bytes, 7 * spec.bytes_per_block());
+        // More sequences than tokens: one token each.
+        let bytes = profile_step(&model, spec, 3, 256).unwrap();
+        assert_eq!(bytes, 3 * spec.bytes_per_block());
+    }
 
     #[test]
     fn flattened_batch_layout() {

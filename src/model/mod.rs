@@ -213,6 +213,18 @@ pub fn load_weights(
             crate::util::human_bytes(avail)
         );
     }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        let (free, _) = crate::gpu::memory(dev)?;
+        if need > free as u64 {
+            bail!(
+                "the weights need {} in {} but the GPU has {} free",
+                crate::util::human_bytes(need),
+                crate::commands::dtype_name(dtype),
+                crate::util::human_bytes(free as u64)
+            );
+        }
+    }
     let bar = progress.bar(cfg.num_hidden_layers as u64, "loading");
     let on_layer = |_: usize| bar.inc(1);
     let model = match (info.load_format, &info.source) {

@@ -12,11 +12,7 @@ use crate::gemm::gemm_f32;
 /// `silu(x[:, :n]) * x[:, n:]` for `x` of shape `[rows, 2n]`: the gated MLP activation over the
 /// fused gate/up projection, in one pass (candle would make three: silu, narrow-copy, mul).
 pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
-    if gate_up.device().is_cpu() {
-        return Ok(gate_up.apply_op1_no_bwd(&SiluMul)?);
-    }
-    let n = gate_up.dim(1)? / 2;
-    Ok((candle_nn::ops::silu(&gate_up.narrow(1, 0, n)?)? * gate_up.narrow(1, n, n)?)?)
+    Ok(gate_up.apply_op1_no_bwd(&SiluMul)?)
 }
 
 struct SiluMul;
@@ -66,6 +62,59 @@ impl CustomOp1 for SiluMul {
         };
         Ok((storage, Shape::from((rows, cols / 2))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        match s.dtype() {
+            DType::F32 => silu_mul_cuda::<f32>(s, l),
+            DType::F16 => silu_mul_cuda::<f16>(s, l),
+            DType::BF16 => silu_mul_cuda::<bf16>(s, l),
+            other => candle_core::bail!("silu_mul: no CUDA kernel for {other:?}"),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn silu_mul_cuda<T>(
+    s: &candle_core::CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<(candle_core::CudaStorage, Shape)>
+where
+    T: candle_core::cuda_backend::CudaDType
+        + candle_core::cuda_backend::cudarc::driver::DeviceRepr
+        + WithDType,
+{
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/activation.ptx"));
+    let (rows, cols) = l.shape().dims2()?;
+    if !cols.is_multiple_of(2) || !l.is_contiguous() {
+        candle_core::bail!("silu_mul: needs a contiguous input with an even number of columns");
+    }
+    let n = cols / 2;
+    let dev = s.device().clone();
+    let func = dev.get_or_load_custom_func(
+        &format!("silu_mul_{}", crate::gpu::suffix(T::DTYPE)?),
+        "offline_bench_activation",
+        PTX,
+    )?;
+    let x = s.as_cuda_slice::<T>()?.slice(l.start_offset()..);
+    // SAFETY: every output element is written by the kernel below.
+    let mut out = unsafe { dev.alloc::<T>(rows * n)? };
+    let mut args = func.builder();
+    args.arg(&x);
+    args.arg(&mut out);
+    candle_core::builder_arg!(args, rows as i32, n as i32);
+    // SAFETY: the kernel reads rows x 2n inputs and writes rows x n outputs.
+    unsafe { args.launch(LaunchConfig::for_num_elems((rows * n) as u32)) }.w()?;
+    Ok((
+        candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from((rows, n)),
+    ))
 }
 
 /// Up to this many rows, [`linear`] splits the output features over the threads itself:
