@@ -24,6 +24,18 @@ pub enum Command {
     Throughput(ThroughputArgs),
     /// Greedy continuation of one prompt (check that weights and tokenizer are right).
     Generate(GenerateArgs),
+    /// Compare every CUDA kernel, then the engine's tokens, with the CPU's (run before timing).
+    SelfCheck(SelfCheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SelfCheckArgs {
+    /// The GPU to check (cuda or cuda:N).
+    #[arg(long, default_value = "cuda")]
+    pub device: DeviceSpec,
+    /// Only the kernel checks, not the engine comparison.
+    #[arg(long)]
+    pub kernels_only: bool,
 }
 
 /// Which model, and how to load it.

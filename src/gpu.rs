@@ -1,7 +1,33 @@
 //! Helpers shared by the CUDA launches (built with the `cuda` feature only).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::{CudaDevice, DType};
+
+/// When set, kernels' output buffers start as NaN instead of uninitialised memory, so that an
+/// element a kernel fails to write shows up in a comparison (the self-check sets it).
+static POISON: AtomicBool = AtomicBool::new(false);
+
+pub fn set_poison(on: bool) {
+    POISON.store(on, Ordering::Relaxed);
+}
+
+/// An output buffer of `n` elements: NaN-filled when poisoning, else uninitialised (every
+/// element must then be written by the kernel that fills it).
+pub fn output_buffer<T>(
+    dev: &CudaDevice,
+    n: usize,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>>
+where
+    T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::WithDType,
+{
+    if POISON.load(Ordering::Relaxed) {
+        return dev.clone_htod(&vec![T::from_f64(f64::NAN); n]);
+    }
+    // SAFETY: callers launch a kernel that writes all n elements before anything reads them.
+    unsafe { dev.alloc::<T>(n) }
+}
 
 /// The kernel-name suffix of an element type (`attention_tiles_bf16`, ...).
 pub fn suffix(dtype: DType) -> candle_core::Result<&'static str> {

@@ -36,6 +36,13 @@ impl Rng64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
+    /// `n` values uniform in `[-scale, scale)`.
+    pub fn uniform_f32(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| ((self.next_f64() * 2.0 - 1.0) * scale as f64) as f32)
+            .collect()
+    }
+
     /// Uniform integer in `lo..=hi`.
     pub fn range_inclusive(&mut self, lo: usize, hi: usize) -> usize {
         debug_assert!(lo <= hi);

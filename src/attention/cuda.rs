@@ -193,9 +193,9 @@ fn attend_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     let q = q.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
     let kc = kst.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
     let vc = vst.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
-    // SAFETY: every output row is written by exactly one tile or split token (the plan covers
-    // each token once), before the buffer is read.
-    let mut out = unsafe { dev.alloc::<T>(tokens * heads * d)? };
+    // Every output row is written by exactly one tile or split token (the plan covers each
+    // token once).
+    let mut out = crate::gpu::output_buffer::<T>(&dev, tokens * heads * d)?;
     u32_slice!(query_start, plan.query_start);
     u32_slice!(context_lens, plan.context_lens);
     u32_slice!(block_tables, plan.block_tables);

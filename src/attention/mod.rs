@@ -93,6 +93,24 @@ impl PagedKvCache {
     pub fn device(&self) -> &Device {
         self.k[0].device()
     }
+
+    /// Fills every layer's K and V with `value` (the self-check poisons caches with NaN so that
+    /// a read of a slot nobody wrote shows up).
+    pub fn fill(&self, value: f32) -> Result<()> {
+        for t in self.k.iter().chain(&self.v) {
+            let full = Tensor::full(value, t.shape(), t.device())?.to_dtype(t.dtype())?;
+            t.slice_set(&full, 0, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Layer `layer`'s K and V, as f32 on the host (for comparisons).
+    pub fn to_host(&self, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let host = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        Ok((host(&self.k[layer])?, host(&self.v[layer])?))
+    }
 }
 
 /// A zeroed tensor. On the CPU the memory comes zeroed from the allocator (`calloc`), so the
@@ -129,7 +147,60 @@ pub struct BatchLayout {
     pub token_seq: Vec<u32>,
 }
 
+/// One sequence of a synthetic batch: `ctx` tokens of K/V once the step is written, the last
+/// `queries` of them queried in the step.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqShape {
+    pub ctx: usize,
+    pub queries: usize,
+}
+
 impl BatchLayout {
+    /// A layout over `num_blocks` blocks giving each sequence blocks drawn at random (seeded),
+    /// for the step's queries (`only_queries`) or the whole history. The same seed gives the same
+    /// blocks, so a history written with one layout is read by the other. For tests and the GPU
+    /// self-check.
+    pub fn scattered(
+        seqs: &[SeqShape],
+        block_size: usize,
+        num_blocks: usize,
+        seed: u64,
+        only_queries: bool,
+    ) -> Self {
+        let mut rng = crate::util::Rng64::new(seed);
+        let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+        for i in (1..free.len()).rev() {
+            free.swap(i, rng.range_inclusive(0, i));
+        }
+        let max_blocks = seqs
+            .iter()
+            .map(|c| c.ctx.div_ceil(block_size))
+            .max()
+            .unwrap_or(0);
+        let mut lay = BatchLayout {
+            max_blocks,
+            query_start: vec![0],
+            ..Default::default()
+        };
+        for (s, c) in seqs.iter().enumerate() {
+            let blocks: Vec<u32> = (0..c.ctx.div_ceil(block_size))
+                .map(|_| free.pop().unwrap_or(0))
+                .collect();
+            let first = if only_queries { c.ctx - c.queries } else { 0 };
+            for p in first..c.ctx {
+                lay.slot_mapping
+                    .push(blocks[p / block_size] * block_size as u32 + (p % block_size) as u32);
+                lay.token_seq.push(s as u32);
+            }
+            lay.query_start.push(lay.slot_mapping.len() as u32);
+            lay.context_lens.push(c.ctx as u32);
+            let mut row = blocks;
+            row.resize(max_blocks, 0);
+            lay.block_tables.extend(row);
+        }
+        lay
+    }
+
     pub fn num_tokens(&self) -> usize {
         self.slot_mapping.len()
     }

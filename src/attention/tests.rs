@@ -7,59 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use super::*;
 use crate::util::Rng64;
 
-/// One sequence of a test batch: its full K/V history and how many of its last tokens are
-/// queries this step.
-struct SeqCase {
-    ctx: usize,
-    queries: usize,
-}
-
 fn random(rng: &mut Rng64, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
-        .collect()
-}
-
-/// Builds a layout placing each sequence's tokens in shuffled blocks; returns it with the
-/// per-sequence block lists.
-fn layout_for(
-    cases: &[SeqCase],
-    block_size: usize,
-    num_blocks: usize,
-    rng: &mut Rng64,
-    only_queries: bool,
-) -> BatchLayout {
-    let mut free: Vec<u32> = (0..num_blocks as u32).collect();
-    for i in (1..free.len()).rev() {
-        free.swap(i, rng.range_inclusive(0, i));
-    }
-    let max_blocks = cases
-        .iter()
-        .map(|c| c.ctx.div_ceil(block_size))
-        .max()
-        .unwrap();
-    let mut lay = BatchLayout {
-        max_blocks,
-        query_start: vec![0],
-        ..Default::default()
-    };
-    for (s, c) in cases.iter().enumerate() {
-        let blocks: Vec<u32> = (0..c.ctx.div_ceil(block_size))
-            .map(|_| free.pop().unwrap())
-            .collect();
-        let first = if only_queries { c.ctx - c.queries } else { 0 };
-        for p in first..c.ctx {
-            lay.slot_mapping
-                .push(blocks[p / block_size] * block_size as u32 + (p % block_size) as u32);
-            lay.token_seq.push(s as u32);
-        }
-        lay.query_start.push(lay.slot_mapping.len() as u32);
-        lay.context_lens.push(c.ctx as u32);
-        let mut row = blocks.clone();
-        row.resize(max_blocks, 0);
-        lay.block_tables.extend(row);
-    }
-    lay
+    rng.uniform_f32(n, 1.0)
 }
 
 /// softmax(q K^T / sqrt(d)) V for one query row against `n` keys, in f64.
@@ -85,7 +34,7 @@ fn reference_row(q: &[f32], ks: &[&[f32]], vs: &[&[f32]]) -> Vec<f64> {
 }
 
 fn check(
-    cases: &[SeqCase],
+    cases: &[SeqShape],
     block_size: usize,
     heads: usize,
     kv_heads: usize,
@@ -127,10 +76,8 @@ fn check(
             )
         })
         .collect();
-    let mut block_rng = Rng64::new(99);
-    let full = layout_for(cases, block_size, total_blocks, &mut block_rng, false);
-    let mut block_rng = Rng64::new(99);
-    let step = layout_for(cases, block_size, total_blocks, &mut block_rng, true);
+    let full = BatchLayout::scattered(cases, block_size, total_blocks, 99, false);
+    let step = BatchLayout::scattered(cases, block_size, total_blocks, 99, true);
     let rows = |only_queries: bool, which: usize| -> Tensor {
         let mut v = Vec::new();
         for (c, h) in cases.iter().zip(&hist) {
@@ -229,22 +176,22 @@ fn check(
     }
 }
 
-fn mixed_batch() -> Vec<SeqCase> {
+fn mixed_batch() -> Vec<SeqShape> {
     vec![
-        SeqCase { ctx: 1, queries: 1 }, // a one-token prompt
-        SeqCase {
+        SeqShape { ctx: 1, queries: 1 }, // a one-token prompt
+        SeqShape {
             ctx: 37,
             queries: 37,
         }, // a whole prompt
-        SeqCase {
+        SeqShape {
             ctx: 50,
             queries: 1,
         }, // decode
-        SeqCase {
+        SeqShape {
             ctx: 33,
             queries: 9,
         }, // a later prefill chunk
-        SeqCase {
+        SeqShape {
             ctx: 16,
             queries: 1,
         }, // decode at a block boundary
@@ -276,11 +223,11 @@ fn half_precision_caches() {
 fn long_prefill_spans_many_tiles() {
     // 150 queries: three tiles of one sequence (gemm path), and a 5-query tail chunk (direct).
     let cases = vec![
-        SeqCase {
+        SeqShape {
             ctx: 150,
             queries: 150,
         },
-        SeqCase {
+        SeqShape {
             ctx: 200,
             queries: 5,
         },
@@ -290,8 +237,7 @@ fn long_prefill_spans_many_tiles() {
 
 #[test]
 fn layout_positions_and_validation() {
-    let mut rng = Rng64::new(1);
-    let lay = layout_for(&mixed_batch(), 16, 20, &mut rng, true);
+    let lay = BatchLayout::scattered(&mixed_batch(), 16, 20, 1, true);
     assert_eq!(lay.num_seqs(), 5);
     assert_eq!(lay.position(0), 0);
     assert_eq!(lay.position(1), 0); // first token of the 37-token prompt

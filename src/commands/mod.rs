@@ -1,7 +1,8 @@
-//! The subcommands: `throughput` and `generate`, and the set-up they share (device, model,
+//! The subcommands: `throughput`, `generate` and `self-check`, and the set-up they share (device, model,
 //! KV budget, engine).
 
 pub mod generate;
+pub mod selfcheck;
 pub mod throughput;
 
 use anyhow::{Result, bail};

@@ -103,8 +103,7 @@ where
         PTX,
     )?;
     let x = s.as_cuda_slice::<T>()?.slice(l.start_offset()..);
-    // SAFETY: every output element is written by the kernel below.
-    let mut out = unsafe { dev.alloc::<T>(rows * n)? };
+    let mut out = crate::gpu::output_buffer::<T>(&dev, rows * n)?;
     let mut args = func.builder();
     args.arg(&x);
     args.arg(&mut out);

@@ -207,6 +207,7 @@ impl WeightSource for SafetensorsWeights {
 pub struct DummyWeights {
     dtype: DType,
     device: Device,
+    seed: Option<u64>,
 }
 
 impl DummyWeights {
@@ -214,6 +215,18 @@ impl DummyWeights {
         Self {
             dtype,
             device: device.clone(),
+            seed: None,
+        }
+    }
+
+    /// Reproducible random weights, drawn on the host from `seed` (each tensor from its own
+    /// stream, keyed by its name): the same values on every device and in every run, so a CPU
+    /// and a GPU engine can be compared token for token. Uniform with a standard deviation of
+    /// 0.02 (the usual initialisation), large enough for distinct logits; slow for big models.
+    pub fn seeded(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self {
+            seed: Some(seed),
+            ..Self::new(dtype, device)
         }
     }
 }
@@ -222,6 +235,14 @@ impl WeightSource for DummyWeights {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = if name.ends_with("norm.weight") {
             Tensor::ones(shape, DType::F32, &self.device)?
+        } else if let Some(seed) = self.seed {
+            let stream = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            });
+            let n = shape.iter().product();
+            let values =
+                crate::util::Rng64::for_stream(seed, stream).uniform_f32(n, 0.02 * 3f32.sqrt());
+            Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(&self.device)?
         } else {
             Tensor::rand(-1e-3f32, 1e-3f32, shape, &self.device)?
         };
