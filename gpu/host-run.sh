@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs on the GPU host from the packed .gpu/ folder (see gpu/pack.sh): finds the CUDA libraries,
+# records the device, runs the self-check (kernels and engine against the CPU) and only if it
+# passes the timed runs, writing logs and JSON under $OUT (default ./gpu-results), and ends with
+# a table. Never changes the GPU's clocks or settings.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:-$here/gpu-results}
+mkdir -p "$out"
+for l in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13 libnvrtc.so.13; do
+  f=$(find / -name "$l" -not -path '/proc/*' 2>/dev/null | head -n 1)
+  [ -n "$f" ] && LD_LIBRARY_PATH=$(dirname "$f"):${LD_LIBRARY_PATH:-}
+done
+export LD_LIBRARY_PATH
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" > "$out/environment.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.csv"
+# Unpacked outside the carried folder, which may be read-only.
+work=${TMPDIR:-/tmp}/offline-bench-gpu
+mkdir -p "$work"
+bin=$work/offline-bench
+gunzip -c "$here/offline-bench.gz" > "$bin" && chmod +x "$bin"
+gunzip -c "$here/llama3-tokenizer.json.gz" > "$work/tokenizer.json"
+echo "commit $(cat "$here/commit.txt"), date $(date -u +%Y-%m-%d)" | tee "$out/run.txt"
+
+if ! "$bin" self-check --device cuda 2>&1 | tee "$out/self-check.txt"; then
+  echo "self-check failed: no timing (see $out/self-check.txt)"
+  exit 1
+fi
+
+"$bin" generate --quiet --device cuda --model llama-3-8b --load-format dummy \
+  --tokenizer "$work/tokenizer.json" --prompt "The capital of France is" --max-tokens 8 \
+  2>&1 | tee "$out/generate.txt"
+
+status=0
+for ds in chat sharegpt; do
+  "$bin" throughput --device cuda --model llama-3-8b --load-format dummy \
+    --workload "$here/$ds-llama3-1000.json" --output-json "$out/$ds.json" \
+    2>&1 | tee "$out/$ds.txt" || status=1
+done
+
+printf '\n%-10s %12s %16s %16s %10s\n' workload "gens/s" "gen tok/s" "prompt tok/s" "time s"
+for ds in chat sharegpt; do
+  [ -f "$out/$ds.json" ] || { printf '%-10s %12s\n' "$ds" failed; continue; }
+  python3 - "$out/$ds.json" "$ds" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("%-10s %12.2f %16.2f %16.2f %10.2f" % (sys.argv[2], r["requests_per_second"],
+      r["output_tokens_per_second"], r["prompt_tokens_per_second"], r["elapsed_time"]))
+PY
+done
+exit $status
