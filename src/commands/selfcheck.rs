@@ -373,8 +373,14 @@ mod tests {
     fn attention_check_passes_cpu_against_cpu() {
         let mut checks = Vec::new();
         let seqs = [
-            SeqShape { ctx: 20, queries: 20 },
-            SeqShape { ctx: 40, queries: 1 },
+            SeqShape {
+                ctx: 20,
+                queries: 20,
+            },
+            SeqShape {
+                ctx: 40,
+                queries: 1,
+            },
         ];
         check_attention(
             &Device::Cpu,
