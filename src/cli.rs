@@ -24,6 +24,8 @@ pub enum Command {
     Throughput(ThroughputArgs),
     /// Greedy continuation of one prompt (check that weights and tokenizer are right).
     Generate(GenerateArgs),
+    /// Time fixed batch x input x output shapes, their kernels and the device's roofline.
+    Shapes(ShapesArgs),
     /// Compare every CUDA kernel, then the engine's tokens, with the CPU's (run before timing).
     SelfCheck(SelfCheckArgs),
 }
@@ -158,6 +160,35 @@ pub struct ThroughputArgs {
     /// Sample the workload, print its statistics, and stop (no model weights are loaded).
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ShapesArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Sequences per shape: a comma list, or ranges (1..128 doubles; 128..512:128 steps).
+    #[arg(long, default_value = "1,8,32")]
+    pub batch_sizes: String,
+    /// Prompt tokens per sequence (list or ranges, as --batch-sizes).
+    #[arg(long, default_value = "128,512")]
+    pub input_lens: String,
+    /// Tokens generated per sequence: the first by the prefill, the rest by decode steps.
+    #[arg(long, default_value = "32")]
+    pub output_lens: String,
+    /// Unmeasured iterations of each shape first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Measured iterations of each shape (medians are reported).
+    #[arg(long, default_value_t = 3, value_parser = positive)]
+    pub iters: usize,
+    /// Skip the extra iteration that times each kernel.
+    #[arg(long)]
+    pub no_kernels: bool,
+    /// Write shapes.json, shapes.csv, throughput.svg and kernels.svg into DIR.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

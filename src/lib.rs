@@ -14,8 +14,10 @@ pub mod gemm;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod model;
+pub mod profile;
 pub mod progress;
 pub mod report;
+pub mod shapes;
 pub mod tokenizer;
 pub mod util;
 pub mod workload;

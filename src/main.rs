@@ -20,6 +20,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Throughput(args) => commands::throughput::run(args),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Shapes(args) => commands::shapes::run(args),
         Command::SelfCheck(args) => commands::selfcheck::run(args),
     };
     match result {

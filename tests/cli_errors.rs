@@ -5,17 +5,8 @@ mod common;
 
 use std::path::Path;
 
-/// Runs the binary; returns (exit code, stdout, stderr).
 fn run(args: &[&str]) -> (i32, String, String) {
-    let out = common::bin()
-        .args(args)
-        .output()
-        .expect("run offline-bench");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run(args, &[])
 }
 
 /// Asserts a failed run with a single stderr line containing every one of `words`.
@@ -277,5 +268,53 @@ fn bad_flag_values() {
             "lots",
         ],
         &["--kv-cache-memory", "lots"],
+    );
+}
+
+#[test]
+fn bad_shapes_name_the_shape() {
+    let gguf = path_str(&common::smollm_gguf());
+    let shapes = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["shapes", "--quiet", "--model", &gguf, "--iters", "1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    assert_one_line_error(
+        &strs(&shapes(&["--batch-sizes", "1,0"])),
+        &["--batch-sizes", "0"],
+    );
+    assert_one_line_error(
+        &strs(&shapes(&["--input-lens", "8..4"])),
+        &["--input-lens", "8..4"],
+    );
+    assert_one_line_error(&strs(&shapes(&["--output-lens", "0"])), &["--output-lens"]);
+    // Over the model's maximum length (8192 for SmolLM2).
+    assert_one_line_error(
+        &strs(&shapes(&[
+            "--batch-sizes",
+            "2",
+            "--input-lens",
+            "8190",
+            "--output-lens",
+            "4",
+        ])),
+        &["batch 2 x input 8190 + output 4", "maximum length 8192"],
+    );
+    // A batch the KV cache cannot hold: 3 x 2 blocks of 16 in a 4-block cache.
+    assert_one_line_error(
+        &strs(&shapes(&[
+            "--batch-sizes",
+            "1,3",
+            "--input-lens",
+            "20",
+            "--output-lens",
+            "4",
+            "--num-kv-blocks",
+            "4",
+        ])),
+        &["batch 3 x input 20 + output 4", "6 KV blocks", "holds 4"],
     );
 }

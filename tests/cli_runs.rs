@@ -5,18 +5,7 @@ mod common;
 
 use std::path::Path;
 
-fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
-    let out = common::bin()
-        .args(args)
-        .envs(envs.iter().copied())
-        .output()
-        .expect("run offline-bench");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::run;
 
 fn ok(args: &[&str]) -> String {
     let (code, out, err) = run(args, &[]);

@@ -20,6 +20,8 @@ use std::sync::Arc;
 use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor};
 
+use crate::profile::{Kernel, timed};
+
 /// Shapes of a paged KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvCacheSpec {
@@ -304,27 +306,36 @@ impl<'a> PagedAttention<'a> {
     pub fn forward(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (kc, vc) = (&self.cache.k[layer], &self.cache.v[layer]);
         let kv_dtype = self.cache.spec.dtype;
-        let k = k.to_dtype(kv_dtype)?.contiguous()?;
-        let v = v.to_dtype(kv_dtype)?.contiguous()?;
-        ops::write_kv(kc, CacheKind::Keys, &k, &self.layout, &self.meta)?;
-        ops::write_kv(vc, CacheKind::Values, &v, &self.layout, &self.meta)?;
-        // The CPU kernels compute in f32; the CUDA kernels in the cache's type.
-        let q_dtype = if q.device().is_cpu() {
-            DType::F32
+        timed(Kernel::ReshapeAndCache, || {
+            let k = k.to_dtype(kv_dtype)?.contiguous()?;
+            let v = v.to_dtype(kv_dtype)?.contiguous()?;
+            ops::write_kv(kc, CacheKind::Keys, &k, &self.layout, &self.meta)?;
+            ops::write_kv(vc, CacheKind::Values, &v, &self.layout, &self.meta)
+        })?;
+        let kernel = if self.layout.num_tokens() == self.layout.num_seqs() {
+            Kernel::DecodeAttention
         } else {
-            kv_dtype
+            Kernel::PrefillAttention
         };
-        let qc = q.to_dtype(q_dtype)?.contiguous()?;
-        let out = ops::attend(
-            &qc,
-            kc,
-            vc,
-            &self.layout,
-            &self.meta,
-            self.num_heads,
-            self.scale,
-        )?;
-        Ok(out.to_dtype(q.dtype())?)
+        timed(kernel, || {
+            // The CPU kernels compute in f32; the CUDA kernels in the cache's type.
+            let q_dtype = if q.device().is_cpu() {
+                DType::F32
+            } else {
+                kv_dtype
+            };
+            let qc = q.to_dtype(q_dtype)?.contiguous()?;
+            let out = ops::attend(
+                &qc,
+                kc,
+                vc,
+                &self.layout,
+                &self.meta,
+                self.num_heads,
+                self.scale,
+            )?;
+            Ok(out.to_dtype(q.dtype())?)
+        })
     }
 }
 

@@ -1,8 +1,9 @@
-//! The subcommands: `throughput`, `generate` and `self-check`, and the set-up they share (device, model,
+//! The subcommands: `throughput`, `shapes`, `generate` and `self-check`, and the set-up they share (device, model,
 //! KV budget, engine).
 
 pub mod generate;
 pub mod selfcheck;
+pub mod shapes;
 pub mod throughput;
 
 use anyhow::{Result, bail};

@@ -13,6 +13,7 @@ use super::scheduler::{Schedule, ScheduledSeq};
 use super::sequence::Sequence;
 use crate::attention::{BatchLayout, KvCacheSpec, PagedAttention, PagedKvCache};
 use crate::model::llama::Llama;
+use crate::profile::{Kernel, timed};
 
 /// Host-side inputs of one step.
 #[derive(Debug, Default)]
@@ -175,21 +176,27 @@ impl ModelRunner {
             .collect();
         let layout = Arc::new(inputs.layout);
         let t1 = Instant::now();
+        // Kernel timing (shapes mode) follows the pass into candle's thread pool.
+        let timing = crate::profile::current();
         let logits = dev
-            .with_context(|| -> Result<Option<Tensor>> {
-                let attn = PagedAttention::new(&self.cache, layout, self.model.dims().heads)?;
-                let hidden = self.model.forward(&ids, &positions, &attn)?;
-                if rows.dim(0)? == 0 {
-                    return Ok(None);
-                }
-                Ok(Some(self.model.logits(&hidden, &rows)?))
+            .with_context(|| {
+                crate::profile::within(timing, || -> Result<Option<Tensor>> {
+                    let attn = PagedAttention::new(&self.cache, layout, self.model.dims().heads)?;
+                    let hidden = self.model.forward(&ids, &positions, &attn)?;
+                    if rows.dim(0)? == 0 {
+                        return Ok(None);
+                    }
+                    Ok(Some(self.model.logits(&hidden, &rows)?))
+                })
             })
             .context("forward pass")?;
         dev.synchronize()?;
         let t2 = Instant::now();
         let mut out = vec![None; sched.seqs.len()];
         if let Some(logits) = logits {
-            let tokens = dev.with_context(|| sample(&logits, &self.sampling, &streams))?;
+            let tokens = timed(Kernel::Sampler, || {
+                dev.with_context(|| sample(&logits, &self.sampling, &streams))
+            })?;
             for (&entry, tok) in inputs.sample_entries.iter().zip(tokens) {
                 out[entry] = Some(tok);
             }

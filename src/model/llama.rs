@@ -9,6 +9,7 @@ use candle_nn::rotary_emb::rope_thd;
 use super::config::ModelConfig;
 use super::weights::WeightSource;
 use crate::attention::PagedAttention;
+use crate::profile::{Kernel, timed};
 
 /// `x W^T + b`, with `W` as `[out, in]`.
 #[derive(Clone, Debug)]
@@ -298,32 +299,48 @@ impl Llama {
         let d = self.dims;
         let tokens = input_ids.dim(0)?;
         let (q_size, kv_size) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
-        let cos = self.cos.index_select(positions, 0)?;
-        let sin = self.sin.index_select(positions, 0)?;
-        let mut x = self.embed.index_select(input_ids, 0)?;
+        let (cos, sin) = timed(Kernel::Rotary, || {
+            Ok((
+                self.cos.index_select(positions, 0)?,
+                self.sin.index_select(positions, 0)?,
+            ))
+        })?;
+        let mut x = timed(Kernel::Embedding, || {
+            Ok(self.embed.index_select(input_ids, 0)?)
+        })?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.attn_norm, d.eps)?;
-            let qkv = layer.qkv.forward(&h)?;
-            let q = qkv
-                .narrow(1, 0, q_size)?
-                .reshape((1, tokens, d.heads, d.head_dim))?;
-            let k = qkv
-                .narrow(1, q_size, kv_size)?
-                .reshape((1, tokens, d.kv_heads, d.head_dim))?;
-            let v = qkv
-                .narrow(1, q_size + kv_size, kv_size)?
-                .reshape((tokens, d.kv_heads, d.head_dim))?;
-            let q = rope_thd(&q, &cos, &sin)?.squeeze(0)?;
-            let k = rope_thd(&k, &cos, &sin)?.squeeze(0)?;
+            let h = timed(Kernel::RmsNorm, || {
+                Ok(rms_norm(&x, &layer.attn_norm, d.eps)?)
+            })?;
+            let qkv = timed(Kernel::GemmQkv, || layer.qkv.forward(&h))?;
+            let (q, k, v) = timed(Kernel::Rotary, || {
+                let q = qkv
+                    .narrow(1, 0, q_size)?
+                    .reshape((1, tokens, d.heads, d.head_dim))?;
+                let k = qkv
+                    .narrow(1, q_size, kv_size)?
+                    .reshape((1, tokens, d.kv_heads, d.head_dim))?;
+                let v = qkv
+                    .narrow(1, q_size + kv_size, kv_size)?
+                    .reshape((tokens, d.kv_heads, d.head_dim))?;
+                let q = rope_thd(&q, &cos, &sin)?.squeeze(0)?;
+                let k = rope_thd(&k, &cos, &sin)?.squeeze(0)?;
+                Ok((q, k, v))
+            })?;
             let a = attn
                 .forward(i, &q, &k, &v)
                 .with_context(|| format!("attention of layer {i}"))?;
-            let a = layer.o.forward(&a.reshape((tokens, q_size))?)?;
-            x = (x + a)?;
-            let h = rms_norm(&x, &layer.mlp_norm, d.eps)?;
-            let gu = layer.gate_up.forward(&h)?;
-            let act = super::ops::silu_mul(&gu)?;
-            x = (x + layer.down.forward(&act)?)?;
+            let a = timed(Kernel::GemmO, || {
+                layer.o.forward(&a.reshape((tokens, q_size))?)
+            })?;
+            x = timed(Kernel::Residual, || Ok((&x + a)?))?;
+            let h = timed(Kernel::RmsNorm, || {
+                Ok(rms_norm(&x, &layer.mlp_norm, d.eps)?)
+            })?;
+            let gu = timed(Kernel::GemmGateUp, || layer.gate_up.forward(&h))?;
+            let act = timed(Kernel::Activation, || super::ops::silu_mul(&gu))?;
+            let down = timed(Kernel::GemmDown, || layer.down.forward(&act))?;
+            x = timed(Kernel::Residual, || Ok((&x + down)?))?;
         }
         Ok(x)
     }
@@ -331,10 +348,14 @@ impl Llama {
     /// Logits `[rows, vocab]` (f32) of the hidden states at `rows` (indices into the batch):
     /// the final norm and the LM head run only where a token is sampled.
     pub fn logits(&self, hidden: &Tensor, rows: &Tensor) -> Result<Tensor> {
-        let h = hidden.index_select(rows, 0)?;
-        let h = rms_norm(&h, &self.norm, self.dims.eps)?;
-        let logits = super::ops::linear(&h, &self.lm_head)?;
-        Ok(logits.to_dtype(DType::F32)?.contiguous()?)
+        let h = timed(Kernel::RmsNorm, || {
+            let h = hidden.index_select(rows, 0)?;
+            Ok(rms_norm(&h, &self.norm, self.dims.eps)?)
+        })?;
+        timed(Kernel::GemmLmHead, || {
+            let logits = super::ops::linear(&h, &self.lm_head)?;
+            Ok(logits.to_dtype(DType::F32)?.contiguous()?)
+        })
     }
 
     /// Bytes of the weights as loaded.

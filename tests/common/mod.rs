@@ -44,6 +44,20 @@ pub fn bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_offline-bench"))
 }
 
+/// Runs the binary with `args` and extra environment; returns (exit code, stdout, stderr).
+pub fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = bin()
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run offline-bench");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// SmolLM2 (config, tokenizer, f32 weights), loaded once per test binary.
 pub fn smollm() -> &'static (ModelInfo, Llama) {
     static MODEL: OnceLock<(ModelInfo, Llama)> = OnceLock::new();

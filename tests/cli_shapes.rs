@@ -1,0 +1,96 @@
+//! The shapes mode end to end on the real SmolLM2: the table, the per-kernel breakdown, and the
+//! CSV, JSON and SVG files, on tiny shapes so the test stays quick.
+
+mod common;
+
+use serde_json::Value;
+
+#[test]
+fn shapes_sweep_writes_table_kernels_and_files() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out_dir = dir.path().join("sweep");
+    let gguf = common::smollm_gguf().display().to_string();
+    let out_str = out_dir.display().to_string();
+    let args = [
+        "shapes",
+        "--quiet",
+        "--model",
+        &gguf,
+        "--batch-sizes",
+        "1..2",
+        "--input-lens",
+        "12",
+        "--output-lens",
+        "3",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+        // Two prefill steps for batch 2 (24 prompt tokens).
+        "--max-num-batched-tokens",
+        "16",
+        "--output-dir",
+        &out_str,
+    ];
+    let (code, stdout, stderr) = common::run(&args, &[]);
+    assert_eq!(code, 0, "shapes failed: {stderr}");
+    assert!(stdout.contains("Device peaks (measured"), "{stdout}");
+    assert!(stdout.contains("Kernels of batch 2 x input 12 + output 3"));
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with(['1', '2']) && l.contains('|'))
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+
+    let json: Value = serde_json::from_slice(
+        &std::fs::read(out_dir.join("shapes.json")).expect("shapes.json written"),
+    )
+    .expect("valid JSON");
+    assert!(json["peaks"]["gemm_flops"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(json["commit"].is_string());
+    let shapes = json["shapes"].as_array().expect("shapes array");
+    assert_eq!(shapes.len(), 2);
+    let steps: Vec<u64> = shapes
+        .iter()
+        .map(|s| s["prefill_steps"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(steps, vec![1, 2]);
+    for s in shapes {
+        for key in [
+            "prompt_tokens_per_s",
+            "decode_tokens_per_s",
+            "decode_step_p50_ms",
+            "prefill_floor_s",
+            "decode_step_floor_ms",
+        ] {
+            let v = s[key].as_f64().unwrap_or(-1.0);
+            assert!(v > 0.0 && v.is_finite(), "{key} = {v}");
+        }
+        // Every projection ran in both phases; each attention only in its own phase.
+        let pk = &s["prefill_kernels"]["kernels_ms"];
+        let dk = &s["decode_step_kernels"]["kernels_ms"];
+        for k in [
+            "gemm_qkv",
+            "gemm_o",
+            "gemm_gate_up",
+            "gemm_down",
+            "gemm_lm_head",
+        ] {
+            assert!(pk[k].as_f64().unwrap_or(0.0) > 0.0, "prefill {k}");
+            assert!(dk[k].as_f64().unwrap_or(0.0) > 0.0, "decode {k}");
+        }
+        assert!(pk["prefill_attention"].as_f64().unwrap_or(0.0) > 0.0);
+        assert_eq!(pk["decode_attention"].as_f64(), Some(0.0));
+        assert!(dk["decode_attention"].as_f64().unwrap_or(0.0) > 0.0);
+        assert_eq!(dk["prefill_attention"].as_f64(), Some(0.0));
+    }
+
+    let csv = std::fs::read_to_string(out_dir.join("shapes.csv")).expect("shapes.csv");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines[1].starts_with("1,12,3,1,") && lines[2].starts_with("2,12,3,2,"));
+    for svg in ["throughput.svg", "kernels.svg"] {
+        let text = std::fs::read_to_string(out_dir.join(svg)).expect("plot written");
+        assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
+    }
+}
