@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the GPU host from the packed .gpu/ folder (see gpu/pack.sh): finds the CUDA libraries,
 # records the device, runs the self-check (kernels and engine against the CPU) and only if it
-# passes the timed runs, writing logs and JSON under $OUT (default ./gpu-results), and ends with
-# a table. Never changes the GPU's clocks or settings.
+# passes the timed runs (chat and ShareGPT workloads, then a shapes sweep), writing logs and
+# JSON under $OUT (default ./gpu-results), and ends with a table. Never changes the GPU's clocks
+# or settings.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/gpu-results}
@@ -37,6 +38,12 @@ for ds in chat sharegpt; do
     --workload "$here/$ds-llama3-1000.json" --output-json "$out/$ds.json" \
     2>&1 | tee "$out/$ds.txt" || status=1
 done
+
+# The shapes sweep of llama-3-8b (issue 4's GPU figure): prefill and decode per shape, each
+# kernel timed with CUDA events, against the device's measured GEMM and copy peaks.
+"$bin" shapes --device cuda --model llama-3-8b --load-format dummy \
+  --batch-sizes 1,8,32,128 --input-lens 128,512,2048 --output-lens 128 \
+  --output-dir "$out/shapes" 2>&1 | tee "$out/shapes.txt" || status=1
 
 printf '\n%-10s %12s %16s %16s %10s\n' workload "gens/s" "gen tok/s" "prompt tok/s" "time s"
 for ds in chat sharegpt; do

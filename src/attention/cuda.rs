@@ -40,12 +40,19 @@ impl DevicePlan {
         heads: usize,
         kv_heads: usize,
         device: &Device,
+        decode_kernel: plan::DecodeKernel,
     ) -> anyhow::Result<Arc<Self>> {
         let Device::Cuda(dev) = device else {
             anyhow::bail!("a device plan needs a CUDA device");
         };
         let sm_count = crate::gpu::multiprocessors(dev)?;
-        let plan = plan::plan(layout, heads / kv_heads.max(1), kv_heads, sm_count);
+        let plan = plan::plan_with(
+            layout,
+            heads / kv_heads.max(1),
+            kv_heads,
+            sm_count,
+            decode_kernel,
+        );
         let up = |v: &[u32]| Tensor::from_slice(v, v.len(), device);
         let flat_tiles: Vec<u32> = plan.tiles.iter().flatten().copied().collect();
         Ok(Arc::new(Self {

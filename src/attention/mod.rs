@@ -274,6 +274,17 @@ impl<'a> PagedAttention<'a> {
         layout: Arc<BatchLayout>,
         num_heads: usize,
     ) -> Result<Self> {
+        Self::with_decode_kernel(cache, layout, num_heads, plan::DecodeKernel::Auto)
+    }
+
+    /// [`PagedAttention::new`] with the CUDA decode kernel forced (the CPU has one kernel and
+    /// ignores it), so benchmarks and checks can compare the two.
+    pub fn with_decode_kernel(
+        cache: &'a PagedKvCache,
+        layout: Arc<BatchLayout>,
+        num_heads: usize,
+        #[allow(unused_variables)] decode_kernel: plan::DecodeKernel,
+    ) -> Result<Self> {
         let scale = 1.0 / (cache.spec.head_dim as f32).sqrt();
         #[allow(unused_mut)]
         let mut meta = StepMeta::default();
@@ -284,6 +295,7 @@ impl<'a> PagedAttention<'a> {
                 num_heads,
                 cache.spec.num_kv_heads,
                 cache.device(),
+                decode_kernel,
             )?);
         }
         Ok(Self {

@@ -29,9 +29,32 @@ pub struct LaunchPlan {
     pub max_rows: usize,
 }
 
+/// Which kernel runs the decode tokens of a step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// Chosen by shape (see the module comment).
+    #[default]
+    Auto,
+    /// One tile per token ("v1").
+    Tiles,
+    /// Split-K over partitions of the context, then a merge ("v2").
+    Split,
+}
+
 /// Plans a step: `group` query heads per KV head, `kv_heads` KV heads, on a GPU with
 /// `sm_count` multiprocessors.
 pub fn plan(layout: &BatchLayout, group: usize, kv_heads: usize, sm_count: usize) -> LaunchPlan {
+    plan_with(layout, group, kv_heads, sm_count, DecodeKernel::Auto)
+}
+
+/// [`plan`], with the decode kernel forced (benchmarks and checks compare the two).
+pub fn plan_with(
+    layout: &BatchLayout,
+    group: usize,
+    kv_heads: usize,
+    sm_count: usize,
+    decode_kernel: DecodeKernel,
+) -> LaunchPlan {
     let group = group.max(1);
     let tile_q = (TILE_ROWS / group).max(1);
     let mut tiles = Vec::new();
@@ -52,7 +75,12 @@ pub fn plan(layout: &BatchLayout, group: usize, kv_heads: usize, sm_count: usize
     let longest = decode.iter().map(|d| d.2).max().unwrap_or(0);
     let too_few = decode.len() * kv_heads < 2 * sm_count;
     let mut plan = LaunchPlan::default();
-    if !decode.is_empty() && too_few && longest > 2 * SPLIT_PART {
+    let split = match decode_kernel {
+        DecodeKernel::Auto => too_few && longest > 2 * SPLIT_PART,
+        DecodeKernel::Tiles => false,
+        DecodeKernel::Split => true,
+    };
+    if !decode.is_empty() && split {
         plan.split_tokens = decode.iter().map(|d| d.1).collect();
         plan.parts = longest.div_ceil(SPLIT_PART);
     } else {
@@ -133,6 +161,11 @@ mod tests {
         let p = plan(&layout(&many), 4, 8, 132);
         assert!(p.split_tokens.is_empty() && p.tiles.len() == 64);
         assert_eq!(p.max_rows, 4);
+        let forced = plan_with(&layout(&many), 4, 8, 132, DecodeKernel::Split);
+        assert_eq!(forced.split_tokens.len(), many.len());
+        assert_eq!(forced.parts, 10);
+        let tiles = plan_with(&layout(&[(1, 5000)]), 4, 8, 132, DecodeKernel::Tiles);
+        assert!(tiles.split_tokens.is_empty() && tiles.tiles == vec![[0, 0, 1]]);
         let short = plan(&layout(&[(1, 900)]), 4, 8, 132);
         assert!(short.split_tokens.is_empty() && short.tiles == vec![[0, 0, 1]]);
     }

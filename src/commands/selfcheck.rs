@@ -9,6 +9,7 @@ use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor};
 
 use super::dtype_name;
+use crate::attention::plan::DecodeKernel;
 use crate::attention::{BatchLayout, KvCacheSpec, PagedAttention, PagedKvCache, SeqShape};
 use crate::cli::SelfCheckArgs;
 use crate::engine::sampler::SamplingParams;
@@ -73,7 +74,7 @@ fn check_attention(
     dtype: DType,
     block_size: usize,
     (heads, kv_heads, d): (usize, usize, usize),
-    (label, seqs): (&str, &[SeqShape]),
+    (label, seqs, decode_kernel): (&str, &[SeqShape], DecodeKernel),
     out: &mut Vec<Check>,
 ) -> Result<()> {
     let num_blocks = seqs
@@ -126,7 +127,7 @@ fn check_attention(
         let tensor = |v: &[f32], n: usize, h: usize| -> Result<Tensor> {
             Ok(Tensor::from_slice(v, (n, h, d), dev)?.to_dtype(dtype)?)
         };
-        let attn = PagedAttention::new(cache, full.clone(), heads)?;
+        let attn = PagedAttention::with_decode_kernel(cache, full.clone(), heads, decode_kernel)?;
         let o1 = attn.forward(
             0,
             &tensor(&q_full, history, heads)?,
@@ -134,7 +135,7 @@ fn check_attention(
             &tensor(&v, history, kv_heads)?,
         )?;
         let n = rows.len();
-        let attn = PagedAttention::new(cache, step.clone(), heads)?;
+        let attn = PagedAttention::with_decode_kernel(cache, step.clone(), heads, decode_kernel)?;
         let o2 = attn.forward(
             0,
             &tensor(&q_step, n, heads)?,
@@ -315,9 +316,21 @@ pub fn run(args: &SelfCheckArgs) -> Result<()> {
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for block_size in [16, 32] {
             for geometry in GEOMETRIES {
+                // Both decode kernels on both kinds of batch: split-K also on short contexts
+                // (one partition), tiles also on long ones.
                 for case in [
-                    ("mixed batch", &mixed[..]),
-                    ("split-K decode", &long_decodes[..]),
+                    ("mixed batch", &mixed[..], DecodeKernel::Auto),
+                    ("mixed, split-K forced", &mixed[..], DecodeKernel::Split),
+                    (
+                        "long decodes (split-K)",
+                        &long_decodes[..],
+                        DecodeKernel::Split,
+                    ),
+                    (
+                        "long decodes, tiles forced",
+                        &long_decodes[..],
+                        DecodeKernel::Tiles,
+                    ),
                 ] {
                     check_attention(&gpu, dtype, block_size, geometry, case, &mut checks)?;
                 }
@@ -387,7 +400,7 @@ mod tests {
             DType::F32,
             16,
             (4, 2, 32),
-            ("small", &seqs),
+            ("small", &seqs, DecodeKernel::Auto),
             &mut checks,
         )
         .unwrap();
