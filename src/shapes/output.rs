@@ -52,6 +52,8 @@ pub struct ShapeReport {
     pub decode_tokens_per_s: f64,
     pub decode_step_cost: Cost,
     pub decode_step_floor_ms: f64,
+    /// Whether the decode floor comes from the bandwidth (`memory`) or the GEMM peak.
+    pub decode_step_bound: &'static str,
     /// Achieved bytes/s of a median decode step as a share of the measured copy bandwidth.
     pub decode_bandwidth_util: f64,
     /// All tokens (prompt and generated) over prefill plus decode.
@@ -102,6 +104,7 @@ impl ShapeReport {
             decode_tokens_per_s: rate(generated, decode),
             decode_step_cost: step_cost,
             decode_step_floor_ms: step_cost.floor(peaks) * 1e3,
+            decode_step_bound: step_cost.bound(peaks),
             decode_bandwidth_util: rate(step_cost.bytes, p50) / peaks.copy_bytes,
             total_tokens_per_s: rate(
                 (s.batch * (s.input_len + s.output_len)) as f64,
@@ -143,7 +146,7 @@ pub fn table(reports: &[ShapeReport], peaks: &Peaks) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>5} {:>6} {:>6} | {:>9} {:>10} {:>9} {:>6} | {:>8} {:>8} {:>9} {:>9} {:>7} {:>5} | {:>9}",
+        "{:>5} {:>6} {:>6} | {:>9} {:>10} {:>9} {:>6} | {:>8} {:>8} {:>9} {:>13} {:>7} {:>5} | {:>9}",
         "B",
         "input",
         "output",
@@ -162,7 +165,7 @@ pub fn table(reports: &[ShapeReport], peaks: &Peaks) -> String {
     for r in reports {
         let _ = writeln!(
             out,
-            "{:>5} {:>6} {:>6} | {:>9.3} {:>10.1} {:>9.2} {:>5.1}% | {:>8.2} {:>8.2} {:>9.1} {:>9.2} {:>7.1} {:>4.0}% | {:>9.1}",
+            "{:>5} {:>6} {:>6} | {:>9.3} {:>10.1} {:>9.2} {:>5.1}% | {:>8.2} {:>8.2} {:>9.1} {:>9.2} {:<3} {:>7.1} {:>4.0}% | {:>9.1}",
             r.shape.batch,
             r.shape.input_len,
             r.shape.output_len,
@@ -174,6 +177,7 @@ pub fn table(reports: &[ShapeReport], peaks: &Peaks) -> String {
             r.decode_step_p90_ms,
             r.decode_tokens_per_s,
             r.decode_step_floor_ms,
+            &r.decode_step_bound[..3],
             r.decode_bandwidth_util * peaks.copy_bytes / 1e9,
             100.0 * r.decode_bandwidth_util,
             r.total_tokens_per_s,
@@ -234,6 +238,7 @@ pub fn csv(reports: &[ShapeReport]) -> String {
         "decode_tokens_per_s",
         "decode_step_bytes",
         "decode_step_floor_ms",
+        "decode_step_bound",
         "decode_bandwidth_util",
         "total_tokens_per_s",
         "decode_host_share",
@@ -264,6 +269,7 @@ pub fn csv(reports: &[ShapeReport]) -> String {
             format!("{:.2}", r.decode_tokens_per_s),
             format!("{:.4e}", r.decode_step_cost.bytes),
             format!("{:.4}", r.decode_step_floor_ms),
+            r.decode_step_bound.to_string(),
             format!("{:.4}", r.decode_bandwidth_util),
             format!("{:.2}", r.total_tokens_per_s),
             format!("{:.4}", r.decode_host_share),

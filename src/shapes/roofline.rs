@@ -89,6 +89,15 @@ impl Cost {
     pub fn floor(&self, peaks: &Peaks) -> f64 {
         (self.flops / peaks.gemm_flops).max(self.bytes / peaks.copy_bytes)
     }
+
+    /// Which peak sets the floor: `memory` or `compute`.
+    pub fn bound(&self, peaks: &Peaks) -> &'static str {
+        if self.flops / peaks.gemm_flops >= self.bytes / peaks.copy_bytes {
+            "compute"
+        } else {
+            "memory"
+        }
+    }
 }
 
 /// What a model must move per token and per step.
@@ -207,11 +216,13 @@ mod tests {
             bytes: 50.0,
         };
         assert_eq!(c.floor(&peaks), 5.0);
+        assert_eq!(c.bound(&peaks), "memory");
         let c = Cost {
             flops: 1000.0,
             bytes: 50.0,
         };
         assert_eq!(c.floor(&peaks), 10.0);
+        assert_eq!(c.bound(&peaks), "compute");
     }
 
     #[test]
