@@ -28,6 +28,9 @@ pub fn run(args: &ShapesArgs) -> Result<()> {
         setup.max_model_len,
         args.engine.max_num_batched_tokens,
     )?;
+    // Peaks first, on an empty device: the KV cache takes most of a GPU's memory afterwards.
+    progress.info("measuring the device's peaks");
+    let peaks = calibrate(&setup.device, setup.dtype).context("calibrating the device")?;
     let engine = setup.engine(&args.engine, &progress)?;
     let runner = engine.runner();
     let room = CacheRoom {
@@ -43,8 +46,6 @@ pub fn run(args: &ShapesArgs) -> Result<()> {
         room.check(s, knob)?;
     }
 
-    progress.info("measuring the device's peaks");
-    let peaks = calibrate(&setup.device, setup.dtype).context("calibrating the device")?;
     let model = runner.model();
     let costs = ModelCosts::new(
         &model.dims(),
