@@ -13,7 +13,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use offline_bench::attention::{BatchLayout, KvCacheSpec, PagedAttention, PagedKvCache, SeqShape};
 
 const HEADS: usize = 9;
@@ -77,6 +78,28 @@ fn dense(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
     p.broadcast_matmul(v).expect("pv")
 }
 
+/// Our kernel over `seqs` (`tokens` queries in all) with blocks of 8, 16 and 32 tokens, and with
+/// one block per sequence.
+fn bench_block_sizes(g: &mut BenchmarkGroup<'_, WallTime>, seqs: &[SeqShape], tokens: usize) {
+    let (q, k, v) = (
+        randn(&[tokens, HEADS, HEAD_DIM]),
+        randn(&[tokens, KV_HEADS, HEAD_DIM]),
+        randn(&[tokens, KV_HEADS, HEAD_DIM]),
+    );
+    for (name, bs) in [
+        ("paged/bs8", 8),
+        ("paged/bs16", 16),
+        ("paged/bs32", 32),
+        ("contiguous", CTX),
+    ] {
+        let (cache, layout) = paged(seqs, bs);
+        let attn = PagedAttention::new(&cache, layout, HEADS).expect("attention");
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(attn.forward(0, &q, &k, &v).expect("forward")))
+        });
+    }
+}
+
 fn decode(c: &mut Criterion) {
     let batch = 32;
     let seqs = vec![
@@ -86,24 +109,8 @@ fn decode(c: &mut Criterion) {
         };
         batch
     ];
-    let (q, k, v) = (
-        randn(&[batch, HEADS, HEAD_DIM]),
-        randn(&[batch, KV_HEADS, HEAD_DIM]),
-        randn(&[batch, KV_HEADS, HEAD_DIM]),
-    );
     let mut g = c.benchmark_group(format!("decode_attention_b{batch}_ctx{CTX}"));
-    for (name, bs) in [
-        ("paged/bs8", 8),
-        ("paged/bs16", 16),
-        ("paged/bs32", 32),
-        ("contiguous", CTX),
-    ] {
-        let (cache, layout) = paged(&seqs, bs);
-        let attn = PagedAttention::new(&cache, layout, HEADS).expect("attention");
-        g.bench_function(name, |b| {
-            b.iter(|| black_box(attn.forward(0, &q, &k, &v).expect("forward")))
-        });
-    }
+    bench_block_sizes(&mut g, &seqs, batch);
     // Dense: per sequence and KV head, the group's 3 queries against 512 keys.
     let dq = randn(&[batch, KV_HEADS, HEADS / KV_HEADS, HEAD_DIM]);
     let (dk, dv) = (
@@ -119,25 +126,9 @@ fn decode(c: &mut Criterion) {
 fn prefill(c: &mut Criterion) {
     let t = CTX;
     let seqs = [SeqShape { ctx: t, queries: t }];
-    let (q, k, v) = (
-        randn(&[t, HEADS, HEAD_DIM]),
-        randn(&[t, KV_HEADS, HEAD_DIM]),
-        randn(&[t, KV_HEADS, HEAD_DIM]),
-    );
     let mut g = c.benchmark_group(format!("prefill_attention_{t}"));
     g.sample_size(20);
-    for (name, bs) in [
-        ("paged/bs8", 8),
-        ("paged/bs16", 16),
-        ("paged/bs32", 32),
-        ("contiguous", t),
-    ] {
-        let (cache, layout) = paged(&seqs, bs);
-        let attn = PagedAttention::new(&cache, layout, HEADS).expect("attention");
-        g.bench_function(name, |b| {
-            b.iter(|| black_box(attn.forward(0, &q, &k, &v).expect("forward")))
-        });
-    }
+    bench_block_sizes(&mut g, &seqs, t);
     let group = HEADS / KV_HEADS;
     let dq = randn(&[KV_HEADS, group, t, HEAD_DIM]);
     let (dk, dv) = (
