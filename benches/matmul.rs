@@ -1,6 +1,6 @@
 //! The quantized CPU matmul (candle's Q4_1 kernels, what the GGUF holds) against the
 //! dequantized f32 one the engine runs (`model::ops::linear`), on SmolLM2's fused gate/up
-//! projection (3072 x 576) for a decode step (1 and 32 rows) and a prefill chunk (512 rows).
+//! projection (3072 x 576) for decode steps (1 to 32 rows) and a prefill chunk (512 rows).
 //! `cargo bench --bench matmul`.
 
 use std::hint::black_box;
@@ -15,7 +15,7 @@ fn matmul(c: &mut Criterion) {
     let q = QTensor::quantize(&w, GgmlDType::Q4_1).expect("quantize");
     let qm = QMatMul::from_qtensor(q).expect("qmatmul");
     let mut g = c.benchmark_group("gate_up_3072x576");
-    for rows in [1usize, 32, 512] {
+    for rows in [1usize, 8, 16, 32, 512] {
         let x = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu).expect("input");
         g.throughput(Throughput::Elements((2 * rows * n * k) as u64));
         g.bench_with_input(BenchmarkId::new("q4_1", rows), &x, |b, x| {

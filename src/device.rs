@@ -115,6 +115,15 @@ pub fn parse_kv_dtype(text: &str, model: DType, device: DeviceSpec) -> Result<DT
     }
 }
 
+/// Whether this CPU has AVX2 and FMA (checked once): the hand-written CPU kernels use them,
+/// and fall back to plain loops elsewhere.
+#[cfg(target_arch = "x86_64")]
+pub fn cpu_has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,3 +50,155 @@ pub fn gemm_f32(
         )
     }
 }
+
+/// `out[r * n + j] = x[r] . w[j]` for `x` `[m, k]` and `w` `[n, k]` (both row-major), the
+/// product of a few rows with a weight matrix as linear layers store it. For the small row
+/// counts of decode steps: each weight row is read from memory once and used for every `x` row
+/// from the L1 cache, with no packing of `w` (which the general GEMM does on every call and
+/// which costs as much as the product itself when `m` is small).
+pub fn rows_by_weights((m, n, k): (usize, usize, usize), x: &[f32], w: &[f32], out: &mut [f32]) {
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
+        "rows_by_weights: sizes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if crate::device::cpu_has_avx2_fma() {
+        // SAFETY: AVX2 and FMA are available (checked); the assert above bounds every access.
+        unsafe { x86::rows_by_weights(m, k, n, x, w, out) };
+        return;
+    }
+    for r in 0..m {
+        for j in 0..n {
+            out[r * n + j] = dot(&x[r * k..][..k], &w[j * k..][..k]);
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX2 and FMA must be available; `x` holds `m * k` values, `w` `n * k`, `out` `m * n`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_by_weights(
+        m: usize,
+        k: usize,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract bounds every tile's accesses.
+        unsafe {
+            let mut j = 0;
+            while j < n {
+                let nr = (n - j).min(4);
+                let mut r = 0;
+                while r < m {
+                    let mr = (m - r).min(2);
+                    match (mr, nr) {
+                        (2, 4) => tile::<2, 4>(k, n, x, w, out, r, j),
+                        (1, 4) => tile::<1, 4>(k, n, x, w, out, r, j),
+                        (2, _) => {
+                            for c in 0..nr {
+                                tile::<2, 1>(k, n, x, w, out, r, j + c)
+                            }
+                        }
+                        _ => {
+                            for c in 0..nr {
+                                tile::<1, 1>(k, n, x, w, out, r, j + c)
+                            }
+                        }
+                    }
+                    r += mr;
+                }
+                j += nr;
+            }
+        }
+    }
+
+    /// `MR` rows of `x` (from `r`) against `NR` rows of `w` (from `j`): `MR x NR` dot products,
+    /// eight lanes at a time, in registers.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile<const MR: usize, const NR: usize>(
+        k: usize,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        out: &mut [f32],
+        r: usize,
+        j: usize,
+    ) {
+        // SAFETY: rows r..r+MR of x and j..j+NR of w exist (caller), each k long.
+        unsafe {
+            let xp = x.as_ptr().add(r * k);
+            let wp = w.as_ptr().add(j * k);
+            let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+            let mut kk = 0;
+            while kk + 8 <= k {
+                let mut wv = [_mm256_setzero_ps(); NR];
+                for (c, v) in wv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(wp.add(c * k + kk));
+                }
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(xp.add(i * k + kk));
+                    for (a, v) in row.iter_mut().zip(&wv) {
+                        *a = _mm256_fmadd_ps(xv, *v, *a);
+                    }
+                }
+                kk += 8;
+            }
+            for (i, row) in acc.iter().enumerate() {
+                for (c, a) in row.iter().enumerate() {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+                    let mut s: f32 = lanes.iter().sum();
+                    for t in kk..k {
+                        s += *xp.add(i * k + t) * *wp.add(c * k + t);
+                    }
+                    *out.get_unchecked_mut((r + i) * n + j + c) = s;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::Rng64;
+
+    #[test]
+    fn rows_by_weights_matches_plain_dots() {
+        let mut rng = Rng64::new(3);
+        for (m, k, n) in [
+            (1, 64, 9),
+            (2, 576, 4),
+            (3, 13, 7),
+            (8, 576, 33),
+            (5, 1, 2),
+            (7, 40, 1),
+        ] {
+            let x = rng.uniform_f32(m * k, 1.0);
+            let w = rng.uniform_f32(n * k, 1.0);
+            let mut got = vec![f32::NAN; m * n];
+            rows_by_weights((m, n, k), &x, &w, &mut got);
+            for r in 0..m {
+                for j in 0..n {
+                    let want = dot(&x[r * k..][..k], &w[j * k..][..k]);
+                    let g = got[r * n + j];
+                    assert!(
+                        (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{m}x{k}x{n} [{r},{j}]: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

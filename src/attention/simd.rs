@@ -40,11 +40,7 @@ pub fn weighted_rows(p: &[f32], v: &[f32], acc: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
+use crate::device::cpu_has_avx2_fma as avx2_fma;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {

@@ -7,7 +7,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::fastmath;
-use crate::gemm::gemm_f32;
+use crate::gemm::rows_by_weights;
 
 /// `silu(x[:, :n]) * x[:, n:]` for `x` of shape `[rows, 2n]`: the gated MLP activation over the
 /// fused gate/up projection, in one pass (candle would make three: silu, narrow-copy, mul).
@@ -120,7 +120,10 @@ where
 /// candle's matmul runs a one-row product on one thread, bound by one core's memory bandwidth
 /// (measured on 2 cores: 1 x 576 x 3072 at 16 GFLOP/s, 31 when split; 1 x 1536 x 576 at 18,
 /// 59 split; from 2 to 32 rows the split is as fast or up to 1.4x faster), which small decode
-/// batches would pay on every projection.
+/// batches would pay on every projection. Each thread's share is dot products against the weight
+/// rows (`gemm::rows_by_weights`), which, unlike a general GEMM, does not repack the weights on
+/// every call: gate/up of SmolLM2 at 8 rows 462 -> 308 us, decode steps of 8 sequences 65 ->
+/// 43 ms.
 pub const SPLIT_MAX_ROWS: usize = 32;
 
 /// `x W^T` for `x` `[rows, in]` and `W` `[out, in]`.
@@ -173,7 +176,7 @@ impl CustomOp2 for SplitMatmul {
             .map(|a| {
                 let len = chunk.min(n - a);
                 let mut part = vec![0f32; m * len];
-                gemm_f32((m, len, k), &mut part, len, (x, k, 1), (&w[a * k..], 1, k));
+                rows_by_weights((m, len, k), x, &w[a * k..], &mut part);
                 (a, part)
             })
             .collect();
