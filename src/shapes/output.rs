@@ -52,7 +52,8 @@ pub struct ShapeReport {
     pub decode_tokens_per_s: f64,
     pub decode_step_cost: Cost,
     pub decode_step_floor_ms: f64,
-    /// Whether the decode floor comes from the bandwidth (`memory`) or the GEMM peak.
+    /// Whether the decode floor comes from the bandwidth (`memory`) or the GEMM peak
+    /// (`compute`); `none` without decode steps.
     pub decode_step_bound: &'static str,
     /// Achieved bytes/s of a median decode step as a share of the measured copy bandwidth.
     pub decode_bandwidth_util: f64,
@@ -76,7 +77,12 @@ impl ShapeReport {
         let decode = median(&run.decode);
         let (p50, p90) = median_p90(&run.decode_step);
         let prefill_cost = costs.prefill(&s, run.prefill_steps);
-        let step_cost = costs.decode_step(&s);
+        // With one output token there is no decode step to cost.
+        let step_cost = if s.decode_steps() > 0 {
+            costs.decode_step(&s)
+        } else {
+            Cost::default()
+        };
         let generated = (s.batch * s.decode_steps()) as f64;
         let rate = |n: f64, t: f64| if t > 0.0 { n / t } else { 0.0 };
         let (pk, dk) = match &run.kernels {
@@ -104,7 +110,11 @@ impl ShapeReport {
             decode_tokens_per_s: rate(generated, decode),
             decode_step_cost: step_cost,
             decode_step_floor_ms: step_cost.floor(peaks) * 1e3,
-            decode_step_bound: step_cost.bound(peaks),
+            decode_step_bound: if s.decode_steps() > 0 {
+                step_cost.bound(peaks)
+            } else {
+                "none"
+            },
             decode_bandwidth_util: rate(step_cost.bytes, p50) / peaks.copy_bytes,
             total_tokens_per_s: rate(
                 (s.batch * (s.input_len + s.output_len)) as f64,
