@@ -25,25 +25,27 @@ fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// `base` then `extra`, as owned arguments.
+fn argv(base: &[&str], extra: &[&str]) -> Vec<String> {
+    base.iter().chain(extra).map(|s| s.to_string()).collect()
+}
+
 /// A throughput invocation on the real model with the given dataset path.
 fn with_dataset(dataset: &str, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
+    let model = path_str(&common::smollm_gguf());
+    let base = [
         "throughput",
         "--quiet",
         "--model",
-        &path_str(&common::smollm_gguf()),
+        &model,
         "--dataset-path",
         dataset,
         "--num-prompts",
         "2",
         "--output-len",
         "2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
+    ];
+    argv(&base, extra)
 }
 
 fn strs(v: &[String]) -> Vec<&str> {
@@ -274,13 +276,11 @@ fn bad_flag_values() {
 #[test]
 fn bad_shapes_name_the_shape() {
     let gguf = path_str(&common::smollm_gguf());
-    let shapes = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["shapes", "--quiet", "--model", &gguf, "--iters", "1"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
+    let shapes = |extra: &[&str]| {
+        argv(
+            &["shapes", "--quiet", "--model", &gguf, "--iters", "1"],
+            extra,
+        )
     };
     assert_one_line_error(
         &strs(&shapes(&["--batch-sizes", "1,0"])),
