@@ -20,6 +20,19 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 const MODULE: &str = "offline_bench_attention";
 const THREADS: u32 = 256;
 
+/// Lets `func` use `smem` bytes of dynamic shared memory (more than the default 48 KiB needs
+/// the attribute set).
+fn allow_smem(
+    func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+    smem: u32,
+) -> candle_core::Result<()> {
+    func.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .w()
+}
+
 /// A step's metadata on the device, shared by every layer.
 pub struct DevicePlan {
     pub plan: LaunchPlan,
@@ -210,13 +223,9 @@ fn attend_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     let (max_blocks, kv, dd, bsz) = (plan.max_blocks as i32, kv_heads as i32, d as i32, bs as i32);
     if let Some(tiles) = &plan.tiles {
         u32_slice!(tiles, tiles);
-        let func = dev.get_or_load_custom_func(&format!("attention_tiles_{sfx}"), MODULE, PTX)?;
         let smem = plan::shared_bytes(p.max_rows, d, bs) as u32;
-        func.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .w()?;
+        let func = dev.get_or_load_custom_func(&format!("attention_tiles_{sfx}"), MODULE, PTX)?;
+        allow_smem(&func, smem)?;
         let mut args = func.builder();
         args.arg(&q);
         args.arg(&kc);
@@ -253,13 +262,9 @@ fn attend_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         let part_l: CudaSlice<f32> = dev.alloc_zeros(rows)?;
         u32_slice!(split, split);
         u32_slice!(token_seq, plan.token_seq);
-        let func = dev.get_or_load_custom_func(&format!("attention_split_{sfx}"), MODULE, PTX)?;
         let smem = plan::shared_bytes(group, d, bs) as u32;
-        func.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .w()?;
+        let func = dev.get_or_load_custom_func(&format!("attention_split_{sfx}"), MODULE, PTX)?;
+        allow_smem(&func, smem)?;
         let mut args = func.builder();
         args.arg(&q);
         args.arg(&kc);
