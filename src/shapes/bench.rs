@@ -204,7 +204,6 @@ fn iteration(
                 shape.output_len
             );
         }
-        pool.free(&s.blocks);
     }
     if profiled {
         let n = it.decode_steps.len().max(1) as f64;
