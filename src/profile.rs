@@ -19,7 +19,8 @@ use candle_core::Device;
 pub enum Kernel {
     /// Token embedding lookup.
     Embedding,
-    /// Every RMSNorm (two per layer, the final one before the LM head).
+    /// Every RMSNorm (two per layer, the final one before the LM head), with the residual add
+    /// before it (fused into one kernel on CUDA, `model::norm::residual_rms_norm`).
     RmsNorm,
     /// Splitting the fused QKV output into heads and rotating q and k.
     Rotary,
@@ -30,7 +31,7 @@ pub enum Kernel {
     GemmLmHead,
     /// SiLU(gate) * up.
     Activation,
-    /// The two residual adds of each layer.
+    /// The residual add that no norm follows: the last layer's second.
     Residual,
     /// Writing the step's K/V into their paged slots (with any dtype conversion).
     ReshapeAndCache,

@@ -190,6 +190,38 @@ fn check_silu_mul(gpu: &Device, dtype: DType, out: &mut Vec<Check>) -> Result<()
     Ok(())
 }
 
+fn check_add_rms_norm(gpu: &Device, dtype: DType, out: &mut Vec<Check>) -> Result<()> {
+    let (rows, n) = (37, 4096);
+    let mut rng = Rng64::new(5);
+    let mut input = |shape: &[usize], scale: f32, offset: f32| -> Result<Tensor> {
+        let len = shape.iter().product();
+        let v: Vec<f32> = rng
+            .uniform_f32(len, scale)
+            .iter()
+            .map(|x| x + offset)
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?)
+    };
+    let (x, delta, w) = (
+        input(&[rows, n], 4.0, 0.0)?,
+        input(&[rows, n], 1.0, 0.0)?,
+        input(&[n], 0.2, 1.0)?,
+    );
+    let (cpu_sum, cpu_norm) = crate::model::norm::add_rms_norm(&x, &delta, &w, 1e-5)?;
+    let on_gpu = |t: &Tensor| t.to_device(gpu);
+    let (gpu_sum, gpu_norm) =
+        crate::model::norm::add_rms_norm(&on_gpu(&x)?, &on_gpu(&delta)?, &on_gpu(&w)?, 1e-5)?;
+    for (what, got, want) in [("sum", &gpu_sum, &cpu_sum), ("norm", &gpu_norm, &cpu_norm)] {
+        out.push(Check {
+            name: "add_rms_norm".into(),
+            detail: format!("{rows} x {n}, {}, {what}", dtype_name(dtype)),
+            error: max_rel_error(&host(got)?, &host(want)?, false),
+            tolerance: tolerance(dtype),
+        });
+    }
+    Ok(())
+}
+
 /// SmolLM2's shapes with seeded random weights, on `device` in `dtype`.
 fn seeded_model(device: &Device, dtype: DType) -> Result<Llama> {
     let cfg = ModelConfig::preset("smollm2-135m")
@@ -337,6 +369,7 @@ pub fn run(args: &SelfCheckArgs) -> Result<()> {
             }
         }
         check_silu_mul(&gpu, dtype, &mut checks)?;
+        check_add_rms_norm(&gpu, dtype, &mut checks)?;
     }
     if !args.kernels_only {
         check_engine(&gpu, &mut checks)?;
@@ -405,7 +438,8 @@ mod tests {
         )
         .unwrap();
         check_silu_mul(&Device::Cpu, DType::BF16, &mut checks).unwrap();
-        assert_eq!(checks.len(), 4);
+        check_add_rms_norm(&Device::Cpu, DType::F16, &mut checks).unwrap();
+        assert_eq!(checks.len(), 6);
         assert!(checks.iter().all(Check::passed));
     }
 }

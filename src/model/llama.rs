@@ -7,6 +7,7 @@ use candle_nn::ops::rms_norm;
 use candle_nn::rotary_emb::rope_thd;
 
 use super::config::ModelConfig;
+use super::norm::residual_rms_norm;
 use super::weights::WeightSource;
 use crate::attention::PagedAttention;
 use crate::profile::{Kernel, timed};
@@ -308,10 +309,15 @@ impl Llama {
         let mut x = timed(Kernel::Embedding, || {
             Ok(self.embed.index_select(input_ids, 0)?)
         })?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let h = timed(Kernel::RmsNorm, || {
+        // Each residual add goes with the norm that follows it (fused on CUDA, `residual_rms_norm`), except
+        // after the last layer, whose norm runs only on the rows that are sampled (`logits`).
+        let mut h = match self.layers.first() {
+            Some(layer) => timed(Kernel::RmsNorm, || {
                 Ok(rms_norm(&x, &layer.attn_norm, d.eps)?)
-            })?;
+            })?,
+            None => x.clone(),
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
             let qkv = timed(Kernel::GemmQkv, || layer.qkv.forward(&h))?;
             let (q, k, v) = timed(Kernel::Rotary, || {
                 let q = qkv
@@ -333,14 +339,20 @@ impl Llama {
             let a = timed(Kernel::GemmO, || {
                 layer.o.forward(&a.reshape((tokens, q_size))?)
             })?;
-            x = timed(Kernel::Residual, || Ok((&x + a)?))?;
-            let h = timed(Kernel::RmsNorm, || {
-                Ok(rms_norm(&x, &layer.mlp_norm, d.eps)?)
+            (x, h) = timed(Kernel::RmsNorm, || {
+                residual_rms_norm(&x, &a, &layer.mlp_norm, d.eps)
             })?;
             let gu = timed(Kernel::GemmGateUp, || layer.gate_up.forward(&h))?;
             let act = timed(Kernel::Activation, || super::ops::silu_mul(&gu))?;
             let down = timed(Kernel::GemmDown, || layer.down.forward(&act))?;
-            x = timed(Kernel::Residual, || Ok((&x + down)?))?;
+            match self.layers.get(i + 1) {
+                Some(next) => {
+                    (x, h) = timed(Kernel::RmsNorm, || {
+                        residual_rms_norm(&x, &down, &next.attn_norm, d.eps)
+                    })?;
+                }
+                None => x = timed(Kernel::Residual, || Ok((&x + down)?))?,
+            }
         }
         Ok(x)
     }

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod hub;
 pub mod llama;
+pub mod norm;
 pub mod ops;
 pub mod weights;
 
