@@ -54,7 +54,7 @@ fn compile_kernels() {
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let cap: String = cap.chars().filter(char::is_ascii_digit).collect();
     let nvcc = nvcc();
-    for name in ["attention", "activation", "norm"] {
+    for name in ["attention", "activation", "norm", "sampling"] {
         let src = format!("kernels/{name}.cu");
         let ptx = out_dir.join(format!("{name}.ptx"));
         let status = Command::new(&nvcc)

@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::{CudaDevice, DType};
 
-/// When set, kernels' output buffers start as NaN instead of uninitialised memory, so that an
-/// element a kernel fails to write shows up in a comparison (the self-check sets it).
+/// When set, kernels' output buffers start as NaN (integers: their largest value) instead of
+/// uninitialised memory, so that an element a kernel fails to write shows up in a comparison
+/// (the self-check sets it).
 static POISON: AtomicBool = AtomicBool::new(false);
 
 pub fn set_poison(on: bool) {
@@ -23,7 +24,13 @@ where
     T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::WithDType,
 {
     if POISON.load(Ordering::Relaxed) {
-        return dev.clone_htod(&vec![T::from_f64(f64::NAN); n]);
+        // `as` saturates: f64::MAX becomes an integer type's largest value.
+        let poison = if T::DTYPE.is_float() {
+            f64::NAN
+        } else {
+            f64::MAX
+        };
+        return dev.clone_htod(&vec![T::from_f64(poison); n]);
     }
     // SAFETY: callers launch a kernel that writes all n elements before anything reads them.
     unsafe { dev.alloc::<T>(n) }

@@ -1,9 +1,11 @@
 //! The paged engine's greedy tokens on SmolLM2 equal an independent unbatched reference, and
-//! stay equal whatever the block size, the chunking of prompts, or preemptions.
+//! stay equal whatever the block size, the chunking of prompts, or preemptions; sampled tokens
+//! stay equal too (each request draws from its own stream).
 
 mod common;
 
 use offline_bench::engine::RunOutput;
+use offline_bench::engine::sampler::SamplingParams;
 use offline_bench::workload::Request;
 
 const TOKENS: usize = 32;
@@ -100,4 +102,37 @@ fn every_request_gets_exactly_its_max_tokens() {
         assert!(o.ttft <= o.e2e);
     }
     assert_eq!(run.stats.blocks_in_use_after, 0);
+}
+
+#[test]
+fn sampled_tokens_do_not_depend_on_batching() {
+    let sampling = |seed| SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        top_k: 40,
+        seed,
+    };
+    let run = |limits, seed| -> (Vec<Vec<u32>>, usize) {
+        let run = common::sampling_engine(limits, sampling(seed))
+            .run(&requests(), |_| {})
+            .unwrap();
+        assert_eq!(run.stats.blocks_in_use_after, 0);
+        let ids = run.outputs.into_iter().map(|o| o.output_ids).collect();
+        (ids, run.stats.preemptions)
+    };
+    let (batched, _) = run((16, 512, 256, 8192), 5);
+    // Another block size, few sequences at a time, prompts chunked, preemptions.
+    let (squeezed, preemptions) = run((8, 30, 3, 24), 5);
+    assert!(preemptions > 0, "expected preemptions");
+    assert_eq!(batched, squeezed);
+    assert_ne!(
+        batched,
+        *common::reference_outputs(TOKENS),
+        "sampling is not greedy"
+    );
+    assert_ne!(
+        batched,
+        run((16, 512, 256, 8192), 6).0,
+        "the seed changes the draws"
+    );
 }

@@ -222,6 +222,53 @@ fn check_add_rms_norm(gpu: &Device, dtype: DType, out: &mut Vec<Check>) -> Resul
     Ok(())
 }
 
+/// The sampling kernel against the CPU's draw on the same logits and uniforms: the error is how
+/// far, as a share of the kept mass, the GPU's token lies from where the CPU's walk puts `u`
+/// (0 when the two agree; infinite for a token that top-k or top-p should have dropped).
+fn check_sampling(gpu: &Device, out: &mut Vec<Check>) -> Result<()> {
+    use crate::engine::sampler::{SampleRows, rows::draw_error, uniform};
+    let (rows, vocab) = (48, 128_256);
+    let mut rng = Rng64::new(9);
+    let logits = Tensor::from_vec(
+        rng.uniform_f32(rows * vocab, 12.0),
+        (rows, vocab),
+        &Device::Cpu,
+    )?;
+    let uniforms: Vec<f32> = (0..rows).map(|r| uniform(0, r, 0)).collect();
+    let u = Tensor::from_slice(&uniforms, rows, &Device::Cpu)?;
+    let host_rows = logits.to_vec2::<f32>()?;
+    for (temperature, top_p, top_k) in [
+        (1.0, 1.0, 0),
+        (0.8, 0.9, 0),
+        (1.0, 1.0, 40),
+        (0.6, 0.95, 50),
+    ] {
+        let p = SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed: 0,
+        };
+        let ids = logits
+            .to_device(gpu)?
+            .apply_op2_no_bwd(&u.to_device(gpu)?, &SampleRows(p))?
+            .to_vec1::<u32>()?;
+        let error = host_rows
+            .iter()
+            .zip(&uniforms)
+            .zip(&ids)
+            .map(|((row, &u), &id)| draw_error(row, &p, u, id))
+            .fold(0.0, f64::max);
+        out.push(Check {
+            name: "sample_rows".into(),
+            detail: format!("{rows} x {vocab}, {}", p.describe()),
+            error,
+            tolerance: 1e-4,
+        });
+    }
+    Ok(())
+}
+
 /// SmolLM2's shapes with seeded random weights, on `device` in `dtype`.
 fn seeded_model(device: &Device, dtype: DType) -> Result<Llama> {
     let cfg = ModelConfig::preset("smollm2-135m")
@@ -371,6 +418,7 @@ pub fn run(args: &SelfCheckArgs) -> Result<()> {
         check_silu_mul(&gpu, dtype, &mut checks)?;
         check_add_rms_norm(&gpu, dtype, &mut checks)?;
     }
+    check_sampling(&gpu, &mut checks)?;
     if !args.kernels_only {
         check_engine(&gpu, &mut checks)?;
     }
@@ -439,7 +487,8 @@ mod tests {
         .unwrap();
         check_silu_mul(&Device::Cpu, DType::BF16, &mut checks).unwrap();
         check_add_rms_norm(&Device::Cpu, DType::F16, &mut checks).unwrap();
-        assert_eq!(checks.len(), 6);
+        check_sampling(&Device::Cpu, &mut checks).unwrap();
+        assert_eq!(checks.len(), 10);
         assert!(checks.iter().all(Check::passed));
     }
 }

@@ -79,8 +79,19 @@ pub fn smollm() -> &'static (ModelInfo, Llama) {
     })
 }
 
-/// An engine over SmolLM2 with the given limits.
+/// An engine over SmolLM2 with the given limits, greedy.
 pub fn engine(block_size: usize, num_blocks: usize, max_seqs: usize, max_tokens: usize) -> Engine {
+    sampling_engine(
+        (block_size, num_blocks, max_seqs, max_tokens),
+        SamplingParams::greedy(),
+    )
+}
+
+/// An engine over SmolLM2 with the given limits (as [`engine`]) and sampling.
+pub fn sampling_engine(
+    (block_size, num_blocks, max_seqs, max_tokens): (usize, usize, usize, usize),
+    sampling: SamplingParams,
+) -> Engine {
     Engine::new(
         smollm().1.clone(),
         EngineConfig {
@@ -91,7 +102,7 @@ pub fn engine(block_size: usize, num_blocks: usize, max_seqs: usize, max_tokens:
             num_blocks,
             kv_cache_dtype: DType::F32,
         },
-        SamplingParams::greedy(),
+        sampling,
     )
     .expect("engine")
 }

@@ -1,0 +1,216 @@
+//! Turning logits into tokens on the logits' device, only the ids coming back: greedy (argmax)
+//! or seeded temperature / top-k / top-p sampling. Each request draws from its own random
+//! stream, keyed by the seed, the request and the output position, so its tokens do not depend
+//! on which other requests share its steps.
+
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod rows;
+
+use anyhow::{Result, bail};
+use candle_core::{CpuStorage, CustomOp2, D, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::util::Rng64;
+
+/// How tokens are chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus sampling mass (1 = off).
+    pub top_p: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0 || self.top_k == 1
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            bail!("--temperature must be >= 0, got {}", self.temperature);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {}", self.top_p);
+        }
+        Ok(())
+    }
+
+    /// `greedy`, or `temperature=0.8 top_p=0.95 top_k=40 seed=0`.
+    pub fn describe(&self) -> String {
+        if self.is_greedy() {
+            "greedy".into()
+        } else {
+            format!(
+                "temperature={} top_p={} top_k={} seed={}",
+                self.temperature, self.top_p, self.top_k, self.seed
+            )
+        }
+    }
+}
+
+/// One token per row of `logits` (`[rows, vocab]`, f32). `streams[i]` is `(request, position)`
+/// of row `i`, keying its random stream. Greedy is an argmax on the logits' device; otherwise
+/// each row's uniform number is drawn on the host and the rows are sampled on the logits'
+/// device (`rows::sample_row`, or its CUDA kernel): only the ids come back.
+pub fn sample(
+    logits: &Tensor,
+    params: &SamplingParams,
+    streams: &[(usize, usize)],
+) -> Result<Vec<u32>> {
+    if params.is_greedy() {
+        return Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+    }
+    let uniforms: Vec<f32> = streams
+        .iter()
+        .map(|&(req, pos)| uniform(params.seed, req, pos))
+        .collect();
+    let uniforms = Tensor::from_vec(uniforms, streams.len(), logits.device())?;
+    let ids = logits.apply_op2_no_bwd(&uniforms, &SampleRows(*params))?;
+    Ok(ids.to_vec1::<u32>()?)
+}
+
+/// The uniform number in `[0, 1)` (24 bits, exact in f32) of one request's output position.
+pub fn uniform(seed: u64, request: usize, position: usize) -> f32 {
+    let stream = ((request as u64) << 32) | position as u64;
+    (Rng64::for_stream(seed, stream).next_u64() >> 40) as f32 * (1.0 / (1u32 << 24) as f32)
+}
+
+/// Sampling of `[rows, vocab]` f32 logits with `[rows]` uniforms, as an op of either device.
+pub struct SampleRows(pub SamplingParams);
+
+/// `(rows, vocab)` of the logits, checked against the uniforms.
+fn dims(ll: &Layout, ul: &Layout) -> candle_core::Result<(usize, usize)> {
+    let (rows, vocab) = ll.shape().dims2()?;
+    if ul.shape().dims1()? != rows || vocab == 0 {
+        candle_core::bail!(
+            "sample: logits {:?} with uniforms {:?}",
+            ll.dims(),
+            ul.dims()
+        );
+    }
+    Ok((rows, vocab))
+}
+
+impl CustomOp2 for SampleRows {
+    fn name(&self) -> &'static str {
+        "sample-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = dims(ll, ul)?;
+        let (CpuStorage::F32(logits), CpuStorage::F32(u)) = (ls, us) else {
+            candle_core::bail!("sample: logits and uniforms must be f32");
+        };
+        let (Some((la, lb)), Some((ua, ub))) = (ll.contiguous_offsets(), ul.contiguous_offsets())
+        else {
+            candle_core::bail!("sample: logits and uniforms must be contiguous");
+        };
+        let ids: Vec<u32> = logits[la..lb]
+            .par_chunks(vocab)
+            .zip(u[ua..ub].par_iter())
+            .map(|(row, &u)| rows::sample_row(row, &self.0, u))
+            .collect();
+        Ok((CpuStorage::U32(ids), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ls: &candle_core::CudaStorage,
+        ll: &Layout,
+        us: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, vocab) = dims(ll, ul)?;
+        cuda::sample(&self.0, (ls, ll), (us, ul), rows, vocab)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn params(t: f32, top_p: f32, top_k: usize) -> SamplingParams {
+        SamplingParams {
+            temperature: t,
+            top_p,
+            top_k,
+            seed: 3,
+        }
+    }
+
+    #[test]
+    fn greedy_is_argmax() {
+        let l = Tensor::new(&[[0.1f32, 2.0, -1.0], [5.0, 0.0, 4.9]], &Device::Cpu).unwrap();
+        let ids = sample(&l, &SamplingParams::greedy(), &[(0, 0), (1, 0)]).unwrap();
+        assert_eq!(ids, vec![1, 0]);
+    }
+
+    #[test]
+    fn streams_do_not_depend_on_batch_order() {
+        let l = Tensor::new(
+            &[[0.0f32, 0.1, 0.2, 0.3], [0.3, 0.2, 0.1, 0.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let p = params(1.0, 1.0, 0);
+        let a = sample(&l, &p, &[(4, 9), (5, 9)]).unwrap();
+        let swapped = Tensor::new(
+            &[[0.3f32, 0.2, 0.1, 0.0], [0.0, 0.1, 0.2, 0.3]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let b = sample(&swapped, &p, &[(5, 9), (4, 9)]).unwrap();
+        assert_eq!(a, vec![b[1], b[0]]);
+    }
+
+    #[test]
+    fn uniforms_are_per_stream_and_in_range() {
+        assert_eq!(uniform(3, 4, 9), uniform(3, 4, 9));
+        assert_ne!(uniform(3, 4, 9), uniform(3, 4, 10));
+        assert_ne!(uniform(3, 4, 9), uniform(4, 4, 9));
+        assert!((0..1000).all(|p| (0.0..1.0).contains(&uniform(0, 1, p))));
+    }
+
+    #[test]
+    fn the_op_checks_its_inputs() {
+        let l = Tensor::zeros((2, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let u = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let p = params(1.0, 1.0, 0);
+        assert!(l.apply_op2_no_bwd(&u, &SampleRows(p)).is_err());
+        let u = Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let ids = l.apply_op2_no_bwd(&u, &SampleRows(p)).unwrap();
+        // All weights equal and u = 0: the first token.
+        assert_eq!(ids.to_vec1::<u32>().unwrap(), vec![0, 0]);
+    }
+
+    #[test]
+    fn bad_params() {
+        assert!(params(-1.0, 1.0, 0).validate().is_err());
+        assert!(params(1.0, 0.0, 0).validate().is_err());
+        assert!(params(1.0, 1.5, 0).validate().is_err());
+        assert!(params(0.7, 0.9, 40).validate().is_ok());
+    }
+}

@@ -1,0 +1,215 @@
+//! Drawing one token from one row of logits, given the row's uniform number `u`. The CUDA kernel
+//! (`kernels/sampling.cu`) follows the same steps, so that both devices draw the same token from
+//! the same logits (up to rounding at the edges between tokens):
+//!
+//! 1. weights `exp((logit - max) / temperature)`;
+//! 2. top-k keeps the logits at or above the k-th largest (ties with it included);
+//! 3. top-p then keeps, among those, the logits at or above the value where the mass taken in
+//!    descending order first reaches `top_p` of the total;
+//! 4. the token is where `u` times the kept mass falls, walking the kept tokens in index order.
+
+use super::SamplingParams;
+
+/// The token drawn from `logits` with uniform `u` in `[0, 1)`.
+pub fn sample_row(logits: &[f32], p: &SamplingParams, u: f32) -> u32 {
+    let kept = Kept::new(logits, p);
+    let target = u as f64 * kept.total;
+    let mut acc = 0.0;
+    let mut last = 0;
+    for (i, w) in kept.iter() {
+        acc += w as f64;
+        last = i;
+        if target < acc {
+            return i as u32;
+        }
+    }
+    // `u * total` rounded up to the total: the last kept token.
+    last as u32
+}
+
+/// How far `u` lies from the share of the kept mass that `id` covers, as a fraction of the
+/// kept mass: 0 when `sample_row` could have drawn `id` (another device's draw from the same
+/// logits, summed in another order), infinite when `id` is not kept at all.
+pub fn draw_error(logits: &[f32], p: &SamplingParams, u: f32, id: u32) -> f64 {
+    let kept = Kept::new(logits, p);
+    let mut before = 0.0;
+    for (i, w) in kept.iter() {
+        if i == id as usize {
+            let target = u as f64 * kept.total;
+            let after = before + w as f64;
+            let off = if target < before {
+                before - target
+            } else {
+                (target - after).max(0.0)
+            };
+            return off / kept.total;
+        }
+        before += w as f64;
+    }
+    f64::INFINITY
+}
+
+/// The tokens top-k and top-p leave, with their weights.
+struct Kept<'a> {
+    logits: &'a [f32],
+    weights: Vec<f32>,
+    threshold: f32,
+    total: f64,
+}
+
+impl<'a> Kept<'a> {
+    fn new(logits: &'a [f32], p: &SamplingParams) -> Self {
+        let inv_t = 1.0 / p.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f32> = logits.iter().map(|&l| ((l - max) * inv_t).exp()).collect();
+        let threshold = keep_threshold(logits, &weights, p);
+        let mut kept = Self {
+            logits,
+            weights,
+            threshold,
+            total: 0.0,
+        };
+        kept.total = kept.iter().map(|(_, w)| w as f64).sum();
+        kept
+    }
+
+    /// `(index, weight)` of the kept tokens, in index order.
+    fn iter(&self) -> impl Iterator<Item = (usize, f32)> + '_ {
+        self.logits
+            .iter()
+            .zip(&self.weights)
+            .enumerate()
+            .filter(|(_, (l, _))| **l >= self.threshold)
+            .map(|(i, (_, &w))| (i, w))
+    }
+}
+
+/// The smallest logit still kept after top-k and top-p (`-inf` when both are off).
+fn keep_threshold(logits: &[f32], weights: &[f32], p: &SamplingParams) -> f32 {
+    let mut threshold = f32::NEG_INFINITY;
+    if p.top_k > 0 && p.top_k < logits.len() {
+        let mut v = logits.to_vec();
+        let (_, kth, _) = v.select_nth_unstable_by(p.top_k - 1, |a, b| b.total_cmp(a));
+        threshold = *kth;
+    }
+    if p.top_p < 1.0 {
+        let mut kept: Vec<(f32, f32)> = logits
+            .iter()
+            .zip(weights)
+            .filter(|(l, _)| **l >= threshold)
+            .map(|(&l, &w)| (l, w))
+            .collect();
+        kept.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+        let total: f64 = kept.iter().map(|k| k.1 as f64).sum();
+        let target = p.top_p as f64 * total;
+        let mut acc = 0.0;
+        for &(l, w) in &kept {
+            acc += w as f64;
+            if acc >= target {
+                threshold = l;
+                break;
+            }
+        }
+    }
+    threshold
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::Rng64;
+
+    fn params(t: f32, top_p: f32, top_k: usize) -> SamplingParams {
+        SamplingParams {
+            temperature: t,
+            top_p,
+            top_k,
+            seed: 3,
+        }
+    }
+
+    fn uniforms(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = Rng64::new(seed);
+        (0..n).map(|_| rng.next_f64() as f32).collect()
+    }
+
+    #[test]
+    fn walks_the_kept_mass_in_index_order() {
+        // Weights 1, 3 (temperature 1): [0, 1/4) draws 0, [1/4, 1) draws 1.
+        let row = [0.0f32, 3f32.ln()];
+        let p = params(1.0, 1.0, 0);
+        assert_eq!(sample_row(&row, &p, 0.0), 0);
+        assert_eq!(sample_row(&row, &p, 0.2499), 0);
+        assert_eq!(sample_row(&row, &p, 0.2501), 1);
+        assert_eq!(sample_row(&row, &p, 0.9999999), 1);
+    }
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_keep_only_the_argmax() {
+        let row = [0.1f32, 2.0, -1.0, 1.9];
+        for p in [params(1.0, 1.0, 1), params(1.0, 1e-6, 0)] {
+            for u in uniforms(50, 1) {
+                assert_eq!(sample_row(&row, &p, u), 1);
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_limits_the_choice_and_keeps_ties() {
+        let row = [3.0f32, 2.9, -10.0, 2.8, -10.0];
+        for u in uniforms(200, 2) {
+            assert!(matches!(sample_row(&row, &params(5.0, 1.0, 2), u), 0 | 1));
+        }
+        // Two logits tie for second place: top-2 keeps both.
+        let tied = [1.0f32, 0.5, 0.5, -3.0];
+        let drawn: Vec<u32> = uniforms(400, 3)
+            .into_iter()
+            .map(|u| sample_row(&tied, &params(1.0, 1.0, 2), u))
+            .collect();
+        assert!(drawn.contains(&2) && !drawn.contains(&3));
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_head_reaching_the_mass() {
+        // Probabilities 0.3, 0.2, 0.5: top_p 0.7 keeps 0.5 and 0.3; 0.81 needs 0.2 too.
+        let row = [0.3f32.ln(), 0.2f32.ln(), 0.5f32.ln()];
+        let drawn = |top_p: f32| -> Vec<u32> {
+            uniforms(500, 4)
+                .into_iter()
+                .map(|u| sample_row(&row, &params(1.0, top_p, 0), u))
+                .collect()
+        };
+        assert!(!drawn(0.7).contains(&1) && drawn(0.7).contains(&0));
+        assert!(drawn(0.81).contains(&1));
+    }
+
+    #[test]
+    fn draw_error_is_zero_for_the_drawn_token_only() {
+        let mut rng = Rng64::new(6);
+        let row: Vec<f32> = rng.uniform_f32(1000, 4.0);
+        for p in [params(1.0, 1.0, 0), params(0.7, 0.9, 50)] {
+            for u in uniforms(20, 7) {
+                let id = sample_row(&row, &p, u);
+                assert_eq!(draw_error(&row, &p, u, id), 0.0);
+                let other = (id + 1) % 1000;
+                assert!(draw_error(&row, &p, u, other) > 0.0);
+            }
+        }
+        // A token top-k drops is never a draw.
+        let low = (0..1000)
+            .min_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap() as u32;
+        assert!(draw_error(&row, &params(1.0, 1.0, 5), 0.5, low).is_infinite());
+    }
+
+    #[test]
+    fn frequencies_follow_the_softmax_at_the_temperature() {
+        // Logits 0 and ln 3 at temperature 0.5: weights 1 and 9, probability 0.9.
+        let row = [0.0f32, 3f32.ln()];
+        let ones = uniforms(4000, 5)
+            .into_iter()
+            .filter(|&u| sample_row(&row, &params(0.5, 1.0, 0), u) == 1)
+            .count();
+        assert!((3500..3700).contains(&ones), "{ones}");
+    }
+}
