@@ -98,6 +98,10 @@ impl KernelTimes {
         self.seconds[k.index()]
     }
 
+    pub fn calls_of(&self, k: Kernel) -> u64 {
+        self.calls[k.index()]
+    }
+
     pub fn total(&self) -> f64 {
         self.seconds.iter().sum()
     }
@@ -109,10 +113,13 @@ impl KernelTimes {
         }
     }
 
-    /// Every figure divided by `n` (a per-step average).
+    /// Every figure divided by `n` (a per-step average; calls rounded to whole ones).
     pub fn scaled(&self, n: f64) -> KernelTimes {
         let mut out = self.clone();
         out.seconds.iter_mut().for_each(|s| *s /= n);
+        out.calls
+            .iter_mut()
+            .for_each(|c| *c = (*c as f64 / n).round() as u64);
         out
     }
 }

@@ -83,6 +83,15 @@ fn shapes_sweep_writes_table_kernels_and_files() {
         assert_eq!(pk["decode_attention"].as_f64(), Some(0.0));
         assert!(dk["decode_attention"].as_f64().unwrap_or(0.0) > 0.0);
         assert_eq!(dk["prefill_attention"].as_f64(), Some(0.0));
+        // Calls per decode step: one per layer (SmolLM2-135M has 30), one LM head.
+        let dc = &s["decode_step_kernels"]["calls"];
+        assert_eq!(dc["gemm_qkv"].as_u64(), Some(30));
+        assert_eq!(dc["decode_attention"].as_u64(), Some(30));
+        assert_eq!(dc["gemm_lm_head"].as_u64(), Some(1));
+        assert!(matches!(
+            s["prefill_bound"].as_str(),
+            Some("compute" | "memory")
+        ));
     }
 
     let csv = std::fs::read_to_string(out_dir.join("shapes.csv")).expect("shapes.csv");

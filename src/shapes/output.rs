@@ -15,6 +15,8 @@ use crate::profile::{Kernel, KernelTimes};
 #[derive(Clone, Debug, Serialize)]
 pub struct PhaseKernels {
     pub kernels_ms: BTreeMap<&'static str, f64>,
+    /// Times each kernel's scope ran (a scope may launch several device kernels).
+    pub calls: BTreeMap<&'static str, u64>,
     /// Wall time of the phase minus the kernels' sum: host work, launches, views.
     pub other_ms: f64,
     pub wall_ms: f64,
@@ -26,6 +28,10 @@ impl PhaseKernels {
             kernels_ms: Kernel::ALL
                 .iter()
                 .map(|&kernel| (kernel.name(), k.get(kernel) * 1e3))
+                .collect(),
+            calls: Kernel::ALL
+                .iter()
+                .map(|&kernel| (kernel.name(), k.calls_of(kernel)))
                 .collect(),
             other_ms: (wall - k.total()).max(0.0) * 1e3,
             wall_ms: wall * 1e3,
@@ -44,6 +50,8 @@ pub struct ShapeReport {
     pub prompt_tokens_per_s: f64,
     pub prefill_cost: Cost,
     pub prefill_floor_s: f64,
+    /// Whether the prefill floor comes from the GEMM peak (`compute`) or the bandwidth.
+    pub prefill_bound: &'static str,
     /// Achieved FLOP/s of the prefill as a share of the measured GEMM peak.
     pub prefill_compute_util: f64,
     pub decode_step_p50_ms: f64,
@@ -104,6 +112,7 @@ impl ShapeReport {
             prompt_tokens_per_s: rate((s.batch * s.input_len) as f64, prefill),
             prefill_cost,
             prefill_floor_s: prefill_cost.floor(peaks),
+            prefill_bound: prefill_cost.bound(peaks),
             prefill_compute_util: rate(prefill_cost.flops, prefill) / peaks.gemm_flops,
             decode_step_p50_ms: p50 * 1e3,
             decode_step_p90_ms: p90 * 1e3,
@@ -156,11 +165,12 @@ pub fn table(reports: &[ShapeReport], peaks: &Peaks) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>5} {:>6} {:>6} | {:>9} {:>10} {:>9} {:>6} | {:>8} {:>8} {:>9} {:>13} {:>7} {:>5} | {:>9}",
+        "{:>5} {:>6} {:>6} | {:>9} {:>13} {:>10} {:>9} {:>6} | {:>8} {:>8} {:>9} {:>13} {:>7} {:>5} | {:>9}",
         "B",
         "input",
         "output",
         "PP s",
+        "floor s",
         "PP tok/s",
         unit,
         "%peak",
@@ -175,11 +185,13 @@ pub fn table(reports: &[ShapeReport], peaks: &Peaks) -> String {
     for r in reports {
         let _ = writeln!(
             out,
-            "{:>5} {:>6} {:>6} | {:>9.3} {:>10.1} {:>9.2} {:>5.1}% | {:>8.2} {:>8.2} {:>9.1} {:>9.2} {:<3} {:>7.1} {:>4.0}% | {:>9.1}",
+            "{:>5} {:>6} {:>6} | {:>9.3} {:>9.3} {:<3} {:>10.1} {:>9.2} {:>5.1}% | {:>8.2} {:>8.2} {:>9.1} {:>9.2} {:<3} {:>7.1} {:>4.0}% | {:>9.1}",
             r.shape.batch,
             r.shape.input_len,
             r.shape.output_len,
             r.prefill_s,
+            r.prefill_floor_s,
+            &r.prefill_bound[..3],
             r.prompt_tokens_per_s,
             r.prefill_compute_util * peaks.gemm_flops / scale,
             100.0 * r.prefill_compute_util,
@@ -203,31 +215,36 @@ pub fn kernel_table(r: &ShapeReport) -> Option<String> {
     let mut out = format!("Kernels of {} (one profiled iteration)\n", r.shape);
     let _ = writeln!(
         out,
-        "  {:<20} {:>11} {:>6}   {:>14} {:>6}",
-        "kernel", "prefill ms", "%", "decode ms/step", "%"
+        "  {:<20} {:>11} {:>6} {:>6}   {:>14} {:>6} {:>6}",
+        "kernel", "prefill ms", "%", "calls", "decode ms/step", "%", "calls"
     );
     let pct = |v: f64, of: f64| if of > 0.0 { 100.0 * v / of } else { 0.0 };
-    let mut row = |name: &str, pv: f64, dv: Option<f64>| {
+    let calls = |c: Option<u64>| c.map_or(String::new(), |c| c.to_string());
+    let mut row = |name: &str, (pv, pc): (f64, Option<u64>), dv: Option<(f64, Option<u64>)>| {
         let dcol = match (dv, d) {
-            (Some(v), Some(d)) => format!("{v:>14.3} {:>5.1}%", pct(v, d.wall_ms)),
-            _ => format!("{:>14} {:>6}", "-", "-"),
+            (Some((v, c)), Some(d)) => {
+                format!("{v:>14.3} {:>5.1}% {:>6}", pct(v, d.wall_ms), calls(c))
+            }
+            _ => format!("{:>14} {:>6} {:>6}", "-", "-", ""),
         };
         let _ = writeln!(
             out,
-            "  {name:<20} {pv:>11.3} {:>5.1}%   {dcol}",
-            pct(pv, p.wall_ms)
+            "  {name:<20} {pv:>11.3} {:>5.1}% {:>6}   {dcol}",
+            pct(pv, p.wall_ms),
+            calls(pc)
         );
     };
     for k in Kernel::ALL {
-        let pv = p.kernels_ms[k.name()];
-        let dv = d.map(|d| d.kernels_ms[k.name()]);
-        if pv == 0.0 && dv.unwrap_or(0.0) == 0.0 {
+        let name = k.name();
+        let pv = p.kernels_ms[name];
+        let dv = d.map(|d| (d.kernels_ms[name], Some(d.calls[name])));
+        if pv == 0.0 && dv.map_or(0.0, |v| v.0) == 0.0 {
             continue;
         }
-        row(k.name(), pv, dv);
+        row(name, (pv, Some(p.calls[name])), dv);
     }
-    row("other", p.other_ms, d.map(|d| d.other_ms));
-    row("wall", p.wall_ms, d.map(|d| d.wall_ms));
+    row("other", (p.other_ms, None), d.map(|d| (d.other_ms, None)));
+    row("wall", (p.wall_ms, None), d.map(|d| (d.wall_ms, None)));
     Some(out)
 }
 
@@ -242,6 +259,7 @@ pub fn csv(reports: &[ShapeReport]) -> String {
         "prompt_tokens_per_s",
         "prefill_flops",
         "prefill_floor_s",
+        "prefill_bound",
         "prefill_compute_util",
         "decode_step_p50_ms",
         "decode_step_p90_ms",
@@ -273,6 +291,7 @@ pub fn csv(reports: &[ShapeReport]) -> String {
             format!("{:.2}", r.prompt_tokens_per_s),
             format!("{:.4e}", r.prefill_cost.flops),
             format!("{:.6}", r.prefill_floor_s),
+            r.prefill_bound.to_string(),
             format!("{:.4}", r.prefill_compute_util),
             format!("{:.4}", r.decode_step_p50_ms),
             format!("{:.4}", r.decode_step_p90_ms),
