@@ -56,7 +56,7 @@ fn as_f32<'a, T: Elem>(src: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] {
     match T::as_f32(src) {
         Some(r) => r,
         None => {
-            buf.clear();
+            // Every element is overwritten: no need to clear what is already there.
             buf.resize(src.len(), 0.0);
             T::to_f32_run(src, buf);
             buf
@@ -172,10 +172,18 @@ struct Scratch {
     v: Vec<f32>,
 }
 
+/// `v` as `n` zeros.
 fn resized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     v.clear();
     v.resize(n, 0.0);
     v
+}
+
+/// `v` with `n` elements of whatever it held: for buffers every element of which is written
+/// before it is read.
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.resize(n, 0.0);
+    &mut v[..n]
 }
 
 /// The geometry shared by every tile of one call.
@@ -209,8 +217,9 @@ impl<T: Elem> Geometry<'_, T> {
             let t = t0 + i;
             let table = &table[..n.div_ceil(bs)];
             let padded = table.len() * bs;
-            let scores = resized(&mut scr.scores, group * padded);
-            let acc = resized(&mut scr.acc, group * d);
+            // Each block writes its scores, and the softmax zeroes the masked tail.
+            let scores = sized(&mut scr.scores, group * padded);
+            let acc = sized(&mut scr.acc, group * d);
             for g in 0..self.kv_heads {
                 let qg = &self.q[(t * heads + g * group) * d..][..group * d];
                 for (b, &blk) in table.iter().enumerate() {
