@@ -29,7 +29,7 @@ fn paged_on(
     device: &Device,
 ) -> (PagedKvCache, Arc<BatchLayout>) {
     let block_size = spec.block_size;
-    let blocks: usize = seqs.iter().map(|s| s.ctx.div_ceil(block_size)).sum();
+    let blocks = SeqShape::blocks(seqs, block_size);
     let num_blocks = blocks + blocks / 4 + 1;
     let cache = PagedKvCache::new(spec, num_blocks, device).expect("cache");
     cache.fill(0.01).expect("fill");
@@ -39,13 +39,7 @@ fn paged_on(
 
 /// [`paged_on`] for SmolLM2's geometry on the CPU with an f16 cache.
 fn paged(seqs: &[SeqShape], block_size: usize) -> (PagedKvCache, Arc<BatchLayout>) {
-    let spec = KvCacheSpec {
-        num_layers: 1,
-        num_kv_heads: KV_HEADS,
-        head_dim: HEAD_DIM,
-        block_size,
-        dtype: DType::F16,
-    };
+    let spec = KvCacheSpec::one_layer(KV_HEADS, HEAD_DIM, block_size, DType::F16);
     paged_on(spec, seqs, &Device::Cpu)
 }
 
@@ -165,13 +159,7 @@ mod gpu {
     }
 
     fn spec() -> KvCacheSpec {
-        KvCacheSpec {
-            num_layers: 1,
-            num_kv_heads: KV_HEADS,
-            head_dim: HEAD_DIM,
-            block_size: 16,
-            dtype: DType::BF16,
-        }
+        KvCacheSpec::one_layer(KV_HEADS, HEAD_DIM, 16, DType::BF16)
     }
 
     fn rand_on(shape: &[usize], dev: &Device) -> Tensor {

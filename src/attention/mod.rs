@@ -48,6 +48,22 @@ impl KvCacheSpec {
     pub fn blocks_in(&self, budget: u64) -> usize {
         (budget / self.bytes_per_block()) as usize
     }
+
+    /// A single layer's cache, as kernel checks and benchmarks use.
+    pub fn one_layer(
+        num_kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+        dtype: DType,
+    ) -> Self {
+        Self {
+            num_layers: 1,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            dtype,
+        }
+    }
 }
 
 /// The KV cache: per layer, a K and a V tensor of `num_blocks` blocks of `block_size` tokens,
@@ -155,6 +171,13 @@ pub struct BatchLayout {
 pub struct SeqShape {
     pub ctx: usize,
     pub queries: usize,
+}
+
+impl SeqShape {
+    /// Blocks of `block_size` tokens that the contexts of `seqs` fill.
+    pub fn blocks(seqs: &[SeqShape], block_size: usize) -> usize {
+        seqs.iter().map(|s| s.ctx.div_ceil(block_size)).sum()
+    }
 }
 
 impl BatchLayout {

@@ -43,28 +43,11 @@ fn check(
     let d = 16;
     let dev = Device::Cpu;
     let mut rng = Rng64::new(block_size as u64 * 31 + heads as u64);
-    let total_blocks: usize = cases
-        .iter()
-        .map(|c| c.ctx.div_ceil(block_size))
-        .sum::<usize>()
-        + 3;
-    let spec = KvCacheSpec {
-        num_layers: 1,
-        num_kv_heads: kv_heads,
-        head_dim: d,
-        block_size,
-        dtype: kv_dtype,
-    };
+    let total_blocks = SeqShape::blocks(cases, block_size) + 3;
+    let spec = KvCacheSpec::one_layer(kv_heads, d, block_size, kv_dtype);
     let cache = PagedKvCache::new(spec, total_blocks, &dev).unwrap();
     // Poison the cache so that a read of an unwritten slot shows up in the result.
-    let poison = Tensor::full(1e4f32, cache.k[0].shape(), &dev)
-        .unwrap()
-        .to_dtype(kv_dtype)
-        .unwrap();
-    cache.k[0].slice_set(&poison, 0, 0).unwrap();
-    cache.v[0]
-        .slice_set(&poison.reshape(cache.v[0].shape()).unwrap(), 0, 0)
-        .unwrap();
+    cache.fill(1e4).unwrap();
 
     // Full histories, then a prefill-style write of all but the queries, then the step itself.
     let hist: Vec<(Vec<f32>, Vec<f32>)> = cases

@@ -77,18 +77,8 @@ fn check_attention(
     (label, seqs, decode_kernel): (&str, &[SeqShape], DecodeKernel),
     out: &mut Vec<Check>,
 ) -> Result<()> {
-    let num_blocks = seqs
-        .iter()
-        .map(|s| s.ctx.div_ceil(block_size))
-        .sum::<usize>()
-        + 3;
-    let spec = KvCacheSpec {
-        num_layers: 1,
-        num_kv_heads: kv_heads,
-        head_dim: d,
-        block_size,
-        dtype,
-    };
+    let num_blocks = SeqShape::blocks(seqs, block_size) + 3;
+    let spec = KvCacheSpec::one_layer(kv_heads, d, block_size, dtype);
     let caches = [
         PagedKvCache::new(spec, num_blocks, &Device::Cpu)?,
         PagedKvCache::new(spec, num_blocks, gpu)?,
