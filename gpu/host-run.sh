@@ -33,8 +33,10 @@ fi
   2>&1 | tee "$out/generate.txt"
 
 status=0
+# Sampled as vLLM's `bench throughput` samples (temperature 1, top-p 1), on the device.
 for ds in chat sharegpt; do
   "$bin" throughput --device cuda --model llama-3-8b --load-format dummy \
+    --temperature 1 --top-p 1 \
     --workload "$here/$ds-llama3-1000.json" --output-json "$out/$ds.json" \
     2>&1 | tee "$out/$ds.txt" || status=1
 done
