@@ -44,7 +44,7 @@ pub struct SelfCheckArgs {
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A .gguf file, an HF model folder, a preset (smollm2-135m, llama-3-8b, llama-3.1-8b,
-    /// mistral-7b) or a hub id (org/name).
+    /// mistral-7b, qwen2-7b) or a hub id (org/name).
     #[arg(long)]
     pub model: String,
     /// tokenizer.json (or a folder holding one); default: the model's own.

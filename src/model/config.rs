@@ -95,6 +95,7 @@ const PRESETS: &[(&str, &str)] = &[
         include_str!("../../models/llama-3.1-8b.json"),
     ),
     ("mistral-7b", include_str!("../../models/mistral-7b.json")),
+    ("qwen2-7b", include_str!("../../models/qwen2-7b.json")),
 ];
 
 /// Chat templates the presets refer to, by file name.
@@ -114,6 +115,10 @@ const TEMPLATES: &[(&str, &str)] = &[
     (
         "smollm2.jinja",
         include_str!("../../models/templates/smollm2.jinja"),
+    ),
+    (
+        "chatml-qwen2.jinja",
+        include_str!("../../models/templates/chatml-qwen2.jinja"),
     ),
 ];
 
@@ -283,7 +288,8 @@ impl ModelConfig {
         let q = (self.num_attention_heads * self.head_dim()) as u64;
         let kv = (self.num_kv_heads() * self.head_dim()) as u64;
         let i = self.intermediate_size as u64;
-        let per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h;
+        let bias = if self.qkv_bias() { q + 2 * kv } else { 0 };
+        let per_layer = h * (q + 2 * kv) + bias + q * h + 3 * h * i + 2 * h;
         let embed = self.vocab_size as u64 * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         self.num_hidden_layers as u64 * per_layer + embed + head + h
@@ -327,6 +333,9 @@ mod tests {
         assert_eq!(l3.num_parameters(), 8_030_261_248);
         let smol = ModelConfig::preset("smollm2-135m").unwrap().unwrap();
         assert_eq!(smol.num_parameters(), 134_515_008);
+        // Qwen2-7B's 7.62B, q/k/v biases included.
+        let qwen = ModelConfig::preset("qwen2-7b").unwrap().unwrap();
+        assert_eq!(qwen.num_parameters(), 7_615_616_512);
     }
 
     #[test]

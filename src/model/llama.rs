@@ -309,8 +309,8 @@ impl Llama {
         let mut x = timed(Kernel::Embedding, || {
             Ok(self.embed.index_select(input_ids, 0)?)
         })?;
-        // Each residual add goes with the norm that follows it (fused on CUDA, `residual_rms_norm`), except
-        // after the last layer, whose norm runs only on the rows that are sampled (`logits`).
+        // Each residual add goes with the norm that follows it (`residual_rms_norm`, one kernel on
+        // CUDA), except after the last layer, whose norm runs only on the sampled rows (`logits`).
         let mut h = match self.layers.first() {
             Some(layer) => timed(Kernel::RmsNorm, || {
                 Ok(rms_norm(&x, &layer.attn_norm, d.eps)?)
