@@ -75,6 +75,21 @@ fn compile_kernels() {
     }
 }
 
+/// The kernels compiled for the CPU emulator (`simt` feature, see kernels/simt/simt.cpp).
+#[cfg(feature = "simt")]
+fn compile_simt() {
+    println!("cargo:rerun-if-changed=kernels");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .warnings(true)
+        .extra_warnings(true)
+        .flag_if_supported("-Wno-unused-parameter")
+        .file("kernels/simt/simt.cpp")
+        .compile("offline_bench_simt");
+}
+
 fn main() {
     for path in [".git/HEAD", ".git/index", "src", "models", "Cargo.toml"] {
         println!("cargo:rerun-if-changed={path}");
@@ -83,4 +98,6 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         compile_kernels();
     }
+    #[cfg(feature = "simt")]
+    compile_simt();
 }

@@ -23,3 +23,4 @@ __device__ void silu_mul(const T* __restrict__ x, T* __restrict__ out, int rows,
 ENTRY_POINTS(float, f32)
 ENTRY_POINTS(__half, f16)
 ENTRY_POINTS(__nv_bfloat16, bf16)
+#undef ENTRY_POINTS

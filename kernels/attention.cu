@@ -129,7 +129,7 @@ __device__ void attention_tiles(const T* __restrict__ q, const T* __restrict__ k
                                 const uint32_t* __restrict__ block_tables, int max_blocks,
                                 int heads, int kv_heads, int d, int bs, float scale,
                                 int max_rows) {
-  extern __shared__ float smem[];
+  DYNAMIC_SHARED(float, smem);
   const int tile = blockIdx.x, g = blockIdx.y;
   const int seq = tiles[3 * tile], t0 = tiles[3 * tile + 1], len = tiles[3 * tile + 2];
   const int q0 = query_start[seq], qlen = query_start[seq + 1] - q0;
@@ -162,7 +162,7 @@ __device__ void attention_split(const T* __restrict__ q, const T* __restrict__ k
                                 const uint32_t* __restrict__ block_tables, int max_blocks,
                                 int heads, int kv_heads, int d, int bs, float scale,
                                 int part_size) {
-  extern __shared__ float smem[];
+  DYNAMIC_SHARED(float, smem);
   const int item = blockIdx.x, g = blockIdx.y, p = blockIdx.z, parts = gridDim.z;
   const int t = tokens[item];
   const int seq = token_seq[t];
@@ -246,3 +246,4 @@ __device__ void attention_reduce(const float* __restrict__ part_acc,
 ENTRY_POINTS(float, f32)
 ENTRY_POINTS(__half, f16)
 ENTRY_POINTS(__nv_bfloat16, bf16)
+#undef ENTRY_POINTS

@@ -1,9 +1,16 @@
 // Element conversions and warp reductions shared by the kernels.
 #pragma once
 
+#include <stdint.h>
+
+#ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <stdint.h>
+// Dynamic shared memory; on the host (kernels/simt) the launch's buffer.
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#else
+#include "simt/cuda_shim.h"
+#endif
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }

@@ -47,3 +47,4 @@ __device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ delt
 ENTRY_POINTS(float, f32)
 ENTRY_POINTS(__half, f16)
 ENTRY_POINTS(__nv_bfloat16, bf16)
+#undef ENTRY_POINTS

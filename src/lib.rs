@@ -13,11 +13,14 @@ pub mod fastmath;
 pub mod gemm;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod launch;
 pub mod model;
 pub mod profile;
 pub mod progress;
 pub mod report;
 pub mod shapes;
+#[cfg(feature = "simt")]
+pub mod simt;
 pub mod tokenizer;
 pub mod util;
 pub mod workload;

@@ -5,20 +5,20 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Device, Layout, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::BatchLayout;
+use super::launch::{self, Buf, Geometry};
 use super::ops::CacheKind;
-use super::plan::{self, LaunchPlan, SPLIT_PART};
+use super::plan::{self, LaunchPlan};
+use crate::launch::Launch;
+use crate::launch::cuda::{missing, push_args};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 const MODULE: &str = "offline_bench_attention";
-const THREADS: u32 = 256;
 
 /// Lets `func` use `smem` bytes of dynamic shared memory (more than the default 48 KiB needs
 /// the attribute set).
@@ -86,15 +86,34 @@ impl DevicePlan {
     }
 }
 
-/// A `u32` metadata tensor's device slice, with its storage guard alive.
-macro_rules! u32_slice {
-    ($guard:ident, $t:expr) => {
-        let $guard = $t.storage_and_layout();
-        let $guard = match &*$guard.0 {
-            Storage::Cuda(s) => s.as_cuda_slice::<u32>()?.slice($guard.1.start_offset()..),
-            _ => candle_core::bail!("attention metadata is not on the CUDA device"),
-        };
-    };
+/// A `u32` metadata tensor's device slice, from its `storage_and_layout`.
+fn u32_view<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<CudaView<'a, u32>> {
+    match storage {
+        Storage::Cuda(s) => Ok(s.as_cuda_slice::<u32>()?.slice(layout.start_offset()..)),
+        _ => candle_core::bail!("attention metadata is not on the CUDA device"),
+    }
+}
+
+/// Lets `func` use its launch's dynamic shared memory (more than the default 48 KiB needs the
+/// attribute set).
+fn allow_launch_smem(
+    func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+    l: &Launch<Buf>,
+) -> candle_core::Result<()> {
+    if l.shared_bytes > 0 {
+        allow_smem(func, l.shared_bytes)?;
+    }
+    Ok(())
+}
+
+fn geometry(plan: &DevicePlan, kv_heads: usize, d: usize, bs: usize, heads: usize) -> Geometry {
+    Geometry {
+        heads,
+        kv_heads,
+        head_dim: d,
+        block_size: bs,
+        max_blocks: plan.max_blocks,
+    }
 }
 
 /// Writes `src` (`[tokens, kv_heads, d]`) into the cache at the plan's slots.
@@ -125,9 +144,9 @@ fn write_kv_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     let &[_, kv_heads, a, b] = cl.dims() else {
         candle_core::bail!("write_kv: the cache must be 4-d, got {:?}", cl.dims());
     };
-    let (d, bs, values) = match kind {
-        CacheKind::Keys => (a, b, 0i32),
-        CacheKind::Values => (b, a, 1i32),
+    let (d, bs) = match kind {
+        CacheKind::Keys => (a, b),
+        CacheKind::Values => (b, a),
     };
     if cl.start_offset() != 0 || !cl.is_contiguous() || !sl.is_contiguous() {
         candle_core::bail!("write_kv: the cache and the input must be contiguous");
@@ -141,29 +160,26 @@ fn write_kv_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         return Ok(());
     }
     let dev = cache.device().clone();
-    let func = dev.get_or_load_custom_func(
-        &format!("write_kv_{}", crate::gpu::suffix(T::DTYPE)?),
-        MODULE,
-        PTX,
-    )?;
-    u32_slice!(slots, plan.slots);
+    let g = geometry(plan, kv_heads, d, bs, kv_heads);
+    let l = launch::write_kv(kind, crate::gpu::suffix(T::DTYPE)?, tokens, &g);
+    let func = dev.get_or_load_custom_func(&l.kernel, MODULE, PTX)?;
+    let slots_guard = plan.slots.storage_and_layout();
+    let slots = u32_view(&slots_guard.0, slots_guard.1)?;
     let src = src.as_cuda_slice::<T>()?.slice(sl.start_offset()..);
-    let cache = cache.as_cuda_slice_mut::<T>()?;
+    let mut cache = Some(cache.as_cuda_slice_mut::<T>()?);
     let mut args = func.builder();
-    args.arg(&src);
-    args.arg(cache);
-    args.arg(&slots);
-    candle_core::builder_arg!(
-        args,
-        tokens as i32,
-        kv_heads as i32,
-        d as i32,
-        bs as i32,
-        values
-    );
+    push_args(&mut args, &l, |args, b| {
+        match b {
+            Buf::Src => args.arg(&src),
+            Buf::Slots => args.arg(&slots),
+            Buf::Cache => args.arg(cache.take().ok_or_else(|| missing(&l, b))?),
+            other => return Err(missing(&l, other)),
+        };
+        Ok(())
+    })?;
     // SAFETY: the kernel reads `tokens * kv_heads * d` inputs and slots, and writes cache slots
     // that the engine allocated within the cache (checked by BatchLayout::validate).
-    unsafe { args.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+    unsafe { args.launch(l.config()) }.w()?;
     Ok(())
 }
 
@@ -203,113 +219,84 @@ fn attend_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     let &[_, kv_heads, d, bs] = kl.dims() else {
         candle_core::bail!("attend: K cache must be 4-d, got {:?}", kl.dims());
     };
-    if !d.is_multiple_of(32) || bs > 32 || !heads.is_multiple_of(kv_heads) || !ql.is_contiguous() {
-        candle_core::bail!(
-            "attend: the CUDA kernels need head_dim % 32 == 0 (got {d}), block_size <= 32 (got {bs}), heads a multiple of KV heads, contiguous queries"
-        );
+    if !ql.is_contiguous() {
+        candle_core::bail!("attend: the queries must be contiguous");
     }
+    let g = geometry(plan, kv_heads, d, bs, heads);
+    let launches = launch::attend(&plan.plan, crate::gpu::suffix(T::DTYPE)?, &g, scale)
+        .map_err(|e| candle_core::Error::Msg(format!("attend: {e}")))?;
     let tokens = ql.shape().elem_count() / (heads * d);
-    let sfx = crate::gpu::suffix(T::DTYPE)?;
     let q = q.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
     let kc = kst.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
     let vc = vst.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
-    // Every output row is written by exactly one tile or split token (the plan covers each
-    // token once).
     let mut out = crate::gpu::output_buffer::<T>(&dev, tokens * heads * d)?;
-    u32_slice!(query_start, plan.query_start);
-    u32_slice!(context_lens, plan.context_lens);
-    u32_slice!(block_tables, plan.block_tables);
-    let p = &plan.plan;
-    let (max_blocks, kv, dd, bsz) = (plan.max_blocks as i32, kv_heads as i32, d as i32, bs as i32);
-    if let Some(tiles) = &plan.tiles {
-        u32_slice!(tiles, tiles);
-        let smem = plan::shared_bytes(p.max_rows, d, bs) as u32;
-        let func = dev.get_or_load_custom_func(&format!("attention_tiles_{sfx}"), MODULE, PTX)?;
-        allow_smem(&func, smem)?;
+    let guards = [
+        plan.query_start.storage_and_layout(),
+        plan.context_lens.storage_and_layout(),
+        plan.block_tables.storage_and_layout(),
+        plan.token_seq.storage_and_layout(),
+    ];
+    let [query_start, context_lens, block_tables, token_seq] = [
+        u32_view(&guards[0].0, guards[0].1)?,
+        u32_view(&guards[1].0, guards[1].1)?,
+        u32_view(&guards[2].0, guards[2].1)?,
+        u32_view(&guards[3].0, guards[3].1)?,
+    ];
+    let tiles_guard = plan.tiles.as_ref().map(|t| t.storage_and_layout());
+    let tiles = tiles_guard
+        .as_ref()
+        .map(|g| u32_view(&g.0, g.1))
+        .transpose()?;
+    let split_guard = plan.split_tokens.as_ref().map(|t| t.storage_and_layout());
+    let split = split_guard
+        .as_ref()
+        .map(|g| u32_view(&g.0, g.1))
+        .transpose()?;
+    let rows = launch::partial_rows(&plan.plan, heads);
+    let partials: Option<[CudaSlice<f32>; 3]> = if rows > 0 {
+        Some([
+            dev.alloc_zeros(rows * d)?,
+            dev.alloc_zeros(rows)?,
+            dev.alloc_zeros(rows)?,
+        ])
+    } else {
+        None
+    };
+    let part = |i: usize, b: Buf, l: &Launch<Buf>| {
+        partials
+            .as_ref()
+            .map(|p| &p[i])
+            .ok_or_else(|| missing(l, b))
+    };
+    for l in &launches {
+        let func = dev.get_or_load_custom_func(&l.kernel, MODULE, PTX)?;
+        allow_launch_smem(&func, l)?;
+        let mut out_arg = Some(&mut out);
         let mut args = func.builder();
-        args.arg(&q);
-        args.arg(&kc);
-        args.arg(&vc);
-        args.arg(&mut out);
-        args.arg(&tiles);
-        args.arg(&query_start);
-        args.arg(&context_lens);
-        args.arg(&block_tables);
-        candle_core::builder_arg!(
-            args,
-            max_blocks,
-            heads as i32,
-            kv,
-            dd,
-            bsz,
-            scale,
-            p.max_rows as i32
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (p.tiles.len() as u32, kv_heads as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        // SAFETY: tiles index tokens and sequences of this step; block tables hold valid blocks.
-        unsafe { args.launch(cfg) }.w()?;
-    }
-    if let Some(split) = &plan.split_tokens {
-        let n = p.split_tokens.len();
-        let group = heads / kv_heads;
-        let rows = n * heads * p.parts;
-        let part_acc: CudaSlice<f32> = dev.alloc_zeros(rows * d)?;
-        let part_m: CudaSlice<f32> = dev.alloc_zeros(rows)?;
-        let part_l: CudaSlice<f32> = dev.alloc_zeros(rows)?;
-        u32_slice!(split, split);
-        u32_slice!(token_seq, plan.token_seq);
-        let smem = plan::shared_bytes(group, d, bs) as u32;
-        let func = dev.get_or_load_custom_func(&format!("attention_split_{sfx}"), MODULE, PTX)?;
-        allow_smem(&func, smem)?;
-        let mut args = func.builder();
-        args.arg(&q);
-        args.arg(&kc);
-        args.arg(&vc);
-        args.arg(&part_acc);
-        args.arg(&part_m);
-        args.arg(&part_l);
-        args.arg(&split);
-        args.arg(&token_seq);
-        args.arg(&query_start);
-        args.arg(&context_lens);
-        args.arg(&block_tables);
-        candle_core::builder_arg!(
-            args,
-            max_blocks,
-            heads as i32,
-            kv,
-            dd,
-            bsz,
-            scale,
-            SPLIT_PART as i32
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, kv_heads as u32, p.parts as u32),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        // SAFETY: as above; partial buffers hold n x heads x parts rows.
-        unsafe { args.launch(cfg) }.w()?;
-
-        let func = dev.get_or_load_custom_func(&format!("attention_reduce_{sfx}"), MODULE, PTX)?;
-        let mut args = func.builder();
-        args.arg(&part_acc);
-        args.arg(&part_m);
-        args.arg(&part_l);
-        args.arg(&mut out);
-        args.arg(&split);
-        candle_core::builder_arg!(args, heads as i32, dd, p.parts as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, heads as u32, 1),
-            block_dim: (d as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: reads the partials written above, writes one output row per (token, head).
-        unsafe { args.launch(cfg) }.w()?;
+        push_args(&mut args, l, |args, b| {
+            match b {
+                Buf::Q => args.arg(&q),
+                Buf::KCache => args.arg(&kc),
+                Buf::VCache => args.arg(&vc),
+                Buf::Out => args.arg(out_arg.take().ok_or_else(|| missing(l, b))?),
+                Buf::QueryStart => args.arg(&query_start),
+                Buf::ContextLens => args.arg(&context_lens),
+                Buf::BlockTables => args.arg(&block_tables),
+                Buf::TokenSeq => args.arg(&token_seq),
+                Buf::Tiles => args.arg(tiles.as_ref().ok_or_else(|| missing(l, b))?),
+                Buf::SplitTokens => args.arg(split.as_ref().ok_or_else(|| missing(l, b))?),
+                Buf::PartAcc => args.arg(part(0, b, l)?),
+                Buf::PartM => args.arg(part(1, b, l)?),
+                Buf::PartL => args.arg(part(2, b, l)?),
+                Buf::Src | Buf::Cache | Buf::Slots => return Err(missing(l, b)),
+            };
+            Ok(())
+        })?;
+        // SAFETY: the launch comes from `launch::attend` for this plan: tiles and split tokens
+        // index tokens and sequences of this step, block tables hold valid blocks
+        // (BatchLayout::validate), the partial buffers hold `partial_rows` rows, and every
+        // output row is written by exactly one tile or split token.
+        unsafe { args.launch(l.config()) }.w()?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), ql.shape().clone()))
 }

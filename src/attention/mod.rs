@@ -9,6 +9,7 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod launch;
 mod ops;
 pub mod plan;
 mod simd;

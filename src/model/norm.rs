@@ -9,6 +9,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::launch::{Arg, Launch};
+
 /// `(x + delta, rms_norm(x + delta) * w)` for the forward pass: the fused kernel on CUDA;
 /// on the CPU candle's add, then its norm. There the fused op measured slower in the model
 /// (SmolLM2, 32 x 512 prefill, chunks of 8192 tokens: 1.0 s against 0.53 + 0.31 s) although
@@ -39,6 +41,37 @@ pub fn add_rms_norm(x: &Tensor, delta: &Tensor, w: &Tensor, eps: f32) -> Result<
 
 struct AddRmsNorm {
     eps: f32,
+}
+
+/// The buffers of the `add_rms_norm` kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AddRmsNormBuf {
+    X,
+    Delta,
+    Weight,
+    /// `[2, rows, n]`: the sum, then the norm.
+    Out,
+}
+
+/// Threads per row of the `add_rms_norm` kernel (its block reduction holds up to 32 warps).
+pub const ADD_RMS_NORM_THREADS: u32 = 256;
+
+/// The CUDA launch of [`add_rms_norm`] (`dtype`: the kernel suffix): one block per row.
+pub fn add_rms_norm_launch(dtype: &str, rows: usize, n: usize, eps: f32) -> Launch<AddRmsNormBuf> {
+    Launch::new(
+        format!("add_rms_norm_{dtype}"),
+        [rows.max(1) as u32, 1, 1],
+        ADD_RMS_NORM_THREADS,
+        vec![
+            Arg::Buf(AddRmsNormBuf::X),
+            Arg::Buf(AddRmsNormBuf::Delta),
+            Arg::Buf(AddRmsNormBuf::Weight),
+            Arg::Buf(AddRmsNormBuf::Out),
+            Arg::int(rows),
+            Arg::int(n),
+            Arg::F32(eps),
+        ],
+    )
 }
 
 /// Checks the shapes and returns `(rows, n)`.
@@ -173,13 +206,14 @@ impl CustomOp3 for AddRmsNorm {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, Layout, Shape, WithDType};
 
+    use super::AddRmsNormBuf as B;
+    use crate::launch::cuda::{missing, push_args};
+
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
-    /// Threads per row (the kernel's block reduction holds up to 32 warps).
-    const THREADS: u32 = 256;
 
     type Args<'a> = (
         &'a CudaStorage,
@@ -199,30 +233,27 @@ mod cuda {
             candle_core::bail!("add_rms_norm: inputs must be contiguous");
         }
         let dev = xs.device().clone();
-        let func = dev.get_or_load_custom_func(
-            &format!("add_rms_norm_{}", crate::gpu::suffix(T::DTYPE)?),
-            "offline_bench_norm",
-            PTX,
-        )?;
+        let l = super::add_rms_norm_launch(crate::gpu::suffix(T::DTYPE)?, rows, n, eps);
+        let func = dev.get_or_load_custom_func(&l.kernel, "offline_bench_norm", PTX)?;
         let x = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
         let d = ds.as_cuda_slice::<T>()?.slice(dl.start_offset()..);
         let w = ws.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
         let mut out = crate::gpu::output_buffer::<T>(&dev, 2 * rows * n)?;
         if rows > 0 {
+            let mut out_arg = Some(&mut out);
             let mut args = func.builder();
-            args.arg(&x);
-            args.arg(&d);
-            args.arg(&w);
-            args.arg(&mut out);
-            candle_core::builder_arg!(args, rows as i32, n as i32, eps);
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            push_args(&mut args, &l, |args, b| {
+                match b {
+                    B::X => args.arg(&x),
+                    B::Delta => args.arg(&d),
+                    B::Weight => args.arg(&w),
+                    B::Out => args.arg(out_arg.take().ok_or_else(|| missing(&l, b))?),
+                };
+                Ok(())
+            })?;
             // SAFETY: one block per row reads that row of x and delta and all of w, and writes
             // that row of both halves of the 2 x rows x n output.
-            unsafe { args.launch(cfg) }.w()?;
+            unsafe { args.launch(l.config()) }.w()?;
         }
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev),

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::fastmath;
 use crate::gemm::rows_by_weights;
+use crate::launch::{Arg, Launch};
 
 /// `silu(x[:, :n]) * x[:, n:]` for `x` of shape `[rows, 2n]`: the gated MLP activation over the
 /// fused gate/up projection, in one pass (candle would make three: silu, narrow-copy, mul).
@@ -16,6 +17,29 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
 }
 
 struct SiluMul;
+
+/// The buffers of the `silu_mul` kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SiluMulBuf {
+    /// `[rows, 2n]`: gate, then up.
+    X,
+    /// `[rows, n]`.
+    Out,
+}
+
+/// The CUDA launch of [`silu_mul`] (`dtype`: the kernel suffix) over `rows` rows of `n` outputs.
+pub fn silu_mul_launch(dtype: &str, rows: usize, n: usize) -> Launch<SiluMulBuf> {
+    Launch::elementwise(
+        format!("silu_mul_{dtype}"),
+        rows * n,
+        vec![
+            Arg::Buf(SiluMulBuf::X),
+            Arg::Buf(SiluMulBuf::Out),
+            Arg::int(rows),
+            Arg::int(n),
+        ],
+    )
+}
 
 fn silu_mul_rows<T: WithDType>(
     x: &[T],
@@ -88,8 +112,9 @@ where
         + candle_core::cuda_backend::cudarc::driver::DeviceRepr
         + WithDType,
 {
+    use crate::launch::cuda::missing;
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/activation.ptx"));
     let (rows, cols) = l.shape().dims2()?;
     if !cols.is_multiple_of(2) || !l.is_contiguous() {
@@ -97,19 +122,23 @@ where
     }
     let n = cols / 2;
     let dev = s.device().clone();
-    let func = dev.get_or_load_custom_func(
-        &format!("silu_mul_{}", crate::gpu::suffix(T::DTYPE)?),
-        "offline_bench_activation",
-        PTX,
-    )?;
+    let launch = silu_mul_launch(crate::gpu::suffix(T::DTYPE)?, rows, n);
+    let func = dev.get_or_load_custom_func(&launch.kernel, "offline_bench_activation", PTX)?;
     let x = s.as_cuda_slice::<T>()?.slice(l.start_offset()..);
     let mut out = crate::gpu::output_buffer::<T>(&dev, rows * n)?;
-    let mut args = func.builder();
-    args.arg(&x);
-    args.arg(&mut out);
-    candle_core::builder_arg!(args, rows as i32, n as i32);
-    // SAFETY: the kernel reads rows x 2n inputs and writes rows x n outputs.
-    unsafe { args.launch(LaunchConfig::for_num_elems((rows * n) as u32)) }.w()?;
+    if rows * n > 0 {
+        let mut out_arg = Some(&mut out);
+        let mut args = func.builder();
+        crate::launch::cuda::push_args(&mut args, &launch, |args, b| {
+            match b {
+                SiluMulBuf::X => args.arg(&x),
+                SiluMulBuf::Out => args.arg(out_arg.take().ok_or_else(|| missing(&launch, b))?),
+            };
+            Ok(())
+        })?;
+        // SAFETY: the kernel reads rows x 2n inputs and writes rows x n outputs.
+        unsafe { args.launch(launch.config()) }.w()?;
+    }
     Ok((
         candle_core::CudaStorage::wrap_cuda_slice(out, dev),
         Shape::from((rows, n)),

@@ -2,14 +2,13 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{CudaStorage, DType, Layout, Shape};
 
-use super::SamplingParams;
+use super::{SampleBuf, SamplingParams, sample_launch};
+use crate::launch::cuda::{missing, push_args};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
-/// Threads per row: `SAMPLE_THREADS` in the kernel.
-const THREADS: u32 = 1024;
 
 pub fn sample(
     p: &SamplingParams,
@@ -25,30 +24,25 @@ pub fn sample(
         candle_core::bail!("sample: logits and uniforms must be contiguous");
     }
     let dev = ls.device().clone();
-    let func = dev.get_or_load_custom_func("sample_rows", "offline_bench_sampling", PTX)?;
+    let l = sample_launch(p, rows, vocab);
+    let func = dev.get_or_load_custom_func(&l.kernel, "offline_bench_sampling", PTX)?;
     let logits = ls.as_cuda_slice::<f32>()?.slice(ll.start_offset()..);
     let uniforms = us.as_cuda_slice::<f32>()?.slice(ul.start_offset()..);
     let mut ids = crate::gpu::output_buffer::<u32>(&dev, rows)?;
     if rows > 0 {
+        let mut ids_arg = Some(&mut ids);
         let mut args = func.builder();
-        args.arg(&logits);
-        args.arg(&uniforms);
-        args.arg(&mut ids);
-        candle_core::builder_arg!(
-            args,
-            vocab as i32,
-            1.0f32 / p.temperature,
-            p.top_k.min(i32::MAX as usize) as i32,
-            p.top_p
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        push_args(&mut args, &l, |args, b| {
+            match b {
+                SampleBuf::Logits => args.arg(&logits),
+                SampleBuf::Uniforms => args.arg(&uniforms),
+                SampleBuf::Ids => args.arg(ids_arg.take().ok_or_else(|| missing(&l, b))?),
+            };
+            Ok(())
+        })?;
         // SAFETY: block r reads row r of the logits (vocab values) and uniform r, and writes
         // id r.
-        unsafe { args.launch(cfg) }.w()?;
+        unsafe { args.launch(l.config()) }.w()?;
     }
     Ok((CudaStorage::wrap_cuda_slice(ids, dev), Shape::from(rows)))
 }

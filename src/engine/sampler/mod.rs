@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, D, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::launch::{Arg, Launch};
 use crate::util::Rng64;
 
 /// How tokens are chosen.
@@ -92,6 +93,38 @@ pub fn uniform(seed: u64, request: usize, position: usize) -> f32 {
 
 /// Sampling of `[rows, vocab]` f32 logits with `[rows]` uniforms, as an op of either device.
 pub struct SampleRows(pub SamplingParams);
+
+/// The buffers of the `sample_rows` kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SampleBuf {
+    /// `[rows, vocab]` f32.
+    Logits,
+    /// `[rows]` f32 in `[0, 1)`.
+    Uniforms,
+    /// `[rows]` u32, the drawn tokens.
+    Ids,
+}
+
+/// Threads per row of the `sample_rows` kernel (`SAMPLE_THREADS` in kernels/sampling.cu).
+pub const SAMPLE_THREADS: u32 = 1024;
+
+/// The CUDA launch of [`SampleRows`]: one block per row.
+pub fn sample_launch(p: &SamplingParams, rows: usize, vocab: usize) -> Launch<SampleBuf> {
+    Launch::new(
+        "sample_rows".into(),
+        [rows.max(1) as u32, 1, 1],
+        SAMPLE_THREADS,
+        vec![
+            Arg::Buf(SampleBuf::Logits),
+            Arg::Buf(SampleBuf::Uniforms),
+            Arg::Buf(SampleBuf::Ids),
+            Arg::int(vocab),
+            Arg::F32(1.0 / p.temperature),
+            Arg::int(p.top_k),
+            Arg::F32(p.top_p),
+        ],
+    )
+}
 
 /// `(rows, vocab)` of the logits, checked against the uniforms.
 fn dims(ll: &Layout, ul: &Layout) -> candle_core::Result<(usize, usize)> {
