@@ -118,13 +118,13 @@ pub fn host(t: &Tensor) -> Result<Vec<f32>> {
 /// Attention geometry of a check: (heads, KV heads, head dim).
 pub type Geometry = (usize, usize, usize);
 
-/// The case for `seqs`: random K/V for every sequence's history and queries for both steps.
+/// The case for `seqs` (decode kernel chosen by shape): random K/V for every sequence's history
+/// and queries for both steps.
 pub fn attention_case(
     dtype: DType,
     block_size: usize,
     (heads, kv_heads, d): Geometry,
     seqs: &[SeqShape],
-    decode_kernel: DecodeKernel,
 ) -> AttentionCase {
     let num_blocks = SeqShape::blocks(seqs, block_size) + 3;
     let seed = (block_size * 1000 + heads * 10 + dtype.size_in_bytes()) as u64;
@@ -163,7 +163,7 @@ pub fn attention_case(
         kv_heads,
         head_dim: d,
         num_blocks,
-        decode_kernel,
+        decode_kernel: DecodeKernel::Auto,
         steps: [
             Step {
                 layout: layout(false),
@@ -181,45 +181,46 @@ pub fn attention_case(
     }
 }
 
-/// Both steps' outputs and the caches of `target` against the CPU's.
-pub fn check_attention(
+/// Both steps' outputs and the caches of `target` against the CPU's, once per decode kernel
+/// (`(label, kernel)`): the CPU computes its reference once, since the inputs are the same.
+pub fn check_attention_kernels(
     target: &dyn Target,
-    case: &AttentionCase,
-    label: &str,
+    mut case: AttentionCase,
+    kernels: &[(&str, DecodeKernel)],
     out: &mut Vec<Check>,
 ) -> Result<()> {
-    let want = Device::Cpu.attention(case)?;
-    let got = target.attention(case)?;
-    let detail = format!(
-        "{label}, {}, block {}, {}/{} heads x {}",
-        dtype_name(case.dtype),
-        case.block_size,
-        case.heads,
-        case.kv_heads,
-        case.head_dim
-    );
-    let tol = tolerance(case.dtype);
-    for (i, name) in ["attention (prefill)", "attention (step)"]
-        .iter()
-        .enumerate()
-    {
+    let want = Device::Cpu.attention(&case)?;
+    for &(label, kernel) in kernels {
+        case.decode_kernel = kernel;
+        let got = target.attention(&case)?;
+        let detail = format!(
+            "{label}, {}, block {}, {}/{} heads x {}",
+            dtype_name(case.dtype),
+            case.block_size,
+            case.heads,
+            case.kv_heads,
+            case.head_dim
+        );
+        let tol = tolerance(case.dtype);
+        for (i, name) in ["attention (prefill)", "attention (step)"]
+            .iter()
+            .enumerate()
+        {
+            out.push(Check {
+                name: (*name).into(),
+                detail: detail.clone(),
+                error: max_rel_error(&got.outputs[i], &want.outputs[i], false),
+                tolerance: tol,
+            });
+        }
+        let (k, v) = (&got.caches, &want.caches);
         out.push(Check {
-            name: (*name).into(),
-            detail: detail.clone(),
-            error: max_rel_error(&got.outputs[i], &want.outputs[i], false),
-            tolerance: tol,
+            name: "write_kv".into(),
+            detail,
+            error: max_rel_error(&k.0, &v.0, true).max(max_rel_error(&k.1, &v.1, true)),
+            tolerance: 0.0,
         });
     }
-    out.push(Check {
-        name: "write_kv".into(),
-        detail,
-        error: max_rel_error(&got.caches.0, &want.caches.0, true).max(max_rel_error(
-            &got.caches.1,
-            &want.caches.1,
-            true,
-        )),
-        tolerance: 0.0,
-    });
     Ok(())
 }
 

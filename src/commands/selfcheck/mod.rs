@@ -192,24 +192,29 @@ pub fn run(args: &SelfCheckArgs) -> Result<()> {
         for block_size in [16, 32] {
             for geometry in GEOMETRIES {
                 // Both decode kernels on both kinds of batch: split-K also on short contexts
-                // (one partition), tiles also on long ones.
-                for case in [
-                    ("mixed batch", &mixed[..], DecodeKernel::Auto),
-                    ("mixed, split-K forced", &mixed[..], DecodeKernel::Split),
+                // (one partition), tiles also on long ones; one CPU reference for both.
+                for (seqs, kernels) in [
                     (
-                        "long decodes (split-K)",
-                        &long_decodes[..],
-                        DecodeKernel::Split,
+                        &mixed[..],
+                        [
+                            ("mixed batch", DecodeKernel::Auto),
+                            ("mixed, split-K forced", DecodeKernel::Split),
+                        ],
                     ),
                     (
-                        "long decodes, tiles forced",
                         &long_decodes[..],
-                        DecodeKernel::Tiles,
+                        [
+                            ("long decodes (split-K)", DecodeKernel::Split),
+                            ("long decodes, tiles forced", DecodeKernel::Tiles),
+                        ],
                     ),
                 ] {
-                    let (label, seqs, kernel) = case;
-                    let c = kernels::attention_case(dtype, block_size, geometry, seqs, kernel);
-                    kernels::check_attention(&gpu, &c, label, &mut checks)?;
+                    kernels::check_attention_kernels(
+                        &gpu,
+                        kernels::attention_case(dtype, block_size, geometry, seqs),
+                        &kernels,
+                        &mut checks,
+                    )?;
                 }
             }
         }
@@ -274,8 +279,9 @@ mod tests {
                 queries: 1,
             },
         ];
-        let case = kernels::attention_case(DType::F32, 16, (4, 2, 32), &seqs, DecodeKernel::Auto);
-        kernels::check_attention(&Device::Cpu, &case, "small", &mut checks).unwrap();
+        let case = kernels::attention_case(DType::F32, 16, (4, 2, 32), &seqs);
+        let small = [("small", DecodeKernel::Auto)];
+        kernels::check_attention_kernels(&Device::Cpu, case, &small, &mut checks).unwrap();
         kernels::check_silu_mul(&Device::Cpu, DType::BF16, (37, 1536), &mut checks).unwrap();
         kernels::check_add_rms_norm(&Device::Cpu, DType::F16, (37, 4096), &mut checks).unwrap();
         kernels::check_sampling(&Device::Cpu, (48, 128_256), &mut checks).unwrap();

@@ -183,6 +183,25 @@ fn seqs(v: &[(usize, usize)]) -> Vec<SeqShape> {
         .collect()
 }
 
+/// The attention checks of `case` on the emulator in `schedule`, once per decode kernel.
+fn check_attention(
+    schedule: Schedule,
+    case: AttentionCase,
+    variants: &[(&str, DecodeKernel)],
+    checks: &mut Vec<Check>,
+) {
+    let labels: Vec<String> = variants
+        .iter()
+        .map(|(label, kernel)| format!("{label}, {kernel:?}, {schedule:?}"))
+        .collect();
+    let variants: Vec<(&str, DecodeKernel)> = labels
+        .iter()
+        .zip(variants)
+        .map(|(label, v)| (label.as_str(), v.1))
+        .collect();
+    kernels::check_attention_kernels(&Simt(schedule), case, &variants, checks).unwrap();
+}
+
 /// Fails with the table of every check that failed.
 fn assert_passed(checks: &[Check]) {
     let failed: Vec<String> = checks
@@ -217,14 +236,12 @@ fn attention_kernels_match_the_cpu_on_mixed_batches() {
             (DType::F16, 32, (9, 3, 32)),
             (DType::BF16, 16, (4, 4, 32)),
         ] {
-            for (label, kernel) in [
+            let case = kernels::attention_case(dtype, block_size, geometry, &mixed);
+            let variants = [
                 ("mixed", DecodeKernel::Auto),
                 ("split-K", DecodeKernel::Split),
-            ] {
-                let case = kernels::attention_case(dtype, block_size, geometry, &mixed, kernel);
-                let label = format!("{label}, {schedule:?}");
-                kernels::check_attention(&Simt(schedule), &case, &label, &mut checks).unwrap();
-            }
+            ];
+            check_attention(schedule, case, &variants, &mut checks);
         }
     }
     assert_passed(&checks);
@@ -240,9 +257,8 @@ fn attention_kernels_match_the_cpu_with_llama_3_8b_heads() {
         (Schedule::Forward, DecodeKernel::Auto),
         (Schedule::Reverse, DecodeKernel::Split),
     ] {
-        let case = kernels::attention_case(DType::BF16, 16, (32, 8, 128), &batch, kernel);
-        let label = format!("llama-3-8b heads, {kernel:?}, {schedule:?}");
-        kernels::check_attention(&Simt(schedule), &case, &label, &mut checks).unwrap();
+        let case = kernels::attention_case(DType::BF16, 16, (32, 8, 128), &batch);
+        check_attention(schedule, case, &[("llama-3-8b heads", kernel)], &mut checks);
     }
     assert_passed(&checks);
 }
@@ -257,9 +273,8 @@ fn split_k_and_tiles_match_the_cpu_on_long_decodes() {
         (Schedule::Reverse, DType::F32, DecodeKernel::Split),
         (Schedule::Forward, DType::F16, DecodeKernel::Tiles),
     ] {
-        let case = kernels::attention_case(dtype, 16, (4, 1, 32), &long, kernel);
-        let label = format!("long decodes, {kernel:?}, {schedule:?}");
-        kernels::check_attention(&Simt(schedule), &case, &label, &mut checks).unwrap();
+        let case = kernels::attention_case(dtype, 16, (4, 1, 32), &long);
+        check_attention(schedule, case, &[("long decodes", kernel)], &mut checks);
     }
     assert_passed(&checks);
 }
