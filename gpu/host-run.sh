@@ -4,7 +4,16 @@
 # passes the timed runs (chat and ShareGPT workloads, then a shapes sweep), writing logs and
 # JSON under $OUT (default ./gpu-results), and ends with a table. Never changes the GPU's clocks
 # or settings.
+#
+#   bash .gpu/run.sh                      # everything: self-check chat sharegpt shapes
+#   bash .gpu/run.sh self-check chat      # some steps (one device call is at most 10 minutes:
+#   bash .gpu/run.sh shapes               #  split the steps over two calls if need be)
+# The timed steps run only after a passing self-check in the same call, unless SKIP_CHECK=1
+# (for a later call after one that passed).
 set -uo pipefail
+steps=${*:-self-check chat sharegpt shapes}
+want() { case " $steps " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+stamp() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$out/timeline.txt"; }
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/gpu-results}
 mkdir -p "$out"
@@ -23,18 +32,26 @@ gunzip -c "$here/offline-bench.gz" > "$bin" && chmod +x "$bin"
 gunzip -c "$here/llama3-tokenizer.json.gz" > "$work/tokenizer.json"
 echo "commit $(cat "$here/commit.txt"), date $(date -u +%Y-%m-%d)" | tee "$out/run.txt"
 
-if ! "$bin" self-check --device cuda 2>&1 | tee "$out/self-check.txt"; then
-  echo "self-check failed: no timing (see $out/self-check.txt)"
+stamp "steps: $steps"
+if want self-check; then
+  stamp self-check
+  if ! "$bin" self-check --device cuda 2>&1 | tee "$out/self-check.txt"; then
+    stamp "self-check failed: no timing (see $out/self-check.txt)"
+    exit 1
+  fi
+  "$bin" generate --quiet --device cuda --model llama-3-8b --load-format dummy \
+    --tokenizer "$work/tokenizer.json" --prompt "The capital of France is" --max-tokens 8 \
+    2>&1 | tee "$out/generate.txt"
+elif [ "${SKIP_CHECK:-0}" != 1 ]; then
+  echo "no self-check in this call: add the self-check step, or SKIP_CHECK=1 after one passed" >&2
   exit 1
 fi
-
-"$bin" generate --quiet --device cuda --model llama-3-8b --load-format dummy \
-  --tokenizer "$work/tokenizer.json" --prompt "The capital of France is" --max-tokens 8 \
-  2>&1 | tee "$out/generate.txt"
 
 status=0
 # Sampled as vLLM's `bench throughput` samples (temperature 1, top-p 1), on the device.
 for ds in chat sharegpt; do
+  want "$ds" || continue
+  stamp "$ds"
   "$bin" throughput --device cuda --model llama-3-8b --load-format dummy \
     --temperature 1 --top-p 1 \
     --workload "$here/$ds-llama3-1000.json" --output-json "$out/$ds.json" \
@@ -43,12 +60,17 @@ done
 
 # The shapes sweep of llama-3-8b (issue 4's GPU figure): prefill and decode per shape, each
 # kernel timed with CUDA events, against the device's measured GEMM and copy peaks.
-"$bin" shapes --device cuda --model llama-3-8b --load-format dummy \
-  --batch-sizes 1,8,32,128 --input-lens 128,512,2048 --output-lens 128 \
-  --output-dir "$out/shapes" 2>&1 | tee "$out/shapes.txt" || status=1
+if want shapes; then
+  stamp shapes
+  "$bin" shapes --device cuda --model llama-3-8b --load-format dummy \
+    --batch-sizes 1,8,32,128 --input-lens 128,512,2048 --output-lens 128 \
+    --output-dir "$out/shapes" 2>&1 | tee "$out/shapes.txt" || status=1
+fi
+stamp done
 
 printf '\n%-10s %12s %16s %16s %10s\n' workload "gens/s" "gen tok/s" "prompt tok/s" "time s"
 for ds in chat sharegpt; do
+  want "$ds" || continue
   [ -f "$out/$ds.json" ] || { printf '%-10s %12s\n' "$ds" failed; continue; }
   python3 - "$out/$ds.json" "$ds" <<'PY'
 import json, sys
