@@ -20,19 +20,6 @@ use crate::launch::cuda::{missing, push_args};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 const MODULE: &str = "offline_bench_attention";
 
-/// Lets `func` use `smem` bytes of dynamic shared memory (more than the default 48 KiB needs
-/// the attribute set).
-fn allow_smem(
-    func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
-    smem: u32,
-) -> candle_core::Result<()> {
-    func.set_attribute(
-        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        smem as i32,
-    )
-    .w()
-}
-
 /// A step's metadata on the device, shared by every layer.
 pub struct DevicePlan {
     pub plan: LaunchPlan,
@@ -101,7 +88,11 @@ fn allow_launch_smem(
     l: &Launch<Buf>,
 ) -> candle_core::Result<()> {
     if l.shared_bytes > 0 {
-        allow_smem(func, l.shared_bytes)?;
+        func.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            l.shared_bytes as i32,
+        )
+        .w()?;
     }
     Ok(())
 }
