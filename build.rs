@@ -86,7 +86,7 @@ fn compile_simt() {
         .warnings(true)
         .extra_warnings(true)
         .flag_if_supported("-Wno-unused-parameter")
-        .file("kernels/simt/simt.cpp")
+        .files(["simt", "guard", "kernels"].map(|f| format!("kernels/simt/{f}.cpp")))
         .compile("offline_bench_simt");
 }
 

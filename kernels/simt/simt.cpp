@@ -6,8 +6,8 @@
 //   - a barrier some threads never reach, or a warp operation that names a lane which exited,
 //     does not exist, or waits at a different barrier (divergence);
 //   - a read or write outside an argument buffer (each buffer is copied next to a
-//     PROT_NONE guard page, after its end or before its start depending on the schedule) or
-//     outside the dynamic shared memory, and a write to an input;
+//     PROT_NONE guard, after its end or before its start depending on the schedule; guard.cpp)
+//     or outside the dynamic shared memory, and a write to an input;
 //   - launch geometry an sm_90 GPU refuses (threads, grid, shared memory).
 // Dynamic shared memory starts as 0xff bytes (NaN as f32) in every block, so reading what no
 // thread wrote shows; two schedules (threads in forward or reverse order between barriers)
@@ -19,20 +19,17 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <cstdarg>
 #include <algorithm>
+#include <cstdarg>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <string>
-#include <type_traits>
-#include <utility>
 #include <vector>
 
-#include "../attention.cu"
-#include "../activation.cu"
-#include "../norm.cu"
-#include "../sampling.cu"
+#include "cuda_shim.h"
+#include "internal.h"
 
 namespace simt {
 
@@ -145,13 +142,6 @@ struct Launch {
 Launch* L = nullptr;
 std::mutex launch_mutex;  // static __shared__ variables and the state above are global
 std::vector<char*> stacks;
-
-char* page_alloc(size_t bytes) {
-  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  return p == MAP_FAILED ? nullptr : static_cast<char*>(p);
-}
-
-size_t page_size() { return (size_t)sysconf(_SC_PAGESIZE); }
 
 std::string where(const Fiber* f) {
   char buf[160];
@@ -290,17 +280,7 @@ bool run_block(bool reverse) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Argument buffers next to guard pages, and the fault handler that names what was touched.
-
-struct Region {
-  char* map = nullptr;
-  size_t map_len = 0;
-  char* data = nullptr;
-  size_t len = 0;
-  char* guard = nullptr;  // GUARD bytes
-  bool writable = true;
-  std::string name;
-};
+// The fault handler: back to the launch, which names what was touched (guard.cpp).
 
 std::vector<Region> regions;
 sigjmp_buf fault_jump;
@@ -320,95 +300,13 @@ void on_fault(int sig, siginfo_t* info, void*) {
   siglongjmp(fault_jump, 1);
 }
 
-// Guard pages on one side of each buffer: 1 MiB, so that an index far out of range still
-// lands in a guard rather than in another buffer.
-constexpr size_t GUARD = 1 << 20;
-
-bool guard_region(Region& r, const void* src, size_t len, bool guard_before) {
-  const size_t ps = page_size();
-  const size_t pages = (len + ps - 1) / ps;
-  r.len = len;
-  r.map_len = pages * ps + GUARD;
-  r.map = page_alloc(r.map_len);
-  if (r.map == nullptr) return false;
-  if (guard_before) {
-    r.guard = r.map;
-    r.data = r.map + GUARD;
-  } else {
-    r.guard = r.map + pages * ps;
-    r.data = r.guard - len;
-  }
-  mprotect(r.guard, GUARD, PROT_NONE);
-  if (len > 0 && src != nullptr) std::memcpy(r.data, src, len);
-  return true;
-}
-
 std::string describe_fault(uintptr_t a) {
   const size_t ps = page_size();
-  for (const Region& r : regions) {
-    const auto g = reinterpret_cast<uintptr_t>(r.guard);
-    const auto d0 = reinterpret_cast<uintptr_t>(r.data), d1 = d0 + r.len;
-    if (a >= g && a < g + GUARD) {
-      char buf[200];
-      if (a >= d1) {
-        snprintf(buf, sizeof buf, "accesses byte %zu past the end of %s (%zu bytes)",
-                 (size_t)(a - d1), r.name.c_str(), r.len);
-      } else {
-        snprintf(buf, sizeof buf, "accesses byte %zu before the start of %s (%zu bytes)",
-                 (size_t)(d0 - a), r.name.c_str(), r.len);
-      }
-      return buf;
-    }
-    if (a >= d0 && a < d1 && !r.writable) return "writes to " + r.name + ", an input";
-  }
   for (char* s : stacks) {
     const auto lo = reinterpret_cast<uintptr_t>(s) - ps;
     if (a >= lo && a < lo + ps) return "overflows its fiber stack";
   }
-  char buf[80];
-  snprintf(buf, sizeof buf, "accesses address %#zx, in no argument buffer", (size_t)a);
-  return buf;
-}
-
-// ---------------------------------------------------------------------------------------------
-// The kernels: name, parameter kinds (p pointer, i 32-bit integer, f float) and a call that
-// takes cuLaunchKernel-style parameters (one pointer per argument, to its value).
-
-template <typename T> constexpr char kind() {
-  if constexpr (std::is_pointer_v<T>) return 'p';
-  else if constexpr (std::is_same_v<T, float>) return 'f';
-  else {
-    static_assert(std::is_integral_v<T> && sizeof(T) == 4, "kernel parameters: pointers, 32-bit ints, floats");
-    return 'i';
-  }
-}
-
-template <typename... A> std::string signature(void (*)(A...)) { return {kind<A>()...}; }
-
-template <typename... A, size_t... I>
-void call(void (*f)(A...), void* const* p, std::index_sequence<I...>) {
-  f(*static_cast<A*>(p[I])...);
-}
-template <typename... A> void call(void (*f)(A...), void* const* p) {
-  call(f, p, std::index_sequence_for<A...>{});
-}
-
-struct Kernel {
-  const char* name;
-  std::string sig;
-  std::function<void(void* const*)> run;
-};
-
-#define KERNEL(f) \
-  Kernel { #f, signature(&f), [](void* const* p) { call(&f, p); } }
-#define KERNELS_OF_TYPE(S)                                                                    \
-  KERNEL(write_kv_##S), KERNEL(attention_tiles_##S), KERNEL(attention_split_##S),             \
-      KERNEL(attention_reduce_##S), KERNEL(silu_mul_##S), KERNEL(add_rms_norm_##S)
-
-const std::vector<Kernel>& kernels() {
-  static const std::vector<Kernel> all = {KERNELS_OF_TYPE(f32), KERNELS_OF_TYPE(f16),
-                                          KERNELS_OF_TYPE(bf16), KERNEL(sample_rows)};
-  return all;
+  return describe_access(regions, a);
 }
 
 }  // namespace
@@ -505,10 +403,7 @@ extern "C" int simt_launch(const char* name, const uint32_t* grid, const uint32_
     snprintf(err, err_len, "%s", msg.c_str());
     return 1;
   };
-  const Kernel* k = nullptr;
-  for (const Kernel& c : kernels()) {
-    if (std::strcmp(c.name, name) == 0) k = &c;
-  }
+  const Kernel* k = find_kernel(name);
   if (k == nullptr) return fail(std::string("no kernel named ") + name);
   std::string given;
   for (size_t i = 0; i < nargs; ++i) given += (char)args[i].kind;
@@ -546,9 +441,7 @@ extern "C" int simt_launch(const char* name, const uint32_t* grid, const uint32_
   std::vector<void*> pointers(nargs, nullptr);
   std::vector<void*> params(nargs, nullptr);
   auto unmap_all = [&] {
-    for (Region& r : regions) {
-      if (r.map != nullptr) munmap(r.map, r.map_len);
-    }
+    for (Region& r : regions) unmap(r);
     regions.clear();
   };
   for (size_t i = 0; i < nargs; ++i) {
