@@ -11,9 +11,11 @@
 
 constexpr int SAMPLE_THREADS = 1024;
 
-// Keys that order like the floats they come from (-inf lowest).
+// Keys that order like the floats they come from (-inf lowest), -0 equal to +0 as the CPU
+// compares them (else a -0 logit at the threshold would be dropped).
 __device__ __forceinline__ uint32_t order_key(float x) {
-  const uint32_t b = __float_as_uint(x);
+  uint32_t b = __float_as_uint(x);
+  if (b == 0x80000000u) b = 0;
   return b ^ ((b >> 31) ? 0xffffffffu : 0x80000000u);
 }
 

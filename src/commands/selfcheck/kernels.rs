@@ -289,7 +289,8 @@ pub const SAMPLING: [(f32, f32, usize); 4] = [
     (0.6, 0.95, 50),
 ];
 
-/// The sampling kernel against the CPU's draw on the same logits and uniforms: the error is how
+/// The sampling kernel against the CPU's draw on the same logits (`rows` random ones and three
+/// built ones) and uniforms: the error is how
 /// far, as a share of the kept mass, the target's token lies from where the CPU's walk puts `u`
 /// (0 when the two agree; infinite for a token that top-k or top-p should have dropped).
 pub fn check_sampling(
@@ -298,11 +299,15 @@ pub fn check_sampling(
     out: &mut Vec<Check>,
 ) -> Result<()> {
     let mut rng = Rng64::new(9);
-    let logits = Tensor::from_vec(
-        rng.uniform_f32(rows * vocab, 12.0),
-        (rows, vocab),
-        &Device::Cpu,
-    )?;
+    let mut values = rng.uniform_f32(rows * vocab, 12.0);
+    // Rows that put the thresholds where a slip shows: ascending logits (what is kept is the
+    // row's end), a few tied levels (top-k and top-p cut inside a tie), one logit far above
+    // the rest.
+    values.extend((0..vocab).map(|i| 12.0 * i as f32 / vocab as f32));
+    values.extend(rng.uniform_f32(vocab, 2.0).iter().map(|x| x.round()));
+    values.extend((0..vocab).map(|i| if i == vocab / 2 { 20.0 } else { 0.0 }));
+    let rows = rows + 3;
+    let logits = Tensor::from_vec(values, (rows, vocab), &Device::Cpu)?;
     let uniforms: Vec<f32> = (0..rows).map(|r| uniform(0, r, 0)).collect();
     let u = Tensor::from_slice(&uniforms, rows, &Device::Cpu)?;
     let host_rows = logits.to_vec2::<f32>()?;
