@@ -15,9 +15,10 @@ __device__ void silu_mul(const T* __restrict__ x, T* __restrict__ out, int rows,
   out[i] = from_f<T>(gte / (1.f + __expf(-gte)) * up);
 }
 
-#define ENTRY_POINTS(T, SUFFIX)                                                     \
-  extern "C" __global__ void silu_mul_##SUFFIX(const T* x, T* out, int rows, int n) { \
-    silu_mul<T>(x, out, rows, n);                                                   \
+#define ENTRY_POINTS(T, SUFFIX)                                                                    \
+  extern "C" __global__ void __launch_bounds__(ELEMENTWISE_THREADS) silu_mul_##SUFFIX(             \
+      const T* x, T* out, int rows, int n) {                                                       \
+    silu_mul<T>(x, out, rows, n);                                                                  \
   }
 
 ENTRY_POINTS(float, f32)

@@ -21,6 +21,13 @@
 
 #include "common.cuh"
 
+// Threads per block (src/attention/launch.rs): the tile and split-K kernels take THREADS, the
+// merge one per head dimension (at most 1024). They are the kernels' __launch_bounds__: the
+// compiler keeps registers within what a block of that many threads can have (a launch would
+// fail for lack of them otherwise), and the emulator refuses a launch over them.
+constexpr int ATTENTION_THREADS = 256;
+constexpr int REDUCE_THREADS = 1024;
+
 // ---------------------------------------------------------------------------------------------
 // write_kv: src [tokens, kv_heads, d] -> cache slot slots[t] (block = slot / bs, offset = slot % bs).
 
@@ -215,32 +222,32 @@ __device__ void attention_reduce(const float* __restrict__ part_acc,
 // ---------------------------------------------------------------------------------------------
 // Entry points, one per element type (the Rust side picks by dtype suffix).
 
-#define ENTRY_POINTS(T, SUFFIX)                                                                  \
-  extern "C" __global__ void write_kv_##SUFFIX(const T* src, T* cache, const uint32_t* slots,    \
-                                               int tokens, int kv_heads, int d, int bs,         \
-                                               int values) {                                     \
-    write_kv<T>(src, cache, slots, tokens, kv_heads, d, bs, values);                             \
-  }                                                                                              \
-  extern "C" __global__ void attention_tiles_##SUFFIX(                                           \
-      const T* q, const T* kc, const T* vc, T* out, const uint32_t* tiles,                      \
-      const uint32_t* query_start, const uint32_t* context_lens, const uint32_t* block_tables,  \
-      int max_blocks, int heads, int kv_heads, int d, int bs, float scale, int max_rows) {      \
-    attention_tiles<T>(q, kc, vc, out, tiles, query_start, context_lens, block_tables,           \
-                       max_blocks, heads, kv_heads, d, bs, scale, max_rows);                     \
-  }                                                                                              \
-  extern "C" __global__ void attention_split_##SUFFIX(                                           \
-      const T* q, const T* kc, const T* vc, float* part_acc, float* part_m, float* part_l,      \
-      const uint32_t* tokens, const uint32_t* token_seq, const uint32_t* query_start,           \
-      const uint32_t* context_lens, const uint32_t* block_tables, int max_blocks, int heads,    \
-      int kv_heads, int d, int bs, float scale, int part_size) {                                 \
-    attention_split<T>(q, kc, vc, part_acc, part_m, part_l, tokens, token_seq, query_start,     \
-                       context_lens, block_tables, max_blocks, heads, kv_heads, d, bs, scale,    \
-                       part_size);                                                               \
-  }                                                                                              \
-  extern "C" __global__ void attention_reduce_##SUFFIX(                                          \
-      const float* part_acc, const float* part_m, const float* part_l, T* out,                  \
-      const uint32_t* tokens, int heads, int d, int parts) {                                     \
-    attention_reduce<T>(part_acc, part_m, part_l, out, tokens, heads, d, parts);                 \
+#define ENTRY_POINTS(T, SUFFIX)                                                                    \
+  extern "C" __global__ void __launch_bounds__(ELEMENTWISE_THREADS) write_kv_##SUFFIX(             \
+      const T* src, T* cache, const uint32_t* slots, int tokens, int kv_heads, int d, int bs,      \
+      int values) {                                                                                \
+    write_kv<T>(src, cache, slots, tokens, kv_heads, d, bs, values);                               \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(ATTENTION_THREADS) attention_tiles_##SUFFIX(        \
+      const T* q, const T* kc, const T* vc, T* out, const uint32_t* tiles,                         \
+      const uint32_t* query_start, const uint32_t* context_lens, const uint32_t* block_tables,     \
+      int max_blocks, int heads, int kv_heads, int d, int bs, float scale, int max_rows) {         \
+    attention_tiles<T>(q, kc, vc, out, tiles, query_start, context_lens, block_tables,             \
+                       max_blocks, heads, kv_heads, d, bs, scale, max_rows);                       \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(ATTENTION_THREADS) attention_split_##SUFFIX(        \
+      const T* q, const T* kc, const T* vc, float* part_acc, float* part_m, float* part_l,         \
+      const uint32_t* tokens, const uint32_t* token_seq, const uint32_t* query_start,              \
+      const uint32_t* context_lens, const uint32_t* block_tables, int max_blocks, int heads,       \
+      int kv_heads, int d, int bs, float scale, int part_size) {                                   \
+    attention_split<T>(q, kc, vc, part_acc, part_m, part_l, tokens, token_seq, query_start,        \
+                       context_lens, block_tables, max_blocks, heads, kv_heads, d, bs, scale,      \
+                       part_size);                                                                 \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(REDUCE_THREADS) attention_reduce_##SUFFIX(          \
+      const float* part_acc, const float* part_m, const float* part_l, T* out,                     \
+      const uint32_t* tokens, int heads, int d, int parts) {                                       \
+    attention_reduce<T>(part_acc, part_m, part_l, out, tokens, heads, d, parts);                   \
   }
 
 ENTRY_POINTS(float, f32)

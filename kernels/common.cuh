@@ -12,6 +12,10 @@
 #include "simt/cuda_shim.h"
 #endif
 
+// Threads per block of the one-thread-per-element kernels (src/launch.rs,
+// ELEMENTWISE_THREADS): their __launch_bounds__.
+constexpr int ELEMENTWISE_THREADS = 1024;
+
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -2,6 +2,9 @@
 
 #include "common.cuh"
 
+// Threads per row (src/model/norm.rs, ADD_RMS_NORM_THREADS): the kernel's __launch_bounds__.
+constexpr int NORM_THREADS = 256;
+
 // ---------------------------------------------------------------------------------------------
 // add_rms_norm: one block per row. out[0] = x + delta (rounded to T, as an unfused add would),
 // out[1] = out[0] * rsqrt(mean(out[0]^2) + eps) * w; out is [2, rows, n].
@@ -38,10 +41,10 @@ __device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ delt
   }
 }
 
-#define ENTRY_POINTS(T, SUFFIX)                                                               \
-  extern "C" __global__ void add_rms_norm_##SUFFIX(const T* x, const T* delta, const T* w,    \
-                                                   T* out, int rows, int n, float eps) {      \
-    add_rms_norm<T>(x, delta, w, out, rows, n, eps);                                          \
+#define ENTRY_POINTS(T, SUFFIX)                                                                    \
+  extern "C" __global__ void __launch_bounds__(NORM_THREADS) add_rms_norm_##SUFFIX(                \
+      const T* x, const T* delta, const T* w, T* out, int rows, int n, float eps) {                \
+    add_rms_norm<T>(x, delta, w, out, rows, n, eps);                                               \
   }
 
 ENTRY_POINTS(float, f32)

@@ -9,6 +9,7 @@
 
 #include "common.cuh"
 
+// Threads per row (src/engine/sampler/mod.rs, SAMPLE_THREADS): the kernel's __launch_bounds__.
 constexpr int SAMPLE_THREADS = 1024;
 
 // Keys that order like the floats they come from (-inf lowest), -0 equal to +0 as the CPU
@@ -110,10 +111,9 @@ __device__ uint32_t radix_select(const float* __restrict__ row, int n, uint32_t 
 
 // logits [rows, vocab] f32, uniforms [rows] in [0, 1) -> ids [rows].
 // top_k: 0 or >= vocab is off; top_p: 1 is off.
-extern "C" __global__ void sample_rows(const float* __restrict__ logits,
-                                       const float* __restrict__ uniforms,
-                                       uint32_t* __restrict__ ids, int vocab, float inv_t,
-                                       int top_k, float top_p) {
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_rows(const float* __restrict__ logits, const float* __restrict__ uniforms,
+                uint32_t* __restrict__ ids, int vocab, float inv_t, int top_k, float top_p) {
   __shared__ float hist[256];
   __shared__ float scratch[32];
   __shared__ int choice, fallback;

@@ -259,4 +259,19 @@ mod tests {
         l.kernel = "write_kv_f64".into();
         assert!(m.run(&l, Schedule::Forward).is_err());
     }
+
+    #[test]
+    fn blocks_over_a_kernels_launch_bounds_are_refused() {
+        use crate::model::norm::{AddRmsNormBuf as B, add_rms_norm_launch};
+        let mut m = Memory::default();
+        for b in [B::X, B::Delta, B::Weight] {
+            m.input(b, &[1f32; 8]);
+        }
+        m.output(B::Out, &[f32::NAN; 16]);
+        let mut l = add_rms_norm_launch("f32", 1, 8, 1e-5);
+        m.run(&l, Schedule::Forward).unwrap();
+        l.block = [512, 1, 1];
+        let err = m.run(&l, Schedule::Forward).unwrap_err().to_string();
+        assert!(err.contains("over its __launch_bounds__ of 256"), "{err}");
+    }
 }

@@ -52,6 +52,7 @@ template <typename T> T shuffle(unsigned mask, T v, int src) {
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __shared__ static
 #define threadIdx (simt::thread_idx())

@@ -14,6 +14,7 @@ namespace simt {
 struct Kernel {
   const char* name;
   std::string sig;
+  int max_threads;  // its __launch_bounds__
   std::function<void(void* const*)> run;
 };
 

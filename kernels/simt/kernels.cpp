@@ -20,7 +20,8 @@ template <typename T> constexpr char kind() {
   if constexpr (std::is_pointer_v<T>) return 'p';
   else if constexpr (std::is_same_v<T, float>) return 'f';
   else {
-    static_assert(std::is_integral_v<T> && sizeof(T) == 4, "kernel parameters: pointers, 32-bit ints, floats");
+    static_assert(std::is_integral_v<T> && sizeof(T) == 4,
+                  "kernel parameters: pointers, 32-bit ints, floats");
     return 'i';
   }
 }
@@ -35,17 +36,21 @@ template <typename... A> void call(void (*f)(A...), void* const* p) {
   call(f, p, std::index_sequence_for<A...>{});
 }
 
-#define KERNEL(f) \
-  Kernel { #f, signature(&f), [](void* const* p) { call(&f, p); } }
+// Each with the __launch_bounds__ its .cu file gives it.
+#define KERNEL(f, bound) \
+  Kernel { #f, signature(&f), bound, [](void* const* p) { call(&f, p); } }
 #define KERNELS_OF_TYPE(S)                                                                    \
-  KERNEL(write_kv_##S), KERNEL(attention_tiles_##S), KERNEL(attention_split_##S),             \
-      KERNEL(attention_reduce_##S), KERNEL(silu_mul_##S), KERNEL(add_rms_norm_##S)
+  KERNEL(write_kv_##S, ELEMENTWISE_THREADS), KERNEL(attention_tiles_##S, ATTENTION_THREADS),  \
+      KERNEL(attention_split_##S, ATTENTION_THREADS),                                         \
+      KERNEL(attention_reduce_##S, REDUCE_THREADS), KERNEL(silu_mul_##S, ELEMENTWISE_THREADS), \
+      KERNEL(add_rms_norm_##S, NORM_THREADS)
 
 }  // namespace
 
 const Kernel* find_kernel(const char* name) {
   static const std::vector<Kernel> all = {KERNELS_OF_TYPE(f32), KERNELS_OF_TYPE(f16),
-                                          KERNELS_OF_TYPE(bf16), KERNEL(sample_rows)};
+                                          KERNELS_OF_TYPE(bf16),
+                                          KERNEL(sample_rows, SAMPLE_THREADS)};
   for (const Kernel& k : all) {
     if (std::strcmp(k.name, name) == 0) return &k;
   }

@@ -416,6 +416,10 @@ extern "C" int simt_launch(const char* name, const uint32_t* grid, const uint32_
     return fail(std::string(name) + ": a block of " + std::to_string(threads) +
                 " threads (a GPU takes 1 to 1024, z at most 64)");
   }
+  if (threads > (unsigned long)k->max_threads) {
+    return fail(std::string(name) + ": a block of " + std::to_string(threads) +
+                " threads, over its __launch_bounds__ of " + std::to_string(k->max_threads));
+  }
   if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[0] > 0x7fffffffu ||
       grid[1] > 65535 || grid[2] > 65535) {
     return fail(std::string(name) + ": grid (" + std::to_string(grid[0]) + "," +
