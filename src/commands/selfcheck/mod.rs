@@ -62,6 +62,18 @@ fn tolerance(dtype: DType) -> f64 {
     }
 }
 
+/// The attention checks' batches, `(context, queries)` per sequence: a mixed batch (a first
+/// decode, a whole prompt, a decode over a partition boundary, chunks over earlier context, a
+/// decode of a full block, a long chunk), and long decodes for split-K.
+const MIXED: [(usize, usize); 6] = [(1, 1), (37, 37), (530, 1), (75, 9), (16, 1), (300, 40)];
+const LONG_DECODES: [(usize, usize); 2] = [(3000, 1), (1500, 1)];
+
+fn seqs(v: &[(usize, usize)]) -> Vec<SeqShape> {
+    v.iter()
+        .map(|&(ctx, queries)| SeqShape { ctx, queries })
+        .collect()
+}
+
 /// Attention geometries of the GPU checks: Llama-3-8B's and SmolLM2's.
 const GEOMETRIES: [kernels::Geometry; 2] = [(32, 8, 128), (9, 3, 64)];
 
@@ -154,39 +166,7 @@ pub fn run(args: &SelfCheckArgs) -> Result<()> {
             println!("device: {}", crate::gpu::describe(dev));
         }
     }
-    let mixed = [
-        SeqShape { ctx: 1, queries: 1 },
-        SeqShape {
-            ctx: 37,
-            queries: 37,
-        },
-        SeqShape {
-            ctx: 530,
-            queries: 1,
-        },
-        SeqShape {
-            ctx: 75,
-            queries: 9,
-        },
-        SeqShape {
-            ctx: 16,
-            queries: 1,
-        },
-        SeqShape {
-            ctx: 300,
-            queries: 40,
-        },
-    ];
-    let long_decodes = [
-        SeqShape {
-            ctx: 3000,
-            queries: 1,
-        },
-        SeqShape {
-            ctx: 1500,
-            queries: 1,
-        },
-    ];
+    let (mixed, long_decodes) = (seqs(&MIXED), seqs(&LONG_DECODES));
     let mut checks = Vec::new();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for block_size in [16, 32] {

@@ -7,11 +7,11 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
-use super::Check;
 use super::kernels::{self, AttentionCase, AttentionOut, Target};
+use super::{Check, GEOMETRIES, MIXED, seqs};
 use crate::attention::launch::{self as attn, Buf};
 use crate::attention::plan::{self, DecodeKernel};
-use crate::attention::{CacheKind, SeqShape};
+use crate::attention::CacheKind;
 use crate::engine::sampler::{SampleBuf, SamplingParams, sample_launch};
 use crate::model::norm::{AddRmsNormBuf, add_rms_norm_launch};
 use crate::model::ops::{SiluMulBuf, silu_mul_launch};
@@ -177,12 +177,6 @@ impl Target for Simt {
     }
 }
 
-fn seqs(v: &[(usize, usize)]) -> Vec<SeqShape> {
-    v.iter()
-        .map(|&(ctx, queries)| SeqShape { ctx, queries })
-        .collect()
-}
-
 /// The attention checks of `case` on the emulator in `schedule`, once per decode kernel.
 fn check_attention(
     schedule: Schedule,
@@ -304,6 +298,29 @@ fn sampling_kernel_draws_where_the_cpu_walk_does() {
         // Llama-3's vocabulary, and one smaller than the block's 1024 threads x 8.
         for shape in [(2, 128_256), (3, 5000)] {
             kernels::check_sampling(&Simt(schedule), shape, &mut checks).unwrap();
+        }
+    }
+    assert_passed(&checks);
+}
+
+/// The GPU self-check's mixed-batch cases at their own sizes, on the emulator (minutes: run with
+/// `cargo test --release --features simt -- --ignored`). Its long decodes (3000 and 1500 keys
+/// with 32 heads) would take hours here; the tests above run smaller ones.
+#[test]
+#[ignore]
+fn the_gpu_self_checks_mixed_batches_pass_on_the_emulator() {
+    let mixed = seqs(&MIXED);
+    let mut checks = Vec::new();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for block_size in [16, 32] {
+            for geometry in GEOMETRIES {
+                let case = kernels::attention_case(dtype, block_size, geometry, &mixed);
+                let variants = [
+                    ("mixed", DecodeKernel::Auto),
+                    ("split-K", DecodeKernel::Split),
+                ];
+                check_attention(Schedule::Forward, case, &variants, &mut checks);
+            }
         }
     }
     assert_passed(&checks);
