@@ -51,8 +51,8 @@ impl<B> Launch<B> {
 }
 
 impl<B> Arg<B> {
-    /// A size or count, which the kernels take as `int` (the launch builders check that
-    /// theirs fit).
+    /// A size or count, which the kernels take as `int` (saturating; a step's sizes are far
+    /// below `i32::MAX`).
     pub fn int(n: usize) -> Self {
         Arg::I32(i32::try_from(n).unwrap_or(i32::MAX))
     }
