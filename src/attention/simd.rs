@@ -8,10 +8,15 @@ pub fn block_scores(q: &[f32], kt: &[f32], scale: f32, out: &mut [f32]) {
     let (d, bs) = (q.len(), out.len());
     assert!(kt.len() >= d * bs);
     #[cfg(target_arch = "x86_64")]
-    if bs == 16 && d.is_multiple_of(4) && avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked), and the assert above bounds every access.
-        unsafe { x86::block_scores16(q, kt, scale, out) };
-        return;
+    if d.is_multiple_of(8) && avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked), the assert above bounds every access, and
+        // d is a multiple of 8 (so of every unroll below).
+        match bs {
+            8 => return unsafe { x86::block_scores::<1, 8>(q, kt, scale, out) },
+            16 => return unsafe { x86::block_scores::<2, 4>(q, kt, scale, out) },
+            32 => return unsafe { x86::block_scores::<4, 2>(q, kt, scale, out) },
+            _ => {}
+        }
     }
     out.fill(0.0);
     for (dd, &qd) in q.iter().enumerate() {
@@ -46,30 +51,44 @@ use crate::device::cpu_has_avx2_fma as avx2_fma;
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// Scores of a block of `8 * V` keys: `V` vectors per row of `kt`, `U` rows per step, so
+    /// that `V * U = 8` accumulators hide the FMA latency (16-key blocks: 2 x 4).
+    ///
     /// # Safety
-    /// AVX2 and FMA must be available; `kt` holds `16 * q.len()` values, `out` 16, and
-    /// `q.len()` is a multiple of 4.
+    /// AVX2 and FMA must be available; `kt` holds `8 * V * q.len()` values, `out` `8 * V`, and
+    /// `q.len()` is a multiple of `U`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block_scores16(q: &[f32], kt: &[f32], scale: f32, out: &mut [f32]) {
+    pub unsafe fn block_scores<const V: usize, const U: usize>(
+        q: &[f32],
+        kt: &[f32],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let bs = 8 * V;
         // SAFETY: the caller's contract (above) bounds every pointer offset.
         unsafe {
             let k = kt.as_ptr();
             let mut a = [_mm256_setzero_ps(); 8];
             let mut dd = 0;
             while dd < q.len() {
-                for u in 0..4 {
+                for u in 0..U {
                     let qv = _mm256_set1_ps(*q.get_unchecked(dd + u));
-                    let row = k.add((dd + u) * 16);
-                    a[2 * u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(row), a[2 * u]);
-                    a[2 * u + 1] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(row.add(8)), a[2 * u + 1]);
+                    let row = k.add((dd + u) * bs);
+                    for v in 0..V {
+                        let i = u * V + v;
+                        a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(row.add(8 * v)), a[i]);
+                    }
                 }
-                dd += 4;
+                dd += U;
             }
             let s = _mm256_set1_ps(scale);
-            let lo = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[4], a[6]));
-            let hi = _mm256_add_ps(_mm256_add_ps(a[1], a[3]), _mm256_add_ps(a[5], a[7]));
-            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(lo, s));
-            _mm256_storeu_ps(out.as_mut_ptr().add(8), _mm256_mul_ps(hi, s));
+            for v in 0..V {
+                let mut sum = a[v];
+                for u in 1..U {
+                    sum = _mm256_add_ps(sum, a[u * V + v]);
+                }
+                _mm256_storeu_ps(out.as_mut_ptr().add(8 * v), _mm256_mul_ps(sum, s));
+            }
         }
     }
 
@@ -120,8 +139,8 @@ mod tests {
         let mut rng = Rng64::new(5);
         for d in [64usize, 128] {
             let q = rand(d, &mut rng);
-            let kt = rand(d * 16, &mut rng);
-            for bs in [16, 5] {
+            let kt = rand(d * 32, &mut rng);
+            for bs in [8, 16, 32, 5] {
                 let mut got = vec![0f32; bs];
                 block_scores(&q, &kt, 0.5, &mut got);
                 for l in 0..bs {

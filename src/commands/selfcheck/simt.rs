@@ -9,9 +9,9 @@ use candle_core::{DType, Device, Tensor};
 
 use super::kernels::{self, AttentionCase, AttentionOut, Target};
 use super::{Check, GEOMETRIES, MIXED, seqs};
+use crate::attention::CacheKind;
 use crate::attention::launch::{self as attn, Buf};
 use crate::attention::plan::{self, DecodeKernel};
-use crate::attention::CacheKind;
 use crate::engine::sampler::{SampleBuf, SamplingParams, sample_launch};
 use crate::model::norm::{AddRmsNormBuf, add_rms_norm_launch};
 use crate::model::ops::{SiluMulBuf, silu_mul_launch};
