@@ -2,7 +2,7 @@
 //! counterpart on fresh random inputs (outputs poisoned with NaN, so an element a kernel fails
 //! to write fails the check), then the engine's greedy tokens on the GPU against the CPU
 //! engine's, with the same (seeded) weights. Ends with a table; fails if any check fails.
-//! The kernel checks (`kernels`) take any [`kernels::Target`]; the tests run them on the CPU
+//! The kernel checks (`kernels`) take any `kernels::Target`; the tests run them on the CPU
 //! emulator of the CUDA kernels too (`simt`, feature `simt`).
 
 mod kernels;
