@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-use candle_core::{CudaDevice, DType};
+use candle_core::CudaDevice;
 
 /// When set, kernels' output buffers start as NaN (integers: their largest value) instead of
 /// uninitialised memory, so that an element a kernel fails to write shows up in a comparison
@@ -34,16 +34,6 @@ where
     }
     // SAFETY: callers launch a kernel that writes all n elements before anything reads them.
     unsafe { dev.alloc::<T>(n) }
-}
-
-/// The kernel-name suffix of an element type (`attention_tiles_bf16`, ...).
-pub fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        other => candle_core::bail!("no CUDA kernel for {other:?}"),
-    })
 }
 
 /// Streaming multiprocessors of the device (queried once per process).

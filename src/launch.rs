@@ -50,6 +50,17 @@ impl<B> Launch<B> {
     }
 }
 
+/// The kernel-name suffix of an element type (`attention_tiles_bf16`, ...).
+pub fn suffix(dtype: candle_core::DType) -> candle_core::Result<&'static str> {
+    use candle_core::DType;
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => candle_core::bail!("no CUDA kernel for {other:?}"),
+    })
+}
+
 impl<B> Arg<B> {
     /// A size or count, which the kernels take as `int` (saturating; a step's sizes are far
     /// below `i32::MAX`).

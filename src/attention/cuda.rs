@@ -54,7 +54,7 @@ impl DevicePlan {
             decode_kernel,
         );
         let up = |v: &[u32]| Tensor::from_slice(v, v.len(), device);
-        let flat_tiles: Vec<u32> = plan.tiles.iter().flatten().copied().collect();
+        let flat_tiles = plan.flat_tiles();
         Ok(Arc::new(Self {
             slots: up(&layout.slot_mapping)?,
             query_start: up(&layout.query_start)?,
@@ -152,7 +152,7 @@ fn write_kv_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     }
     let dev = cache.device().clone();
     let g = geometry(plan, kv_heads, d, bs, kv_heads);
-    let l = launch::write_kv(kind, crate::gpu::suffix(T::DTYPE)?, tokens, &g);
+    let l = launch::write_kv(kind, crate::launch::suffix(T::DTYPE)?, tokens, &g);
     let func = dev.get_or_load_custom_func(&l.kernel, MODULE, PTX)?;
     let slots_guard = plan.slots.storage_and_layout();
     let slots = u32_view(&slots_guard.0, slots_guard.1)?;
@@ -214,7 +214,7 @@ fn attend_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         candle_core::bail!("attend: the queries must be contiguous");
     }
     let g = geometry(plan, kv_heads, d, bs, heads);
-    let launches = launch::attend(&plan.plan, crate::gpu::suffix(T::DTYPE)?, &g, scale)
+    let launches = launch::attend(&plan.plan, crate::launch::suffix(T::DTYPE)?, &g, scale)
         .map_err(|e| candle_core::Error::Msg(format!("attend: {e}")))?;
     let tokens = ql.shape().elem_count() / (heads * d);
     let q = q.as_cuda_slice::<T>()?.slice(ql.start_offset()..);

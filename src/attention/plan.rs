@@ -29,6 +29,13 @@ pub struct LaunchPlan {
     pub max_rows: usize,
 }
 
+impl LaunchPlan {
+    /// The tiles as the kernel reads them: `[sequence, first token, tokens]` after each other.
+    pub fn flat_tiles(&self) -> Vec<u32> {
+        self.tiles.iter().flatten().copied().collect()
+    }
+}
+
 /// Which kernel runs the decode tokens of a step.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DecodeKernel {

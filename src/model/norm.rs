@@ -233,7 +233,7 @@ mod cuda {
             candle_core::bail!("add_rms_norm: inputs must be contiguous");
         }
         let dev = xs.device().clone();
-        let l = super::add_rms_norm_launch(crate::gpu::suffix(T::DTYPE)?, rows, n, eps);
+        let l = super::add_rms_norm_launch(crate::launch::suffix(T::DTYPE)?, rows, n, eps);
         let func = dev.get_or_load_custom_func(&l.kernel, "offline_bench_norm", PTX)?;
         let x = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
         let d = ds.as_cuda_slice::<T>()?.slice(dl.start_offset()..);

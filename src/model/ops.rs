@@ -122,7 +122,7 @@ where
     }
     let n = cols / 2;
     let dev = s.device().clone();
-    let launch = silu_mul_launch(crate::gpu::suffix(T::DTYPE)?, rows, n);
+    let launch = silu_mul_launch(crate::launch::suffix(T::DTYPE)?, rows, n);
     let func = dev.get_or_load_custom_func(&launch.kernel, "offline_bench_activation", PTX)?;
     let x = s.as_cuda_slice::<T>()?.slice(l.start_offset()..);
     let mut out = crate::gpu::output_buffer::<T>(&dev, rows * n)?;

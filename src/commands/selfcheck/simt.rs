@@ -13,6 +13,7 @@ use crate::attention::CacheKind;
 use crate::attention::launch::{self as attn, Buf};
 use crate::attention::plan::{self, DecodeKernel};
 use crate::engine::sampler::{SampleBuf, SamplingParams, sample_launch};
+use crate::launch::suffix;
 use crate::model::norm::{AddRmsNormBuf, add_rms_norm_launch};
 use crate::model::ops::{SiluMulBuf, silu_mul_launch};
 use crate::simt::{Memory, Schedule};
@@ -23,14 +24,6 @@ const SM_COUNT: usize = 132;
 
 /// The emulator, in one schedule.
 struct Simt(Schedule);
-
-fn suffix(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        _ => "f32",
-    }
-}
 
 /// `v` as the bytes of `dtype` elements (rounded to nearest even, as candle converts).
 fn encode(dtype: DType, v: &[f32]) -> Vec<u8> {
@@ -61,13 +54,9 @@ fn decode(dtype: DType, b: &[u8]) -> Vec<f32> {
     }
 }
 
-fn tensor_values(t: &Tensor) -> Result<Vec<f32>> {
-    kernels::host(t)
-}
-
 impl Target for Simt {
     fn attention(&self, c: &AttentionCase) -> Result<AttentionOut> {
-        let (dt, sfx) = (c.dtype, suffix(c.dtype));
+        let (dt, sfx) = (c.dtype, suffix(c.dtype)?);
         let cache_len = c.num_blocks * c.kv_heads * c.head_dim * c.block_size;
         let mut kc = encode(dt, &vec![f32::NAN; cache_len]);
         let mut vc = kc.clone();
@@ -110,8 +99,7 @@ impl Target for Simt {
                 Buf::Out,
                 &encode(dt, &vec![f32::NAN; tokens * c.heads * c.head_dim]),
             );
-            let tiles: Vec<u32> = p.tiles.iter().flatten().copied().collect();
-            m.input(Buf::Tiles, &tiles);
+            m.input(Buf::Tiles, &p.flat_tiles());
             m.input(Buf::SplitTokens, &p.split_tokens);
             m.input(Buf::QueryStart, &lay.query_start);
             m.input(Buf::ContextLens, &lay.context_lens);
@@ -136,9 +124,9 @@ impl Target for Simt {
         let n = cols / 2;
         let dt = x.dtype();
         let mut m = Memory::default();
-        m.input(SiluMulBuf::X, &encode(dt, &tensor_values(x)?));
+        m.input(SiluMulBuf::X, &encode(dt, &kernels::host(x)?));
         m.output(SiluMulBuf::Out, &encode(dt, &vec![f32::NAN; rows * n]));
-        m.run(&silu_mul_launch(suffix(dt), rows, n), self.0)?;
+        m.run(&silu_mul_launch(suffix(dt)?, rows, n), self.0)?;
         let out = decode(dt, &m.read::<u8>(SiluMulBuf::Out)?);
         Ok(Tensor::from_vec(out, (rows, n), &Device::Cpu)?.to_dtype(dt)?)
     }
@@ -153,14 +141,14 @@ impl Target for Simt {
         let (rows, n) = x.dims2()?;
         let dt = x.dtype();
         let mut m = Memory::default();
-        m.input(AddRmsNormBuf::X, &encode(dt, &tensor_values(x)?));
-        m.input(AddRmsNormBuf::Delta, &encode(dt, &tensor_values(d)?));
-        m.input(AddRmsNormBuf::Weight, &encode(dt, &tensor_values(w)?));
+        m.input(AddRmsNormBuf::X, &encode(dt, &kernels::host(x)?));
+        m.input(AddRmsNormBuf::Delta, &encode(dt, &kernels::host(d)?));
+        m.input(AddRmsNormBuf::Weight, &encode(dt, &kernels::host(w)?));
         m.output(
             AddRmsNormBuf::Out,
             &encode(dt, &vec![f32::NAN; 2 * rows * n]),
         );
-        m.run(&add_rms_norm_launch(suffix(dt), rows, n, eps), self.0)?;
+        m.run(&add_rms_norm_launch(suffix(dt)?, rows, n, eps), self.0)?;
         let out = decode(dt, &m.read::<u8>(AddRmsNormBuf::Out)?);
         let both = Tensor::from_vec(out, (2, rows, n), &Device::Cpu)?.to_dtype(dt)?;
         Ok((both.get(0)?, both.get(1)?))
@@ -169,8 +157,8 @@ impl Target for Simt {
     fn sample(&self, logits: &Tensor, uniforms: &Tensor, p: SamplingParams) -> Result<Vec<u32>> {
         let (rows, vocab) = logits.dims2()?;
         let mut m = Memory::default();
-        m.input(SampleBuf::Logits, &tensor_values(logits)?);
-        m.input(SampleBuf::Uniforms, &tensor_values(uniforms)?);
+        m.input(SampleBuf::Logits, &kernels::host(logits)?);
+        m.input(SampleBuf::Uniforms, &kernels::host(uniforms)?);
         m.output(SampleBuf::Ids, &vec![u32::MAX; rows]);
         m.run(&sample_launch(&p, rows, vocab), self.0)?;
         m.read(SampleBuf::Ids)
