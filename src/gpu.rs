@@ -2,8 +2,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::CudaDevice;
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 
 /// When set, kernels' output buffers start as NaN (integers: their largest value) instead of
 /// uninitialised memory, so that an element a kernel fails to write shows up in a comparison

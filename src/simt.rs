@@ -24,6 +24,20 @@ struct RawArg {
     f: f32,
 }
 
+impl RawArg {
+    /// An argument of `kind` (`p`, `i` or `f`) with every other field empty.
+    fn of_kind(kind: u8) -> Self {
+        Self {
+            kind,
+            writable: 0,
+            len: 0,
+            ptr: std::ptr::null_mut(),
+            i: 0,
+            f: 0.0,
+        }
+    }
+}
+
 unsafe extern "C" {
     fn simt_launch(
         name: *const c_char,
@@ -106,46 +120,32 @@ impl<B: Copy + Eq + Hash + Debug> Memory<B> {
     /// Runs `l` with its buffers taken from this memory.
     pub fn run(&mut self, l: &Launch<B>, schedule: Schedule) -> Result<()> {
         let mut raw = Vec::with_capacity(l.args.len());
+        let mut seen = std::collections::HashSet::new();
         for a in &l.args {
             raw.push(match a {
                 Arg::Buf(name) => {
+                    if !seen.insert(*name) {
+                        bail!("{}: buffer {name:?} passed twice", l.kernel);
+                    }
                     let b = self.buffers.get_mut(name).with_context(|| {
                         format!("{}: no buffer {name:?} in this memory", l.kernel)
                     })?;
                     RawArg {
-                        kind: b'p',
                         writable: u8::from(b.writable),
                         len: b.bytes.len() as u64,
                         ptr: b.bytes.as_mut_ptr().cast(),
-                        i: 0,
-                        f: 0.0,
+                        ..RawArg::of_kind(b'p')
                     }
                 }
                 Arg::I32(i) => RawArg {
-                    kind: b'i',
-                    writable: 0,
-                    len: 0,
-                    ptr: std::ptr::null_mut(),
                     i: *i,
-                    f: 0.0,
+                    ..RawArg::of_kind(b'i')
                 },
                 Arg::F32(f) => RawArg {
-                    kind: b'f',
-                    writable: 0,
-                    len: 0,
-                    ptr: std::ptr::null_mut(),
-                    i: 0,
                     f: *f,
+                    ..RawArg::of_kind(b'f')
                 },
             });
-        }
-        let mut seen = std::collections::HashSet::new();
-        for a in &l.args {
-            if let Arg::Buf(name) = a
-                && !seen.insert(*name)
-            {
-                bail!("{}: buffer {name:?} passed twice", l.kernel);
-            }
         }
         let name = CString::new(l.kernel.as_str()).context("kernel name")?;
         let mut err = vec![0u8; 1024];
