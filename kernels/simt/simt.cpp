@@ -187,10 +187,31 @@ const char* state_name(State s) {
   }
 }
 
+// The first lane that `mask` names in warp `w` and that is not waiting at warp operation `op`
+// with that mask (or does not exist in the block); -1 when they all are.
+int first_absent_lane(int w, unsigned mask, WarpOp op) {
+  const Fiber* lanes = &L->fibers[w * 32];
+  const int width = std::min(32, L->threads - w * 32);
+  for (int l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    if (l >= width) return l;
+    const Fiber& o = lanes[l];
+    if (o.state != State::AtWarpOp || o.op != op || o.mask != mask) return l;
+  }
+  return -1;
+}
+
+void release_lanes(int w, unsigned mask) {
+  const int width = std::min(32, L->threads - w * 32);
+  for (int l = 0; l < width; ++l) {
+    if (mask >> l & 1u) L->fibers[w * 32 + l].state = State::Ready;
+  }
+}
+
 // The lanes of warp `w` that `mask` names and that wait at the same warp operation: released
 // together. Anything else that blocks them is an error on a GPU too.
 bool release_warp(int w, std::string& error) {
-  Fiber* first = nullptr;
+  const Fiber* first = nullptr;
   const int base = w * 32;
   for (int l = 0; l < 32 && base + l < L->threads; ++l) {
     if (L->fibers[base + l].state == State::AtWarpOp) {
@@ -199,26 +220,22 @@ bool release_warp(int w, std::string& error) {
     }
   }
   if (first == nullptr) return false;
-  for (int l = 0; l < 32; ++l) {
-    if (!(first->mask >> l & 1u)) continue;
-    if (base + l >= L->threads) {
-      error = where(first) + ": a warp operation names lane " + std::to_string(l) +
-              ", which this block (of " + std::to_string(L->threads) + " threads) lacks";
-      return false;
-    }
+  const int l = first_absent_lane(w, first->mask, first->op);
+  if (l < 0) {
+    release_lanes(w, first->mask);
+    return true;
+  }
+  if (base + l >= L->threads) {
+    error = where(first) + ": a warp operation names lane " + std::to_string(l) +
+            ", which this block (of " + std::to_string(L->threads) + " threads) lacks";
+  } else {
     const Fiber& o = L->fibers[base + l];
-    if (o.state != State::AtWarpOp || o.op != first->op || o.mask != first->mask) {
-      error = where(first) + ": a warp operation waits for lane " + std::to_string(l) +
-              ", which is " + (o.state == State::AtWarpOp ? "at another warp operation"
-                                                           : state_name(o.state)) +
-              " (divergent warp)";
-      return false;
-    }
+    error = where(first) + ": a warp operation waits for lane " + std::to_string(l) +
+            ", which is " +
+            (o.state == State::AtWarpOp ? "at another warp operation" : state_name(o.state)) +
+            " (divergent warp)";
   }
-  for (int l = 0; l < 32; ++l) {
-    if (first->mask >> l & 1u) L->fibers[base + l].state = State::Ready;
-  }
-  return true;
+  return false;
 }
 
 // Runs one block to completion (or to its first error).
@@ -341,19 +358,11 @@ void arrive_at_warp_op(WarpOp op, unsigned mask) {
       return;  // released (by the last lane) and scheduled again
     }
   }
-  bool all_here = true;
-  for (int l = 0; l < 32 && all_here; ++l) {
-    if (!(mask >> l & 1u)) continue;
-    const Fiber& o = lanes[l];
-    all_here = l < width && o.state == State::AtWarpOp && o.op == op && o.mask == mask;
-  }
-  if (!all_here) {
+  if (first_absent_lane(f->warp, mask, op) >= 0) {
     yield();
     return;
   }
-  for (int l = 0; l < width; ++l) {
-    if (mask >> l & 1u) lanes[l].state = State::Ready;
-  }
+  release_lanes(f->warp, mask);
 }
 
 }  // namespace
