@@ -95,6 +95,14 @@ pub struct EngineArgs {
     /// Use exactly this many KV blocks instead of sizing from the budget.
     #[arg(long)]
     pub num_kv_blocks: Option<usize>,
+    /// Reuse the cached K/V of full blocks an earlier sequence computed for the same prefix
+    /// (on by default, as in vLLM V1; the hit rate is printed after the run). The shapes mode
+    /// never reuses K/V: it times every prefill in full, as vLLM's latency benchmark does.
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// Compute every prompt in full, as vLLM's latency benchmark and V0 do.
+    #[arg(long, overrides_with = "enable_prefix_caching")]
+    pub no_enable_prefix_caching: bool,
     /// Seed for sampling the workload and for random sampling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -109,6 +117,13 @@ pub struct EngineArgs {
     /// No progress bars or status lines.
     #[arg(long)]
     pub quiet: bool,
+}
+
+impl EngineArgs {
+    /// Whether prefix caching is on: unless the last of the two flags turned it off.
+    pub fn prefix_caching(&self) -> bool {
+        !self.no_enable_prefix_caching
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -179,6 +179,9 @@ impl Metrics {
                 "prepare_s": s.step_times.prepare,
                 "forward_s": s.step_times.forward,
                 "sample_s": s.step_times.sample,
+                "prefix_cache_queries": s.prefix_cache.queries,
+                "prefix_cache_hits": s.prefix_cache.hits,
+                "prefix_cache_hit_rate": s.prefix_cache.hit_rate(),
             },
         });
         if let (Value::Object(out), Value::Object(ctx)) = (&mut v, context) {

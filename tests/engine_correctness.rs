@@ -1,6 +1,6 @@
 //! The paged engine's greedy tokens on SmolLM2 equal an independent unbatched reference, and
-//! stay equal whatever the block size, the chunking of prompts, or preemptions; sampled tokens
-//! stay equal too (each request draws from its own stream).
+//! stay equal whatever the block size, the chunking of prompts, preemptions, or K/V reused from
+//! the prefix cache; sampled tokens stay equal too (each request draws from its own stream).
 
 mod common;
 
@@ -83,7 +83,59 @@ fn preemption_does_not_change_tokens() {
         .unwrap();
     assert!(run.stats.preemptions > 0, "expected preemptions");
     assert!(run.outputs.iter().any(|o| o.preemptions > 0));
+    // Re-admitted sequences find the blocks they had computed (generated tokens' included).
+    assert!(run.stats.prefix_cache.hits > 0);
     assert_matches_reference(&run, "tiny KV budget");
+    let plain = common::engine_without_prefix_caching((16, 24, 256, 8192))
+        .run(&requests(), |_| {})
+        .unwrap();
+    assert!(plain.stats.preemptions > 0);
+    assert_eq!(plain.stats.prefix_cache.hits, 0);
+    assert!(plain.stats.computed_tokens > run.stats.computed_tokens);
+    assert_matches_reference(&plain, "tiny KV budget, no prefix caching");
+}
+
+/// Every fixture prompt twice: the second copy can reuse the first's K/V.
+fn twice() -> Vec<Request> {
+    let reqs = requests();
+    reqs.iter().chain(&reqs).cloned().collect()
+}
+
+fn assert_twice_matches_reference(run: &RunOutput, what: &str) {
+    let want = common::reference_outputs(TOKENS);
+    for (i, out) in run.outputs.iter().enumerate() {
+        assert_eq!(
+            &out.output_ids,
+            &want[i % want.len()],
+            "{what}: request {i} differs from the reference"
+        );
+    }
+    assert_eq!(run.stats.blocks_in_use_after, 0, "{what}: blocks leaked");
+}
+
+#[test]
+fn prefix_cache_hits_do_not_change_tokens() {
+    // All sixteen in one step (copies find the blocks indexed as their originals are
+    // scheduled), then four at a time with 8-token blocks (copies find blocks of finished
+    // sequences).
+    for (limits, what) in [
+        ((16, 512, 256, 8192), "one step"),
+        ((8, 160, 4, 64), "four at a time"),
+    ] {
+        let run = common::engine(limits.0, limits.1, limits.2, limits.3)
+            .run(&twice(), |_| {})
+            .unwrap();
+        let hits = run.stats.prefix_cache.hits;
+        assert!(hits > 0, "{what}: no prefix cache hits");
+        let prompt_tokens: usize = twice().iter().map(|r| r.prompt_ids.len()).sum();
+        assert!(run.stats.computed_tokens < prompt_tokens + twice().len() * (TOKENS - 1));
+        assert_twice_matches_reference(&run, what);
+    }
+    let plain = common::engine_without_prefix_caching((16, 512, 256, 8192))
+        .run(&twice(), |_| {})
+        .unwrap();
+    assert_eq!(plain.stats.prefix_cache.hits, 0);
+    assert_twice_matches_reference(&plain, "no prefix caching");
 }
 
 #[test]

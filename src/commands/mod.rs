@@ -140,6 +140,7 @@ impl Setup {
                 max_model_len: self.max_model_len,
                 num_blocks,
                 kv_cache_dtype: kv_dtype,
+                enable_prefix_caching: eng.prefix_caching(),
             },
             sampling(eng),
         )
@@ -164,6 +165,7 @@ impl Setup {
                 "max_num_seqs": c.max_num_seqs,
                 "max_num_batched_tokens": c.max_num_batched_tokens,
                 "max_model_len": c.max_model_len,
+                "enable_prefix_caching": c.enable_prefix_caching,
                 "sampling": sampling(eng).describe(),
             },
             "kv_cache": {

@@ -81,6 +81,16 @@ pub fn run(args: &ThroughputArgs) -> Result<()> {
             output.stats.blocks_in_use_after
         ));
     }
+    if engine.config().enable_prefix_caching {
+        let p = output.stats.prefix_cache;
+        progress.info(format!(
+            "prefix cache: {} of {} tokens looked up were cached ({:.1}% hit rate); {} tokens computed",
+            p.hits,
+            p.queries,
+            100.0 * p.hit_rate(),
+            output.stats.computed_tokens
+        ));
+    }
     let metrics = Metrics::of(&output);
     print!("{}", metrics.block());
     print!("{}", metrics.vllm_lines());

@@ -7,6 +7,7 @@
 //! as in vLLM's benchmarks). Timing starts at the first step and ends at the last token.
 
 pub mod block;
+pub mod prefix;
 pub mod runner;
 pub mod sampler;
 pub mod scheduler;
@@ -18,6 +19,7 @@ use anyhow::{Result, bail};
 use candle_core::DType;
 
 use self::block::{BlockPool, blocks_for};
+use self::prefix::PrefixCacheStats;
 use self::runner::{ModelRunner, StepTimes};
 use self::sampler::SamplingParams;
 use self::scheduler::{Scheduler, SchedulerConfig};
@@ -36,6 +38,9 @@ pub struct EngineConfig {
     pub num_blocks: usize,
     /// Element type of the KV cache.
     pub kv_cache_dtype: DType,
+    /// Reuse the K/V of full blocks whose prefix an earlier sequence computed (vLLM V1's
+    /// default); off, every sequence computes its whole prompt.
+    pub enable_prefix_caching: bool,
 }
 
 impl EngineConfig {
@@ -82,6 +87,8 @@ pub struct RunStats {
     pub step_times: StepTimes,
     /// Blocks still allocated after the run (0 unless the engine leaks).
     pub blocks_in_use_after: usize,
+    /// Prefix-cache lookups and hits, in tokens.
+    pub prefix_cache: PrefixCacheStats,
 }
 
 /// Progress after a step, for progress bars.
@@ -185,7 +192,11 @@ impl Engine {
             .enumerate()
             .map(|(i, r)| Sequence::new(i, &r.prompt_ids, r.max_tokens))
             .collect();
-        let mut pool = BlockPool::new(c.num_blocks);
+        let mut pool = if c.enable_prefix_caching {
+            BlockPool::with_prefix_caching(c.num_blocks, c.block_size)
+        } else {
+            BlockPool::new(c.num_blocks)
+        };
         let mut sched = Scheduler::new(SchedulerConfig {
             max_num_seqs: c.max_num_seqs,
             max_num_batched_tokens: c.max_num_batched_tokens,
@@ -235,6 +246,7 @@ impl Engine {
         }
         stats.elapsed = start.elapsed().as_secs_f64();
         stats.blocks_in_use_after = pool.num_blocks() - pool.num_free();
+        stats.prefix_cache = sched.prefix_stats();
         let outputs = seqs
             .into_iter()
             .map(|s| RequestOutput {

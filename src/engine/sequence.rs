@@ -1,5 +1,7 @@
 //! A request as the engine tracks it: its tokens so far, its blocks, what is already computed.
 
+use super::prefix::ContentId;
+
 /// Where a sequence is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SeqStatus {
@@ -21,6 +23,9 @@ pub struct Sequence {
     pub num_computed: usize,
     /// Block table: the cache blocks holding this sequence's K/V, in order.
     pub blocks: Vec<u32>,
+    /// With prefix caching: the identity of each leading full block's content, the chain its
+    /// next full block is indexed under.
+    pub block_keys: Vec<ContentId>,
     pub status: SeqStatus,
     /// Seconds from the start of the run to the first generated token.
     pub first_token_at: Option<f64>,
@@ -41,6 +46,7 @@ impl Sequence {
             max_tokens,
             num_computed: 0,
             blocks: Vec::new(),
+            block_keys: Vec::new(),
             status: SeqStatus::Waiting,
             first_token_at: None,
             finished_at: None,

@@ -87,10 +87,21 @@ pub fn engine(block_size: usize, num_blocks: usize, max_seqs: usize, max_tokens:
     )
 }
 
-/// An engine over SmolLM2 with the given limits (as [`engine`]) and sampling.
-pub fn sampling_engine(
+/// An engine over SmolLM2 with the given limits (as [`engine`]) and sampling, prefix caching on
+/// (the CLI's default).
+pub fn sampling_engine(limits: (usize, usize, usize, usize), sampling: SamplingParams) -> Engine {
+    configured_engine(limits, sampling, true)
+}
+
+/// An engine over SmolLM2, greedy, with prefix caching off.
+pub fn engine_without_prefix_caching(limits: (usize, usize, usize, usize)) -> Engine {
+    configured_engine(limits, SamplingParams::greedy(), false)
+}
+
+fn configured_engine(
     (block_size, num_blocks, max_seqs, max_tokens): (usize, usize, usize, usize),
     sampling: SamplingParams,
+    enable_prefix_caching: bool,
 ) -> Engine {
     Engine::new(
         smollm().1.clone(),
@@ -101,6 +112,7 @@ pub fn sampling_engine(
             max_model_len: 2048,
             num_blocks,
             kv_cache_dtype: DType::F32,
+            enable_prefix_caching,
         },
         sampling,
     )

@@ -112,6 +112,7 @@ fn engine_tokens(
             max_model_len: 1024,
             num_blocks,
             kv_cache_dtype: kv_dtype,
+            enable_prefix_caching: true,
         },
         SamplingParams::greedy(),
     )?;
