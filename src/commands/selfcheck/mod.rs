@@ -87,22 +87,45 @@ fn seeded_model(device: &Device, dtype: DType) -> Result<Llama> {
     Llama::load(&cfg, &mut w, 1024, dtype, device, |_| {})
 }
 
-/// Greedy tokens of eight prompts of mixed lengths, 32 tokens each.
+/// Ten prompts of mixed lengths: eight random, then two that share a prefix with earlier ones
+/// (one diverges after 100 tokens, one is an exact copy), so prefix caching has blocks to find.
+fn engine_requests() -> Vec<Request> {
+    let mut rng = Rng64::new(11);
+    let mut prompts: Vec<Vec<u32>> = [3usize, 17, 40, 100, 150, 260, 7, 64]
+        .iter()
+        .map(|&len| {
+            (0..len)
+                .map(|_| rng.range_inclusive(0, 49_000) as u32)
+                .collect()
+        })
+        .collect();
+    let mut diverging = prompts[4][..100].to_vec();
+    diverging.extend((0..30).map(|_| rng.range_inclusive(0, 49_000) as u32));
+    prompts.push(diverging);
+    prompts.push(prompts[7].clone());
+    prompts
+        .into_iter()
+        .map(|prompt_ids| Request {
+            prompt_ids,
+            max_tokens: 32,
+        })
+        .collect()
+}
+
+/// What one engine run of the check gave.
+struct EngineRun {
+    tokens: Vec<Vec<u32>>,
+    preemptions: usize,
+    prefix_hits: usize,
+}
+
+/// Greedy tokens of [`engine_requests`], 32 each.
 fn engine_tokens(
     model: Llama,
     kv_dtype: DType,
     (num_blocks, batched): (usize, usize),
-) -> Result<(Vec<Vec<u32>>, usize)> {
-    let mut rng = Rng64::new(11);
-    let requests: Vec<Request> = [3usize, 17, 40, 100, 150, 260, 7, 64]
-        .iter()
-        .map(|&len| Request {
-            prompt_ids: (0..len)
-                .map(|_| rng.range_inclusive(0, 49_000) as u32)
-                .collect(),
-            max_tokens: 32,
-        })
-        .collect();
+    enable_prefix_caching: bool,
+) -> Result<EngineRun> {
     let mut engine = Engine::new(
         model,
         EngineConfig {
@@ -112,15 +135,16 @@ fn engine_tokens(
             max_model_len: 1024,
             num_blocks,
             kv_cache_dtype: kv_dtype,
-            enable_prefix_caching: true,
+            enable_prefix_caching,
         },
         SamplingParams::greedy(),
     )?;
-    let out = engine.run(&requests, |_| {})?;
-    Ok((
-        out.outputs.into_iter().map(|o| o.output_ids).collect(),
-        out.stats.preemptions,
-    ))
+    let out = engine.run(&engine_requests(), |_| {})?;
+    Ok(EngineRun {
+        tokens: out.outputs.into_iter().map(|o| o.output_ids).collect(),
+        preemptions: out.stats.preemptions,
+        prefix_hits: out.stats.prefix_cache.hits,
+    })
 }
 
 fn mismatches(a: &[Vec<u32>], b: &[Vec<u32>]) -> usize {
@@ -130,29 +154,53 @@ fn mismatches(a: &[Vec<u32>], b: &[Vec<u32>]) -> usize {
         .sum()
 }
 
-fn check_engine(gpu: &Device, out: &mut Vec<Check>) -> Result<()> {
+/// The engine's configurations in the check: (label, blocks, token budget, prefix caching).
+const ENGINE_CASES: [(&str, usize, usize, bool); 4] = [
+    ("one batch", 512, 8192, false),
+    ("one batch, prefix cache", 512, 8192, true),
+    ("chunked prefill (24 tok/step)", 512, 24, true),
+    ("preemption (40 blocks)", 40, 8192, true),
+];
+
+/// The f32 engine on `device` against the CPU engine, in every [`ENGINE_CASES`] configuration;
+/// returns the runs (in that order) and the CPU's tokens.
+fn check_engine_f32(
+    device: &Device,
+    out: &mut Vec<Check>,
+) -> Result<(Vec<EngineRun>, Vec<Vec<u32>>)> {
     let cpu_model = seeded_model(&Device::Cpu, DType::F32)?;
-    let (want, _) = engine_tokens(cpu_model, DType::F32, (512, 8192))?;
-    let gpu_model = seeded_model(gpu, DType::F32)?;
-    for (label, blocks, batched) in [
-        ("one batch", 512, 8192),
-        ("chunked prefill (24 tokens/step)", 512, 24),
-        ("preemption (40 blocks)", 40, 8192),
-    ] {
-        let (got, preempted) = engine_tokens(gpu_model.clone(), DType::F32, (blocks, batched))?;
+    let want = engine_tokens(cpu_model, DType::F32, (512, 8192), false)?.tokens;
+    let model = seeded_model(device, DType::F32)?;
+    let mut runs = Vec::new();
+    for (label, blocks, batched, prefix_caching) in ENGINE_CASES {
+        let run = engine_tokens(model.clone(), DType::F32, (blocks, batched), prefix_caching)?;
         out.push(Check {
             name: "engine greedy tokens".into(),
-            detail: format!("f32, {label}, {preempted} preemptions, vs CPU engine"),
-            error: mismatches(&got, &want) as f64,
+            detail: format!(
+                "f32, {label}: {} preempted, {} hits",
+                run.preemptions, run.prefix_hits
+            ),
+            error: mismatches(&run.tokens, &want) as f64,
             tolerance: 0.0,
         });
+        runs.push(run);
     }
+    Ok((runs, want))
+}
+
+fn check_engine(gpu: &Device, out: &mut Vec<Check>) -> Result<()> {
+    let (_, want) = check_engine_f32(gpu, out)?;
     // bf16 rounds differently from the f32 CPU engine: reported, not required to match.
-    let (got, _) = engine_tokens(seeded_model(gpu, DType::BF16)?, DType::BF16, (512, 8192))?;
+    let got = engine_tokens(
+        seeded_model(gpu, DType::BF16)?,
+        DType::BF16,
+        (512, 8192),
+        true,
+    )?;
     let total: usize = want.iter().map(Vec::len).sum();
     println!(
         "bf16 engine: {} of {total} greedy tokens equal the f32 CPU engine's (informational)",
-        total - mismatches(&got, &want)
+        total - mismatches(&got.tokens, &want)
     );
     Ok(())
 }
@@ -270,5 +318,20 @@ mod tests {
         kernels::check_sampling(&Device::Cpu, (48, 128_256), &mut checks).unwrap();
         assert_eq!(checks.len(), 10);
         assert!(checks.iter().all(Check::passed));
+    }
+
+    // The engine comparison with the CPU standing in for the GPU: every case must match, and
+    // the cases must do what their labels say.
+    #[test]
+    fn engine_check_passes_cpu_against_cpu() {
+        let mut checks = Vec::new();
+        let (runs, _) = check_engine_f32(&Device::Cpu, &mut checks).unwrap();
+        assert!(checks.iter().all(Check::passed));
+        assert_eq!(runs[0].prefix_hits, 0);
+        assert!(
+            runs[1].prefix_hits >= 100,
+            "the shared prompts were not found"
+        );
+        assert!(runs[3].preemptions > 0, "the small cache did not preempt");
     }
 }
