@@ -148,6 +148,57 @@ fn throughput_prints_the_report_and_writes_json() {
 }
 
 #[test]
+fn prefix_caching_is_on_by_default_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    // Four random prompts behind one 64-token prefix: the last three find its four blocks.
+    let run_with = |flags: &[&str]| {
+        let json = dir.path().join("r.json");
+        let mut args = vec![
+            "throughput",
+            "--model",
+            "smollm2-135m",
+            "--load-format",
+            "dummy",
+            "--dataset-name",
+            "random",
+            "--input-len",
+            "8",
+            "--prefix-len",
+            "64",
+            "--output-len",
+            "2",
+            "--num-prompts",
+            "4",
+            "--kv-cache-memory",
+            "64MiB",
+        ];
+        let json_arg = s(&json);
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--output-json", &json_arg]);
+        let (code, _, err) = run(&args, &[]);
+        assert_eq!(code, 0, "{args:?} failed: {err}");
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        (err, v)
+    };
+    let (err, v) = run_with(&[]);
+    assert!(
+        err.contains("prefix cache: 192 of 288 tokens looked up were cached"),
+        "{err}"
+    );
+    assert_eq!(v["engine"]["enable_prefix_caching"], true);
+    assert_eq!(v["engine_stats"]["prefix_cache_hits"], 192);
+    assert_eq!(v["engine_stats"]["computed_tokens"], 288 - 192 + 4);
+    let (err, v) = run_with(&["--no-enable-prefix-caching"]);
+    assert!(!err.contains("prefix cache:"), "{err}");
+    assert_eq!(v["engine"]["enable_prefix_caching"], false);
+    assert_eq!(v["engine_stats"]["prefix_cache_hits"], 0);
+    assert_eq!(v["engine_stats"]["computed_tokens"], 288 + 4);
+    // The last of the two flags wins, as with vLLM's.
+    let (_, v) = run_with(&["--no-enable-prefix-caching", "--enable-prefix-caching"]);
+    assert_eq!(v["engine"]["enable_prefix_caching"], true);
+}
+
+#[test]
 fn saved_workload_runs_without_dataset_or_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
     let saved = dir.path().join("workload.json");
