@@ -113,34 +113,11 @@ fn long_prompts_are_chunked() {
 fn running_sequences_come_before_new_prompts() {
     let (_, steps, _) = drive(cfg(8, 10, 4), 100, &[(4, 5), (20, 1)]);
     // Step 0: 4 prompt tokens of A + 6 of B; step 1: A's decode first, then 9 of B.
-    assert_eq!(
-        steps[0].seqs[0],
-        ScheduledSeq {
-            seq: 0,
-            num_tokens: 4
-        }
-    );
-    assert_eq!(
-        steps[0].seqs[1],
-        ScheduledSeq {
-            seq: 1,
-            num_tokens: 6
-        }
-    );
-    assert_eq!(
-        steps[1].seqs[0],
-        ScheduledSeq {
-            seq: 0,
-            num_tokens: 1
-        }
-    );
-    assert_eq!(
-        steps[1].seqs[1],
-        ScheduledSeq {
-            seq: 1,
-            num_tokens: 9
-        }
-    );
+    let shares = |step: &Schedule| -> Vec<(usize, usize)> {
+        step.seqs.iter().map(|s| (s.seq, s.num_tokens)).collect()
+    };
+    assert_eq!(shares(&steps[0]), [(0, 4), (1, 6)]);
+    assert_eq!(shares(&steps[1]), [(0, 1), (1, 9)]);
 }
 
 #[test]
