@@ -93,33 +93,77 @@ mod x86 {
         w: &[f32],
         out: &mut [f32],
     ) {
-        // SAFETY: the caller's contract bounds every tile's accesses.
+        // SAFETY: the caller's contract bounds every tile's accesses, and prefetches stay
+        // inside `w`.
         unsafe {
+            let groups = m.div_ceil(X_ROWS);
             let mut j = 0;
             while j < n {
-                let nr = (n - j).min(4);
+                let nr = (n - j).min(W_ROWS);
+                // Only the first group of x rows reads this block of weights from memory (the
+                // others find it in L1), so the next block is prefetched into L2 meanwhile, a
+                // share per group: else memory idles while later groups compute, and one row
+                // alone has too few loads in flight to stream at full speed. Measured on one
+                // core, 40 distinct 3072 x 576 matrices: 1 row 29 -> 15 ms, 8 rows 43 -> 25.
+                // (Prefetching into L1 evicts the block in use when rows are long.)
+                let next = ((j + nr + W_ROWS).min(n) - (j + nr)) * k;
+                let lines = (next * 4).div_ceil(LINE);
+                let next = w.as_ptr().add((j + nr) * k) as *const i8;
                 let mut r = 0;
+                let mut p = 0;
                 while r < m {
-                    let mr = (m - r).min(2);
-                    match (mr, nr) {
-                        (2, 4) => tile::<2, 4>(k, n, x, w, out, r, j),
-                        (1, 4) => tile::<1, 4>(k, n, x, w, out, r, j),
-                        (2, _) => {
-                            for c in 0..nr {
-                                tile::<2, 1>(k, n, x, w, out, r, j + c)
-                            }
+                    let mr = (m - r).min(X_ROWS);
+                    let (lo, hi) = (lines * p / groups, lines * (p + 1) / groups);
+                    let pf = Prefetch {
+                        at: next.add(lo * LINE),
+                        lines: hi - lo,
+                    };
+                    if nr == W_ROWS {
+                        match mr {
+                            4 => tile::<4, 3>(k, n, x, w, out, (r, j), pf),
+                            3 => tile::<3, 3>(k, n, x, w, out, (r, j), pf),
+                            2 => tile::<2, 3>(k, n, x, w, out, (r, j), pf),
+                            _ => tile::<1, 3>(k, n, x, w, out, (r, j), pf),
                         }
-                        _ => {
-                            for c in 0..nr {
-                                tile::<1, 1>(k, n, x, w, out, r, j + c)
+                    } else {
+                        for c in 0..nr {
+                            let none = Prefetch::NONE;
+                            match mr {
+                                4 => tile::<4, 1>(k, n, x, w, out, (r, j + c), none),
+                                3 => tile::<3, 1>(k, n, x, w, out, (r, j + c), none),
+                                2 => tile::<2, 1>(k, n, x, w, out, (r, j + c), none),
+                                _ => tile::<1, 1>(k, n, x, w, out, (r, j + c), none),
                             }
                         }
                     }
                     r += mr;
+                    p += 1;
                 }
                 j += nr;
             }
         }
+    }
+
+    /// The register tile: 4 rows of `x` against 3 weight rows, 12 accumulators plus 3 weight
+    /// vectors and one of `x` (all 16 AVX2 registers), 7 loads per 12 FMAs. Against 2 x 4 (6 per
+    /// 8): 8-row decode steps 10-16% faster, one row the same.
+    const X_ROWS: usize = 4;
+    const W_ROWS: usize = 3;
+
+    const LINE: usize = 64;
+
+    /// Cache lines a tile prefetches, spread over its loop.
+    #[derive(Clone, Copy)]
+    struct Prefetch {
+        at: *const i8,
+        lines: usize,
+    }
+
+    impl Prefetch {
+        const NONE: Self = Self {
+            at: std::ptr::null(),
+            lines: 0,
+        };
     }
 
     /// `MR` rows of `x` (from `r`) against `NR` rows of `w` (from `j`): `MR x NR` dot products,
@@ -132,16 +176,25 @@ mod x86 {
         x: &[f32],
         w: &[f32],
         out: &mut [f32],
-        r: usize,
-        j: usize,
+        (r, j): (usize, usize),
+        pf: Prefetch,
     ) {
-        // SAFETY: rows r..r+MR of x and j..j+NR of w exist (caller), each k long.
+        // SAFETY: rows r..r+MR of x and j..j+NR of w exist (caller), each k long; prefetches
+        // never fault.
         unsafe {
+            let iters = k / 8;
+            let (mut due, mut issued) = (0, 0);
             let xp = x.as_ptr().add(r * k);
             let wp = w.as_ptr().add(j * k);
             let mut acc = [[_mm256_setzero_ps(); NR]; MR];
             let mut kk = 0;
             while kk + 8 <= k {
+                due += pf.lines;
+                while due >= iters && issued < pf.lines {
+                    _mm_prefetch::<_MM_HINT_T1>(pf.at.add(issued * LINE));
+                    issued += 1;
+                    due -= iters;
+                }
                 let mut wv = [_mm256_setzero_ps(); NR];
                 for (c, v) in wv.iter_mut().enumerate() {
                     *v = _mm256_loadu_ps(wp.add(c * k + kk));
@@ -153,6 +206,9 @@ mod x86 {
                     }
                 }
                 kk += 8;
+            }
+            for line in issued..pf.lines {
+                _mm_prefetch::<_MM_HINT_T1>(pf.at.add(line * LINE));
             }
             for (i, row) in acc.iter().enumerate() {
                 for (c, a) in row.iter().enumerate() {
@@ -184,6 +240,8 @@ mod tests {
             (8, 576, 33),
             (5, 1, 2),
             (7, 40, 1),
+            (6, 200, 8),
+            (32, 1536, 100),
         ] {
             let x = rng.uniform_f32(m * k, 1.0);
             let w = rng.uniform_f32(n * k, 1.0);
