@@ -162,6 +162,26 @@ fn softmax_prefix(row: &mut [f32], n: usize) {
     tail.fill(0.0);
 }
 
+/// How far ahead (in cache blocks) decode attention prefetches. Measured (2 cores, SmolLM2's
+/// shape, 960 sequences x 512 tokens, 377 MB of f16 K/V): none 54-62 ms, 1 to 8 blocks ahead
+/// alike at 44-51 ms; in the model at 32 x 512, 48-53 -> 38 ms per decode step.
+const PREFETCH_BLOCKS: usize = 4;
+
+/// A hint to load the cache lines of `s` into L2 (none off x86-64); L1 (`T0`) measured the
+/// same.
+#[inline]
+fn prefetch<T>(s: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        let p = s.as_ptr().cast::<i8>();
+        for off in (0..std::mem::size_of_val(s)).step_by(64) {
+            // SAFETY: a prefetch never faults, and the address is inside `s`.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.add(off)) };
+        }
+    }
+}
+
 /// Reusable per-thread buffers.
 #[derive(Default)]
 struct Scratch {
@@ -206,6 +226,26 @@ impl<T: Elem> Geometry<'_, T> {
         (&self.kc[base..base + len], &self.vc[base..base + len])
     }
 
+    /// Asks for the block [`PREFETCH_BLOCKS`] ahead of position `at` in the order [`direct`]
+    /// reads them (for each KV head, K of every block of `table`, then V of every block) to be
+    /// loaded: the blocks of a paged cache are scattered, too short (a few KiB) for the
+    /// hardware prefetcher to follow, and decode attention reads each of them once from memory.
+    ///
+    /// [`direct`]: Self::direct
+    fn prefetch_ahead(&self, table: &[u32], g: usize, at: usize) {
+        let nb = table.len();
+        let (g, at) = match at + PREFETCH_BLOCKS {
+            a if a < 2 * nb => (g, a),
+            a if g + 1 < self.kv_heads => (g + 1, a - 2 * nb),
+            _ => return,
+        };
+        if at < nb {
+            prefetch(self.block(table[at], g).0);
+        } else if at - nb < nb {
+            prefetch(self.block(table[at - nb], g).1);
+        }
+    }
+
     /// Few queries (decode): per query and KV head, the scores against each block's keys (the
     /// block's transposed K makes them vector multiply-adds along the block), softmax, then the
     /// weighted sum of V rows, all reading the cache in place. `keys[i]` is the number of keys
@@ -223,6 +263,7 @@ impl<T: Elem> Geometry<'_, T> {
             for g in 0..self.kv_heads {
                 let qg = &self.q[(t * heads + g * group) * d..][..group * d];
                 for (b, &blk) in table.iter().enumerate() {
+                    self.prefetch_ahead(table, g, b);
                     let (kb, _) = self.block(blk, g);
                     let kb = as_f32(kb, &mut scr.k);
                     for h in 0..group {
@@ -235,6 +276,7 @@ impl<T: Elem> Geometry<'_, T> {
                 }
                 acc.fill(0.0);
                 for (b, &blk) in table.iter().enumerate() {
+                    self.prefetch_ahead(table, g, table.len() + b);
                     let (_, vb) = self.block(blk, g);
                     let vb = as_f32(vb, &mut scr.v);
                     let m = bs.min(n - b * bs);
