@@ -16,19 +16,14 @@ use super::ops::CacheKind;
 use super::simd;
 
 /// Element types a KV cache can hold; the math is always f32.
-pub trait Elem: candle_core::WithDType + Copy + Send + Sync {
+pub trait Elem: candle_core::WithDType + simd::Lanes + Copy + Send + Sync {
     /// Converts a run of elements into `dst` (vectorised for f16/bf16).
     fn to_f32_run(src: &[Self], dst: &mut [f32]);
-    /// The slice itself when the storage is already f32 (no conversion needed).
-    fn as_f32(s: &[Self]) -> Option<&[f32]>;
 }
 
 impl Elem for f32 {
     fn to_f32_run(src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src);
-    }
-    fn as_f32(s: &[Self]) -> Option<&[f32]> {
-        Some(s)
     }
 }
 
@@ -36,31 +31,11 @@ impl Elem for f16 {
     fn to_f32_run(src: &[Self], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
     }
-    fn as_f32(_: &[Self]) -> Option<&[f32]> {
-        None
-    }
 }
 
 impl Elem for bf16 {
     fn to_f32_run(src: &[Self], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
-    }
-    fn as_f32(_: &[Self]) -> Option<&[f32]> {
-        None
-    }
-}
-
-/// `src` as f32: the slice itself for f32 storage, else converted into `buf`.
-#[inline]
-fn as_f32<'a, T: Elem>(src: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] {
-    match T::as_f32(src) {
-        Some(r) => r,
-        None => {
-            // Every element is overwritten: no need to clear what is already there.
-            buf.resize(src.len(), 0.0);
-            T::to_f32_run(src, buf);
-            buf
-        }
     }
 }
 
@@ -226,66 +201,70 @@ impl<T: Elem> Geometry<'_, T> {
         (&self.kc[base..base + len], &self.vc[base..base + len])
     }
 
+    /// K (`[kv_heads, d, block_size]`) and V (`[kv_heads, block_size, d]`) of block `blk` for
+    /// every KV head: one contiguous run each.
+    fn whole_block(&self, blk: u32) -> (&[T], &[T]) {
+        let len = self.kv_heads * self.d * self.block_size;
+        let base = blk as usize * len;
+        (&self.kc[base..base + len], &self.vc[base..base + len])
+    }
+
     /// Asks for the block [`PREFETCH_BLOCKS`] ahead of position `at` in the order [`direct`]
-    /// reads them (for each KV head, K of every block of `table`, then V of every block) to be
-    /// loaded: the blocks of a paged cache are scattered, too short (a few KiB) for the
-    /// hardware prefetcher to follow, and decode attention reads each of them once from memory.
+    /// reads them (K of every block of `table`, then V of every block) to be loaded: the blocks
+    /// of a paged cache are scattered, too short (a few KiB) for the hardware prefetcher to
+    /// follow, and decode attention reads each of them once from memory.
     ///
     /// [`direct`]: Self::direct
-    fn prefetch_ahead(&self, table: &[u32], g: usize, at: usize) {
-        let nb = table.len();
-        let (g, at) = match at + PREFETCH_BLOCKS {
-            a if a < 2 * nb => (g, a),
-            a if g + 1 < self.kv_heads => (g + 1, a - 2 * nb),
-            _ => return,
-        };
+    #[inline]
+    fn prefetch_ahead(&self, table: &[u32], at: usize) {
+        let (nb, at) = (table.len(), at + PREFETCH_BLOCKS);
         if at < nb {
-            prefetch(self.block(table[at], g).0);
-        } else if at - nb < nb {
-            prefetch(self.block(table[at - nb], g).1);
+            prefetch(self.whole_block(table[at]).0);
+        } else if at < 2 * nb {
+            prefetch(self.whole_block(table[at - nb]).1);
         }
     }
 
-    /// Few queries (decode): per query and KV head, the scores against each block's keys (the
-    /// block's transposed K makes them vector multiply-adds along the block), softmax, then the
-    /// weighted sum of V rows, all reading the cache in place. `keys[i]` is the number of keys
-    /// query `i` sees.
+    /// Few queries (decode): per query, the scores of every head against each block's keys
+    /// (the block's transposed K makes them vector multiply-adds along the block), softmax,
+    /// then the weighted sum of V rows, all reading the cache in place, each block's K (then V)
+    /// of every KV head at once, a contiguous run. `keys[i]` is the number of keys query `i`
+    /// sees.
     fn direct(&self, t0: usize, keys: &[usize], table: &[u32], out: &mut [f32], scr: &mut Scratch) {
         let (d, heads, bs) = (self.d, self.heads, self.block_size);
         let group = heads / self.kv_heads;
+        let per_head = d * bs;
         for (i, &n) in keys.iter().enumerate() {
-            let t = t0 + i;
+            let q = &self.q[(t0 + i) * heads * d..][..heads * d];
             let table = &table[..n.div_ceil(bs)];
             let padded = table.len() * bs;
             // Each block writes its scores, and the softmax zeroes the masked tail.
-            let scores = sized(&mut scr.scores, group * padded);
-            let acc = sized(&mut scr.acc, group * d);
-            for g in 0..self.kv_heads {
-                let qg = &self.q[(t * heads + g * group) * d..][..group * d];
-                for (b, &blk) in table.iter().enumerate() {
-                    self.prefetch_ahead(table, g, b);
-                    let (kb, _) = self.block(blk, g);
-                    let kb = as_f32(kb, &mut scr.k);
-                    for h in 0..group {
-                        let s = &mut scores[h * padded + b * bs..][..bs];
-                        simd::block_scores(&qg[h * d..][..d], kb, self.scale, s);
-                    }
+            let scores = sized(&mut scr.scores, heads * padded);
+            for (b, &blk) in table.iter().enumerate() {
+                self.prefetch_ahead(table, b);
+                let (kb, _) = self.whole_block(blk);
+                for g in 0..self.kv_heads {
+                    let kt = &kb[g * per_head..][..per_head];
+                    let s = &mut scores[g * group * padded + b * bs..];
+                    let qg = &q[g * group * d..][..group * d];
+                    simd::group_scores(qg, d, kt, self.scale, (s, padded, bs));
                 }
-                for h in 0..group {
-                    softmax_prefix(&mut scores[h * padded..][..padded], n);
+            }
+            for h in 0..heads {
+                softmax_prefix(&mut scores[h * padded..][..padded], n);
+            }
+            let acc = &mut out[i * heads * d..][..heads * d];
+            acc.fill(0.0);
+            for (b, &blk) in table.iter().enumerate() {
+                self.prefetch_ahead(table, table.len() + b);
+                let (_, vb) = self.whole_block(blk);
+                let m = bs.min(n - b * bs);
+                for g in 0..self.kv_heads {
+                    let v = &vb[g * per_head..][..m * d];
+                    let p = &scores[g * group * padded + b * bs..];
+                    let a = &mut acc[g * group * d..][..group * d];
+                    simd::group_weighted_rows((p, padded, m), v, a, d);
                 }
-                acc.fill(0.0);
-                for (b, &blk) in table.iter().enumerate() {
-                    self.prefetch_ahead(table, g, table.len() + b);
-                    let (_, vb) = self.block(blk, g);
-                    let vb = as_f32(vb, &mut scr.v);
-                    let m = bs.min(n - b * bs);
-                    for h in 0..group {
-                        let p = &scores[h * padded + b * bs..][..m];
-                        simd::weighted_rows(p, vb, &mut acc[h * d..][..d]);
-                    }
-                }
-                out[(i * heads + g * group) * d..][..group * d].copy_from_slice(acc);
             }
         }
     }

@@ -1,125 +1,335 @@
 //! The two inner loops of CPU decode attention, with x86-64 AVX2/FMA intrinsics where the CPU
 //! has them (checked once at run time) and plain loops elsewhere. Written by hand because the
 //! compiler keeps neither loop's accumulators in registers on its own (measured: 3-4x slower).
+//! Both serve all the query heads that share a KV head at once (grouped-query attention) and read
+//! the cache in its own element type, widened to f32 in registers (F16C for f16, a shift for
+//! bf16): each K/V element is loaded and converted once per step, not once per query head, and
+//! a block goes from memory straight into the multiply-adds.
 
-/// `out[l] = scale * sum_d q[d] * kt[d * bs + l]` for the `bs = out.len()` keys of one block,
-/// `kt` being the block's keys transposed (`[d, bs]`).
-pub fn block_scores(q: &[f32], kt: &[f32], scale: f32, out: &mut [f32]) {
-    let (d, bs) = (q.len(), out.len());
-    assert!(kt.len() >= d * bs);
+use half::{bf16, f16};
+
+/// Element types of a KV cache the kernels read directly.
+pub trait Lanes: Copy {
+    fn to_f32(self) -> f32;
+    /// Eight elements from `p`, widened to f32.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `p` points at eight readable elements.
     #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(8) && avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked), the assert above bounds every access, and
-        // d is a multiple of 8 (so of every unroll below).
-        match bs {
-            8 => return unsafe { x86::block_scores::<1, 8>(q, kt, scale, out) },
-            16 => return unsafe { x86::block_scores::<2, 4>(q, kt, scale, out) },
-            32 => return unsafe { x86::block_scores::<4, 2>(q, kt, scale, out) },
-            _ => {}
-        }
-    }
-    out.fill(0.0);
-    for (dd, &qd) in q.iter().enumerate() {
-        for (a, &k) in out.iter_mut().zip(&kt[dd * bs..][..bs]) {
-            *a += qd * k;
-        }
-    }
-    out.iter_mut().for_each(|a| *a *= scale);
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
-/// `acc[..d] += sum_j p[j] * v[j * d ..][..d]`: the probability-weighted sum of V rows.
-pub fn weighted_rows(p: &[f32], v: &[f32], acc: &mut [f32]) {
-    let d = acc.len();
-    assert!(v.len() >= p.len() * d);
+impl Lanes for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
     #[cfg(target_arch = "x86_64")]
-    if avx2_fma() && d.is_multiple_of(32) {
-        // SAFETY: the CPU has AVX2 and FMA (checked), and the assert above bounds every access.
-        unsafe { x86::weighted_rows(p, v, acc) };
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl Lanes for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+}
+
+impl Lanes for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract. A bf16 is the top half of an f32.
+        unsafe {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+        }
+    }
+}
+
+/// Scores of the query heads that share one KV head against one block of keys:
+/// `out[h * stride + l] = scale * sum_i q[h * d + i] * kt[i * bs + l]` for the `q.len() / d`
+/// heads of `q` and the `bs` keys of the block, `kt` being its keys transposed (`[d, bs]`).
+/// Each key is read and widened once for all the heads.
+pub fn group_scores<T: Lanes>(
+    q: &[f32],
+    d: usize,
+    kt: &[T],
+    scale: f32,
+    (out, stride, bs): (&mut [f32], usize, usize),
+) {
+    let g = q.len() / d;
+    assert!(d > 0 && q.len() == g * d && kt.len() >= d * bs && bs <= stride);
+    assert!(g == 0 || out.len() >= (g - 1) * stride + bs);
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(8) && bs.is_multiple_of(8) && (8..=32).contains(&bs) && simd_ok() {
+        // At most 8 accumulators of 8 lanes per call (of 16 registers), so heads go in runs.
+        let most = 8 / (bs / 8);
+        for h0 in (0..g).step_by(most) {
+            let n = most.min(g - h0);
+            let (q, out) = (&q[h0 * d..][..n * d], &mut out[h0 * stride..]);
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked); the asserts above bound every
+            // access; d is a multiple of 8, so of every unroll.
+            unsafe { x86::scores_dispatch(q, d, kt, scale, out, stride, bs, n) };
+        }
         return;
     }
-    for (j, &pj) in p.iter().enumerate() {
-        for (a, &x) in acc.iter_mut().zip(&v[j * d..][..d]) {
-            *a += pj * x;
+    for h in 0..g {
+        let o = &mut out[h * stride..][..bs];
+        o.fill(0.0);
+        for (i, &qi) in q[h * d..][..d].iter().enumerate() {
+            for (a, &k) in o.iter_mut().zip(&kt[i * bs..][..bs]) {
+                *a += qi * k.to_f32();
+            }
+        }
+        o.iter_mut().for_each(|a| *a *= scale);
+    }
+}
+
+/// The probability-weighted sum of V rows for the query heads sharing one KV head:
+/// `acc[h * d + c] += sum_j p[h * stride + j] * v[j * d + c]` for `j < m`. Each V row is read
+/// and widened once for all the heads.
+pub fn group_weighted_rows<T: Lanes>(
+    (p, stride, m): (&[f32], usize, usize),
+    v: &[T],
+    acc: &mut [f32],
+    d: usize,
+) {
+    let g = acc.len() / d;
+    assert!(d > 0 && acc.len() == g * d && v.len() >= m * d && m <= stride);
+    assert!(g == 0 || p.len() >= (g - 1) * stride + m);
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(8) && simd_ok() {
+        for h0 in (0..g).step_by(8) {
+            let n = 8.min(g - h0);
+            let (p, acc) = (&p[h0 * stride..], &mut acc[h0 * d..][..n * d]);
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked); the asserts above bound every
+            // access; d is a multiple of 8.
+            unsafe { x86::weighted_dispatch(p, stride, m, v, acc, d, n) };
+        }
+        return;
+    }
+    for h in 0..g {
+        let a = &mut acc[h * d..][..d];
+        for (j, &pj) in p[h * stride..][..m].iter().enumerate() {
+            for (a, &x) in a.iter_mut().zip(&v[j * d..][..d]) {
+                *a += pj * x.to_f32();
+            }
         }
     }
 }
 
+/// AVX2, FMA and F16C (every x86-64 CPU with AVX2 in practice), detected once.
 #[cfg(target_arch = "x86_64")]
-use crate::device::cpu_has_avx2_fma as avx2_fma;
+fn simd_ok() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| crate::device::cpu_has_avx2_fma() && is_x86_feature_detected!("f16c"))
+}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Scores of a block of `8 * V` keys: `V` vectors per row of `kt`, `U` rows per step, so
-    /// that `V * U = 8` accumulators hide the FMA latency (16-key blocks: 2 x 4).
+    use super::Lanes;
+
+    /// Picks the kernel for `g` heads and blocks of `bs` keys (`g * bs / 8 <= 8`). `U` rows of
+    /// `kt` per step make up to 8 independent accumulators, enough to hide the FMA latency.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; `kt` holds `8 * V * q.len()` values, `out` `8 * V`, and
-    /// `q.len()` is a multiple of `U`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block_scores<const V: usize, const U: usize>(
+    /// As [`scores`], with `q.len() == g * d`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores_dispatch<T: Lanes>(
         q: &[f32],
-        kt: &[f32],
+        d: usize,
+        kt: &[T],
         scale: f32,
         out: &mut [f32],
+        stride: usize,
+        bs: usize,
+        g: usize,
     ) {
-        let bs = 8 * V;
-        // SAFETY: the caller's contract (above) bounds every pointer offset.
+        // SAFETY: the caller's contract.
         unsafe {
-            let k = kt.as_ptr();
-            let mut a = [_mm256_setzero_ps(); 8];
-            let mut dd = 0;
-            while dd < q.len() {
-                for u in 0..U {
-                    let qv = _mm256_set1_ps(*q.get_unchecked(dd + u));
-                    let row = k.add((dd + u) * bs);
-                    for v in 0..V {
-                        let i = u * V + v;
-                        a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(row.add(8 * v)), a[i]);
-                    }
-                }
-                dd += U;
-            }
-            let s = _mm256_set1_ps(scale);
-            for v in 0..V {
-                let mut sum = a[v];
-                for u in 1..U {
-                    sum = _mm256_add_ps(sum, a[u * V + v]);
-                }
-                _mm256_storeu_ps(out.as_mut_ptr().add(8 * v), _mm256_mul_ps(sum, s));
+            let a = (q, d, kt, scale, out, stride);
+            match (bs / 8, g) {
+                (1, 1) => scores::<T, 1, 1, 8>(a),
+                (1, 2) => scores::<T, 2, 1, 4>(a),
+                (1, 3) => scores::<T, 3, 1, 2>(a),
+                (1, 4) => scores::<T, 4, 1, 2>(a),
+                (1, 5) => scores::<T, 5, 1, 1>(a),
+                (1, 6) => scores::<T, 6, 1, 1>(a),
+                (1, 7) => scores::<T, 7, 1, 1>(a),
+                (1, 8) => scores::<T, 8, 1, 1>(a),
+                (2, 1) => scores::<T, 1, 2, 4>(a),
+                (2, 2) => scores::<T, 2, 2, 2>(a),
+                (2, 3) => scores::<T, 3, 2, 1>(a),
+                (2, 4) => scores::<T, 4, 2, 1>(a),
+                (3, 1) => scores::<T, 1, 3, 2>(a),
+                (3, 2) => scores::<T, 2, 3, 1>(a),
+                (4, 1) => scores::<T, 1, 4, 2>(a),
+                (4, 2) => scores::<T, 2, 4, 1>(a),
+                _ => unreachable!("group_scores: {g} heads of {bs} keys"),
             }
         }
     }
 
+    /// Scores of `G` heads against a block of `8 * V` keys: each row of `kt` (`V` vectors) is
+    /// loaded once and multiplied into all `G` heads' accumulators.
+    ///
     /// # Safety
-    /// AVX2 and FMA must be available; `acc.len()` is a multiple of 32 and `v` holds
-    /// `p.len() * acc.len()` values.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_rows(p: &[f32], v: &[f32], acc: &mut [f32]) {
+    /// AVX2, FMA and F16C must be available; `q` holds `G * d` values, `kt` `8 * V * d`, `out`
+    /// `(G - 1) * stride + 8 * V`; `d` is a multiple of `U`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scores<T: Lanes, const G: usize, const V: usize, const U: usize>(
+        (q, d, kt, scale, out, stride): (&[f32], usize, &[T], f32, &mut [f32], usize),
+    ) {
         // SAFETY: the caller's contract (above) bounds every pointer offset.
         unsafe {
-            let d = acc.len();
-            let (vp, ap) = (v.as_ptr(), acc.as_mut_ptr());
-            let mut c = 0;
-            while c < d {
-                let mut r = [
-                    _mm256_loadu_ps(ap.add(c)),
-                    _mm256_loadu_ps(ap.add(c + 8)),
-                    _mm256_loadu_ps(ap.add(c + 16)),
-                    _mm256_loadu_ps(ap.add(c + 24)),
-                ];
-                for (j, &pj) in p.iter().enumerate() {
-                    let pv = _mm256_set1_ps(pj);
-                    let row = vp.add(j * d + c);
-                    for (u, acc) in r.iter_mut().enumerate() {
-                        *acc = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * u)), *acc);
+            let (k, qp) = (kt.as_ptr(), q.as_ptr());
+            let mut a = [[[_mm256_setzero_ps(); V]; G]; U];
+            let mut i = 0;
+            while i < d {
+                for (u, au) in a.iter_mut().enumerate() {
+                    let row = k.add((i + u) * 8 * V);
+                    let mut kv = [_mm256_setzero_ps(); V];
+                    for (c, x) in kv.iter_mut().enumerate() {
+                        *x = T::load8(row.add(8 * c));
+                    }
+                    for (h, ah) in au.iter_mut().enumerate() {
+                        let qv = _mm256_set1_ps(*qp.add(h * d + i + u));
+                        for (x, k) in ah.iter_mut().zip(&kv) {
+                            *x = _mm256_fmadd_ps(qv, *k, *x);
+                        }
                     }
                 }
-                for (u, acc) in r.iter().enumerate() {
-                    _mm256_storeu_ps(ap.add(c + 8 * u), *acc);
+                i += U;
+            }
+            let s = _mm256_set1_ps(scale);
+            for h in 0..G {
+                for c in 0..V {
+                    let mut sum = a[0][h][c];
+                    for au in &a[1..] {
+                        sum = _mm256_add_ps(sum, au[h][c]);
+                    }
+                    let o = out.as_mut_ptr().add(h * stride + 8 * c);
+                    _mm256_storeu_ps(o, _mm256_mul_ps(sum, s));
                 }
-                c += 32;
+            }
+        }
+    }
+
+    /// Picks the kernel for `g <= 8` heads: `C` vectors of columns per pass, so that the
+    /// `g * C` accumulators (at most 12) plus a V vector and the heads' weights fit in 16
+    /// registers, with `C` dividing `d / 8`.
+    ///
+    /// # Safety
+    /// As [`weighted`], with `acc.len() == g * d`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_dispatch<T: Lanes>(
+        p: &[f32],
+        stride: usize,
+        m: usize,
+        v: &[T],
+        acc: &mut [f32],
+        d: usize,
+        g: usize,
+    ) {
+        let lanes = d / 8;
+        let c = match g {
+            1 => 8,
+            2 | 3 => 4,
+            4..=6 => 2,
+            _ => 1,
+        };
+        let c = [8, 4, 2, 1]
+            .into_iter()
+            .find(|&x| x <= c && lanes.is_multiple_of(x))
+            .unwrap_or(1);
+        // SAFETY: the caller's contract.
+        unsafe {
+            let a = (p, stride, m, v, acc, d);
+            match (g, c) {
+                (1, 8) => weighted::<T, 1, 8>(a),
+                (1, 4) => weighted::<T, 1, 4>(a),
+                (1, 2) => weighted::<T, 1, 2>(a),
+                (2, 4) => weighted::<T, 2, 4>(a),
+                (2, 2) => weighted::<T, 2, 2>(a),
+                (3, 4) => weighted::<T, 3, 4>(a),
+                (3, 2) => weighted::<T, 3, 2>(a),
+                (4, 2) => weighted::<T, 4, 2>(a),
+                (5, 2) => weighted::<T, 5, 2>(a),
+                (6, 2) => weighted::<T, 6, 2>(a),
+                (1, _) => weighted::<T, 1, 1>(a),
+                (2, _) => weighted::<T, 2, 1>(a),
+                (3, _) => weighted::<T, 3, 1>(a),
+                (4, _) => weighted::<T, 4, 1>(a),
+                (5, _) => weighted::<T, 5, 1>(a),
+                (6, _) => weighted::<T, 6, 1>(a),
+                (7, _) => weighted::<T, 7, 1>(a),
+                (8, _) => weighted::<T, 8, 1>(a),
+                _ => unreachable!("group_weighted_rows: {g} heads"),
+            }
+        }
+    }
+
+    /// `G` heads' weighted sums over `m` V rows, `8 * C` columns at a time: each V vector is
+    /// loaded once and multiplied into all `G` heads' accumulators.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `acc` holds `G * d` values, `v` `m * d`, `p`
+    /// `(G - 1) * stride + m`; `d` is a multiple of `8 * C`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weighted<T: Lanes, const G: usize, const C: usize>(
+        (p, stride, m, v, acc, d): (&[f32], usize, usize, &[T], &mut [f32], usize),
+    ) {
+        // SAFETY: the caller's contract (above) bounds every pointer offset.
+        unsafe {
+            let (vp, ap, pp) = (v.as_ptr(), acc.as_mut_ptr(), p.as_ptr());
+            let mut col = 0;
+            while col < d {
+                let mut r = [[_mm256_setzero_ps(); C]; G];
+                for (h, rh) in r.iter_mut().enumerate() {
+                    for (c, x) in rh.iter_mut().enumerate() {
+                        *x = _mm256_loadu_ps(ap.add(h * d + col + 8 * c));
+                    }
+                }
+                for j in 0..m {
+                    let row = vp.add(j * d + col);
+                    let mut pv = [_mm256_setzero_ps(); G];
+                    for (h, x) in pv.iter_mut().enumerate() {
+                        *x = _mm256_set1_ps(*pp.add(h * stride + j));
+                    }
+                    for c in 0..C {
+                        let x = T::load8(row.add(8 * c));
+                        for (rh, w) in r.iter_mut().zip(&pv) {
+                            rh[c] = _mm256_fmadd_ps(*w, x, rh[c]);
+                        }
+                    }
+                }
+                for (h, rh) in r.iter().enumerate() {
+                    for (c, x) in rh.iter().enumerate() {
+                        _mm256_storeu_ps(ap.add(h * d + col + 8 * c), *x);
+                    }
+                }
+                col += 8 * C;
             }
         }
     }
@@ -134,37 +344,59 @@ mod tests {
         (0..n).map(|_| rng.next_f64() as f32 - 0.5).collect()
     }
 
-    #[test]
-    fn kernels_match_plain_loops() {
+    /// Both kernels against plain loops over the same (already rounded) cache values, for
+    /// every group size up to 9 (more than one run of heads), blocks of 8 to 32 keys and
+    /// odd ones, head sizes with and without a vector path; the outputs between the heads'
+    /// rows must stay untouched.
+    fn check<T: Lanes>(cast: fn(f32) -> T) {
         let mut rng = Rng64::new(5);
-        for d in [64usize, 128] {
-            let q = rand(d, &mut rng);
-            let kt = rand(d * 32, &mut rng);
-            for bs in [8, 16, 32, 5] {
-                let mut got = vec![0f32; bs];
-                block_scores(&q, &kt, 0.5, &mut got);
-                for l in 0..bs {
-                    let want: f32 = (0..d).map(|i| q[i] * kt[i * bs + l]).sum::<f32>() * 0.5;
-                    assert!(
-                        (got[l] - want).abs() < 1e-4,
-                        "{d} {bs} {l}: {} vs {want}",
-                        got[l]
-                    );
+        for d in [64usize, 128, 40, 12] {
+            for bs in [8usize, 16, 24, 32, 5] {
+                for g in 1..=9 {
+                    let q = rand(g * d, &mut rng);
+                    let kt: Vec<T> = rand(d * bs, &mut rng).into_iter().map(cast).collect();
+                    let stride = bs + 3;
+                    let mut got = vec![f32::NAN; g * stride];
+                    group_scores(&q, d, &kt, 0.5, (&mut got, stride, bs));
+                    for h in 0..g {
+                        for l in 0..bs {
+                            let want: f32 = (0..d)
+                                .map(|i| q[h * d + i] * kt[i * bs + l].to_f32())
+                                .sum::<f32>()
+                                * 0.5;
+                            let x = got[h * stride + l];
+                            assert!(
+                                (x - want).abs() < 1e-4,
+                                "{d} {bs} {g} {h} {l}: {x} vs {want}"
+                            );
+                        }
+                        assert!(got[h * stride + bs..][..3].iter().all(|x| x.is_nan()));
+                    }
+                    let m = bs.min(11);
+                    let p = rand(g * stride, &mut rng);
+                    let v: Vec<T> = rand(m * d, &mut rng).into_iter().map(cast).collect();
+                    let mut acc = rand(g * d, &mut rng);
+                    let mut want = acc.clone();
+                    for h in 0..g {
+                        for j in 0..m {
+                            for i in 0..d {
+                                want[h * d + i] += p[h * stride + j] * v[j * d + i].to_f32();
+                            }
+                        }
+                    }
+                    group_weighted_rows((&p, stride, m), &v, &mut acc, d);
+                    for (i, (x, w)) in acc.iter().zip(&want).enumerate() {
+                        assert!((x - w).abs() < 1e-4, "{d} {bs} {g} [{i}]: {x} vs {w}");
+                    }
                 }
-            }
-            let p = rand(11, &mut rng);
-            let v = rand(11 * d, &mut rng);
-            let mut acc = rand(d, &mut rng);
-            let mut want = acc.clone();
-            for j in 0..11 {
-                for i in 0..d {
-                    want[i] += p[j] * v[j * d + i];
-                }
-            }
-            weighted_rows(&p, &v, &mut acc);
-            for i in 0..d {
-                assert!((acc[i] - want[i]).abs() < 1e-4);
             }
         }
+    }
+
+    #[test]
+    fn kernels_match_plain_loops() {
+        check::<f32>(|x| x);
+        check::<f16>(f16::from_f32);
+        check::<bf16>(bf16::from_f32);
     }
 }
