@@ -194,19 +194,19 @@ struct Geometry<'a, T> {
 }
 
 impl<T: Elem> Geometry<'_, T> {
-    /// The K (`[d, block_size]`) and V (`[block_size, d]`) of block `blk` for KV head `g`.
-    fn block(&self, blk: u32, g: usize) -> (&[T], &[T]) {
-        let len = self.d * self.block_size;
-        let base = (blk as usize * self.kv_heads + g) * len;
-        (&self.kc[base..base + len], &self.vc[base..base + len])
-    }
-
     /// K (`[kv_heads, d, block_size]`) and V (`[kv_heads, block_size, d]`) of block `blk` for
     /// every KV head: one contiguous run each.
     fn whole_block(&self, blk: u32) -> (&[T], &[T]) {
         let len = self.kv_heads * self.d * self.block_size;
         let base = blk as usize * len;
         (&self.kc[base..base + len], &self.vc[base..base + len])
+    }
+
+    /// The K (`[d, block_size]`) and V (`[block_size, d]`) of block `blk` for KV head `g`.
+    fn block(&self, blk: u32, g: usize) -> (&[T], &[T]) {
+        let len = self.d * self.block_size;
+        let (k, v) = self.whole_block(blk);
+        (&k[g * len..][..len], &v[g * len..][..len])
     }
 
     /// Asks for the block [`PREFETCH_BLOCKS`] ahead of position `at` in the order [`direct`]
@@ -233,7 +233,6 @@ impl<T: Elem> Geometry<'_, T> {
     fn direct(&self, t0: usize, keys: &[usize], table: &[u32], out: &mut [f32], scr: &mut Scratch) {
         let (d, heads, bs) = (self.d, self.heads, self.block_size);
         let group = heads / self.kv_heads;
-        let per_head = d * bs;
         for (i, &n) in keys.iter().enumerate() {
             let q = &self.q[(t0 + i) * heads * d..][..heads * d];
             let table = &table[..n.div_ceil(bs)];
@@ -242,9 +241,8 @@ impl<T: Elem> Geometry<'_, T> {
             let scores = sized(&mut scr.scores, heads * padded);
             for (b, &blk) in table.iter().enumerate() {
                 self.prefetch_ahead(table, b);
-                let (kb, _) = self.whole_block(blk);
                 for g in 0..self.kv_heads {
-                    let kt = &kb[g * per_head..][..per_head];
+                    let (kt, _) = self.block(blk, g);
                     let s = &mut scores[g * group * padded + b * bs..];
                     let qg = &q[g * group * d..][..group * d];
                     simd::group_scores(qg, d, kt, self.scale, (s, padded, bs));
@@ -257,10 +255,9 @@ impl<T: Elem> Geometry<'_, T> {
             acc.fill(0.0);
             for (b, &blk) in table.iter().enumerate() {
                 self.prefetch_ahead(table, table.len() + b);
-                let (_, vb) = self.whole_block(blk);
                 let m = bs.min(n - b * bs);
                 for g in 0..self.kv_heads {
-                    let v = &vb[g * per_head..][..m * d];
+                    let v = &self.block(blk, g).1[..m * d];
                     let p = &scores[g * group * padded + b * bs..];
                     let a = &mut acc[g * group * d..][..group * d];
                     simd::group_weighted_rows((p, padded, m), v, a, d);
