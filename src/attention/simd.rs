@@ -135,12 +135,10 @@ pub fn group_weighted_rows<T: Lanes>(
     }
 }
 
-/// AVX2, FMA and F16C (every x86-64 CPU with AVX2 in practice), detected once.
+/// AVX2, FMA and F16C (every x86-64 CPU with AVX2 in practice); both checks are cached.
 #[cfg(target_arch = "x86_64")]
 fn simd_ok() -> bool {
-    use std::sync::OnceLock;
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| crate::device::cpu_has_avx2_fma() && is_x86_feature_detected!("f16c"))
+    crate::device::cpu_has_avx2_fma() && is_x86_feature_detected!("f16c")
 }
 
 #[cfg(target_arch = "x86_64")]
