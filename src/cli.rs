@@ -55,7 +55,8 @@ pub struct ModelArgs {
     pub chat_template: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = LoadFormat::Auto)]
     pub load_format: LoadFormat,
-    /// auto (f32 on the CPU, bf16 on CUDA), f32, f16 or bf16.
+    /// auto (f32 on the CPU, bf16 on CUDA), f32, f16 or bf16. On the CPU, bf16 keeps the
+    /// projection weights in bf16 (AVX-512 BF16 dot products) and activations in f32.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// cpu, cuda or cuda:N.
@@ -88,8 +89,8 @@ pub struct EngineArgs {
     /// Fraction of the GPU's memory the run may use (weights, activations and the KV cache).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
-    /// KV cache element type: auto (the model's dtype, but f16 for an f32 model on the CPU, as
-    /// llama.cpp does), f32, f16 or bf16.
+    /// KV cache element type: auto (the model's dtype on CUDA, f16 on the CPU as in llama.cpp),
+    /// f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: String,
     /// Use exactly this many KV blocks instead of sizing from the budget.

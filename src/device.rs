@@ -94,20 +94,16 @@ pub fn parse_dtype(text: &str, device: DeviceSpec) -> Result<DType> {
         "bf16" | "bfloat16" => DType::BF16,
         other => bail!("unknown --dtype '{other}' (expected auto, f32, f16 or bf16)"),
     };
-    if dtype == DType::BF16 && device == DeviceSpec::Cpu {
-        bail!(
-            "--dtype bf16 is not supported on the CPU (candle's CPU matmul has no bf16); use f32 or f16"
-        );
-    }
     Ok(dtype)
 }
 
-/// Parses `--kv-cache-dtype`. `auto` is the model's dtype, except that an f32 model on the
-/// CPU gets an f16 cache: decode attention there is bound by memory bandwidth, and half the
-/// bytes is worth the rounding (llama.cpp's default cache is f16 too).
+/// Parses `--kv-cache-dtype`. `auto` is the model's dtype on CUDA and f16 on the CPU: decode
+/// attention there is bound by memory bandwidth, so an f32 model's cache is worth halving
+/// (llama.cpp's default cache is f16 too), and f16 keeps more of a bf16 model's K/V than bf16
+/// at the same bytes and speed.
 pub fn parse_kv_dtype(text: &str, model: DType, device: DeviceSpec) -> Result<DType> {
     match text {
-        "auto" if device == DeviceSpec::Cpu && model == DType::F32 => Ok(DType::F16),
+        "auto" if device == DeviceSpec::Cpu => Ok(DType::F16),
         "auto" => Ok(model),
         other => parse_dtype(other, device).map_err(|_| {
             anyhow::anyhow!("unknown --kv-cache-dtype '{other}' (expected auto, f32, f16 or bf16)")
@@ -145,11 +141,15 @@ mod tests {
             DType::BF16
         );
         assert_eq!(parse_dtype("half", DeviceSpec::Cpu).unwrap(), DType::F16);
-        assert!(parse_dtype("bf16", DeviceSpec::Cpu).is_err());
+        assert_eq!(parse_dtype("bf16", DeviceSpec::Cpu).unwrap(), DType::BF16);
         assert!(parse_dtype("int4", DeviceSpec::Cpu).is_err());
         let cpu = DeviceSpec::Cpu;
         assert_eq!(parse_kv_dtype("auto", DType::F32, cpu).unwrap(), DType::F16);
         assert_eq!(parse_kv_dtype("auto", DType::F16, cpu).unwrap(), DType::F16);
+        assert_eq!(
+            parse_kv_dtype("auto", DType::BF16, cpu).unwrap(),
+            DType::F16
+        );
         assert_eq!(parse_kv_dtype("f32", DType::F32, cpu).unwrap(), DType::F32);
         let gpu = DeviceSpec::Cuda(0);
         assert_eq!(

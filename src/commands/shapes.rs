@@ -49,7 +49,7 @@ pub fn run(args: &ShapesArgs) -> Result<()> {
     let model = runner.model();
     let costs = ModelCosts::new(
         &model.dims(),
-        model.dtype(),
+        model.weight_dtype(),
         runner.cache().spec.bytes_per_token(),
     );
     let opts = BenchOptions {

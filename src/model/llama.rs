@@ -26,10 +26,15 @@ impl Linear {
         out: usize,
         inp: usize,
         with_bias: bool,
+        act: DType,
     ) -> Result<Self> {
         let w = weights.get(&format!("{name}.weight"), &[out, inp])?;
         let b = if with_bias {
-            Some(weights.get(&format!("{name}.bias"), &[out])?)
+            Some(
+                weights
+                    .get(&format!("{name}.bias"), &[out])?
+                    .to_dtype(act)?,
+            )
         } else {
             None
         };
@@ -37,7 +42,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = super::ops::linear(x, &self.w)?;
+        let y = super::matmul::linear(x, &self.w)?;
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -130,7 +135,10 @@ pub struct Llama {
     tied: bool,
     cos: Tensor,
     sin: Tensor,
+    /// Of the activations (and norms, biases, rotary tables).
     dtype: DType,
+    /// Of the projections, the embedding and the LM head.
+    weight_dtype: DType,
     device: Device,
 }
 
@@ -183,7 +191,7 @@ fn rotary_tables(
 }
 
 impl Llama {
-    /// Builds the model from `weights`, fusing q/k/v and gate/up as it goes.
+    /// Builds the model from `weights` (in `dtype`), fusing q/k/v and gate/up as it goes.
     /// `max_positions` bounds the rotary tables (the run's maximum model length).
     pub fn load(
         cfg: &ModelConfig,
@@ -207,15 +215,44 @@ impl Llama {
         let q_size = dims.heads * hd;
         let kv_size = dims.kv_heads * hd;
         let bias = cfg.qkv_bias();
+        let act = super::activation_dtype(dtype, device);
         let mut layers = Vec::with_capacity(dims.layers);
         for i in 0..dims.layers {
             let p = format!("model.layers.{i}");
             let qkv = Linear::fused(vec![
-                Linear::load(weights, &format!("{p}.self_attn.q_proj"), q_size, h, bias)?,
-                Linear::load(weights, &format!("{p}.self_attn.k_proj"), kv_size, h, bias)?,
-                Linear::load(weights, &format!("{p}.self_attn.v_proj"), kv_size, h, bias)?,
+                Linear::load(
+                    weights,
+                    &format!("{p}.self_attn.q_proj"),
+                    q_size,
+                    h,
+                    bias,
+                    act,
+                )?,
+                Linear::load(
+                    weights,
+                    &format!("{p}.self_attn.k_proj"),
+                    kv_size,
+                    h,
+                    bias,
+                    act,
+                )?,
+                Linear::load(
+                    weights,
+                    &format!("{p}.self_attn.v_proj"),
+                    kv_size,
+                    h,
+                    bias,
+                    act,
+                )?,
             ])?;
-            let o = Linear::load(weights, &format!("{p}.self_attn.o_proj"), h, q_size, false)?;
+            let o = Linear::load(
+                weights,
+                &format!("{p}.self_attn.o_proj"),
+                h,
+                q_size,
+                false,
+                act,
+            )?;
             let gate_up = Linear::fused(vec![
                 Linear::load(
                     weights,
@@ -223,6 +260,7 @@ impl Llama {
                     dims.intermediate,
                     h,
                     false,
+                    act,
                 )?,
                 Linear::load(
                     weights,
@@ -230,6 +268,7 @@ impl Llama {
                     dims.intermediate,
                     h,
                     false,
+                    act,
                 )?,
             ])?;
             let down = Linear::load(
@@ -238,19 +277,24 @@ impl Llama {
                 h,
                 dims.intermediate,
                 false,
+                act,
             )?;
             layers.push(Layer {
-                attn_norm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                attn_norm: weights
+                    .get(&format!("{p}.input_layernorm.weight"), &[h])?
+                    .to_dtype(act)?,
                 qkv,
                 o,
-                mlp_norm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp_norm: weights
+                    .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?
+                    .to_dtype(act)?,
                 gate_up,
                 down,
             });
             on_layer(i);
         }
         let embed = weights.get("model.embed_tokens.weight", &[dims.vocab, h])?;
-        let norm = weights.get("model.norm.weight", &[h])?;
+        let norm = weights.get("model.norm.weight", &[h])?.to_dtype(act)?;
         let tied = cfg.tie_word_embeddings && !weights.contains("lm_head.weight");
         let lm_head = if tied {
             embed.clone()
@@ -265,9 +309,10 @@ impl Llama {
             norm,
             lm_head,
             tied,
-            cos: cos.to_dtype(dtype)?,
-            sin: sin.to_dtype(dtype)?,
-            dtype,
+            cos: cos.to_dtype(act)?,
+            sin: sin.to_dtype(act)?,
+            dtype: act,
+            weight_dtype: dtype,
             device: device.clone(),
         })
     }
@@ -276,8 +321,13 @@ impl Llama {
         self.dims
     }
 
+    /// The activations' dtype: the weights' but on the CPU with bf16 weights (f32 there).
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    pub fn weight_dtype(&self) -> DType {
+        self.weight_dtype
     }
 
     pub fn device(&self) -> &Device {
@@ -307,7 +357,10 @@ impl Llama {
             ))
         })?;
         let mut x = timed(Kernel::Embedding, || {
-            Ok(self.embed.index_select(input_ids, 0)?)
+            Ok(self
+                .embed
+                .index_select(input_ids, 0)?
+                .to_dtype(self.dtype)?)
         })?;
         // Each residual add goes with the norm that follows it (`residual_rms_norm`, one kernel on
         // CUDA), except after the last layer, whose norm runs only on the sampled rows (`logits`).
@@ -365,7 +418,7 @@ impl Llama {
             Ok(rms_norm(&h, &self.norm, self.dims.eps)?)
         })?;
         timed(Kernel::GemmLmHead, || {
-            let logits = super::ops::linear(&h, &self.lm_head)?;
+            let logits = super::matmul::linear(&h, &self.lm_head)?;
             Ok(logits.to_dtype(DType::F32)?.contiguous()?)
         })
     }

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod hub;
 pub mod llama;
+pub mod matmul;
 pub mod norm;
 pub mod ops;
 pub mod weights;
@@ -193,6 +194,18 @@ pub fn inspect(opts: &ModelOptions, progress: &Progress) -> Result<ModelInfo> {
     })
 }
 
+/// The dtype activations run in for weights in `weights` on `device`: the same, except for bf16
+/// weights on the CPU, whose products take f32 rows (`matmul::linear`, with the rows rounded to
+/// bf16 inside) and whose norms, rotary embeddings and attention run in f32, as candle's CPU
+/// kernels do best.
+pub fn activation_dtype(weights: DType, device: &Device) -> DType {
+    if device.is_cpu() && weights == DType::BF16 {
+        DType::F32
+    } else {
+        weights
+    }
+}
+
 /// Loads the weights of an inspected model onto `device` in `dtype`.
 pub fn load_weights(
     info: &ModelInfo,
@@ -225,6 +238,11 @@ pub fn load_weights(
                 crate::util::human_bytes(free as u64)
             );
         }
+    }
+    if device.is_cpu() && dtype == DType::BF16 && !crate::gemm::bf16::bf16_dot_supported() {
+        progress.info(
+            "note: this CPU lacks AVX-512 BF16, so bf16 products run as plain loops (slow); --dtype f32 is faster here",
+        );
     }
     let bar = progress.bar(cfg.num_hidden_layers as u64, "loading");
     let on_layer = |_: usize| bar.inc(1);

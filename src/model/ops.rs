@@ -2,12 +2,11 @@
 
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::fastmath;
-use crate::gemm::rows_by_weights;
 use crate::launch::{Arg, Launch};
 
 /// `silu(x[:, :n]) * x[:, n:]` for `x` of shape `[rows, 2n]`: the gated MLP activation over the
@@ -94,9 +93,9 @@ impl CustomOp1 for SiluMul {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         match s.dtype() {
-            DType::F32 => silu_mul_cuda::<f32>(s, l),
-            DType::F16 => silu_mul_cuda::<f16>(s, l),
-            DType::BF16 => silu_mul_cuda::<bf16>(s, l),
+            candle_core::DType::F32 => silu_mul_cuda::<f32>(s, l),
+            candle_core::DType::F16 => silu_mul_cuda::<f16>(s, l),
+            candle_core::DType::BF16 => silu_mul_cuda::<bf16>(s, l),
             other => candle_core::bail!("silu_mul: no CUDA kernel for {other:?}"),
         }
     }
@@ -145,101 +144,10 @@ where
     ))
 }
 
-/// Up to this many rows, [`linear`] splits the output features over the threads itself:
-/// candle's matmul runs a one-row product on one thread, bound by one core's memory bandwidth
-/// (measured on 2 cores: 1 x 576 x 3072 at 16 GFLOP/s, 31 when split; 1 x 1536 x 576 at 18,
-/// 59 split; from 2 to 32 rows the split is as fast or up to 1.4x faster), which small decode
-/// batches would pay on every projection. Each thread's share is dot products against the weight
-/// rows (`gemm::rows_by_weights`), which, unlike a general GEMM, does not repack the weights on
-/// every call: gate/up of SmolLM2 at 8 rows 462 -> 308 us, decode steps of 8 sequences 65 ->
-/// 43 ms. Raised from 32 to 64 once the 4 x 3 register tile and the weight prefetch made it
-/// faster there too (AMD EPYC, 2026-12-03): decode steps of 33 / 48 / 64 sequences 128-140 /
-/// 138-176 / 194-205 -> 72-94 / 135-140 / 163-166 ms, the default run -2 to -5%; at 96 rows
-/// candle's GEMM was faster (279-288 against 314-318 ms).
-pub const SPLIT_MAX_ROWS: usize = 64;
-
-/// `x W^T` for `x` `[rows, in]` and `W` `[out, in]`.
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let rows = x.dim(0)?;
-    if x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && rows <= SPLIT_MAX_ROWS
-    {
-        return Ok(x.apply_op2_no_bwd(w, &SplitMatmul)?);
-    }
-    Ok(x.matmul(&w.t()?)?)
-}
-
-struct SplitMatmul;
-
-impl CustomOp2 for SplitMatmul {
-    fn name(&self) -> &'static str {
-        "split-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (xs, ws) else {
-            candle_core::bail!("split_matmul: f32 only");
-        };
-        let (Some((xa, xb)), Some((wa, wb))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-        else {
-            candle_core::bail!("split_matmul: inputs must be contiguous");
-        };
-        let (x, w) = (&x[xa..xb], &w[wa..wb]);
-        let (m, k) = xl.shape().dims2()?;
-        let (n, k2) = wl.shape().dims2()?;
-        if k != k2 || k == 0 {
-            candle_core::bail!("split_matmul: {m}x{k} by ({n}x{k2})^T");
-        }
-        // Chunks of output features: enough for every thread, each a contiguous run of W rows
-        // computed into its own buffer, then placed.
-        let chunk = n.div_ceil(4 * rayon::current_num_threads()).max(16);
-        let parts: Vec<(usize, Vec<f32>)> = (0..n)
-            .step_by(chunk)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|a| {
-                let len = chunk.min(n - a);
-                let mut part = vec![0f32; m * len];
-                rows_by_weights((m, len, k), x, &w[a * k..], &mut part);
-                (a, part)
-            })
-            .collect();
-        let mut out = vec![0f32; m * n];
-        for (a, part) in parts {
-            let len = part.len() / m;
-            for (r, row) in part.chunks_exact(len).enumerate() {
-                out[r * n + a..][..len].copy_from_slice(row);
-            }
-        }
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
-
-    #[test]
-    fn split_matmul_matches_candle() -> Result<()> {
-        for (m, k, n) in [(1, 64, 300), (5, 33, 17), (64, 128, 1000), (80, 8, 8)] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
-            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
-            let want = x.matmul(&w.t()?)?;
-            let got = linear(&x, &w)?;
-            let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(err < 1e-3, "{m}x{k}x{n}: {err}");
-        }
-        Ok(())
-    }
 
     #[test]
     fn matches_candle_composition() -> Result<()> {

@@ -38,10 +38,12 @@ fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 /// Measures the peaks of `device` for `dtype` (about a second on the CPU).
 pub fn calibrate(device: &Device, dtype: DType) -> Result<Peaks> {
     let n = if device.is_cpu() { 2048 } else { 8192 };
-    let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    // The rows in the activations' dtype, as the model's projections get them.
+    let act = crate::model::activation_dtype(dtype, device);
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(act)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
     let gemm_time = best_of(if device.is_cpu() { 3 } else { 10 }, || {
-        crate::model::ops::linear(&a, &b)?;
+        crate::model::matmul::linear(&a, &b)?;
         device.synchronize()?;
         Ok(())
     })?;

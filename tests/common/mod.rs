@@ -61,22 +61,30 @@ pub fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
 /// SmolLM2 (config, tokenizer, f32 weights), loaded once per test binary.
 pub fn smollm() -> &'static (ModelInfo, Llama) {
     static MODEL: OnceLock<(ModelInfo, Llama)> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let info = model::inspect(
-            &ModelOptions {
-                model: smollm_gguf().display().to_string(),
-                tokenizer: None,
-                chat_template: None,
-                load_format: LoadFormat::Auto,
-                revision: None,
-            },
-            &Progress::silent(),
-        )
-        .expect("inspect SmolLM2");
-        let llama = model::load_weights(&info, 2048, DType::F32, &Device::Cpu, &Progress::silent())
-            .expect("load SmolLM2");
-        (info, llama)
-    })
+    MODEL.get_or_init(|| load_smollm(DType::F32))
+}
+
+/// SmolLM2 with bf16 weights (`--dtype bf16` on the CPU), loaded once per test binary.
+pub fn smollm_bf16() -> &'static Llama {
+    static MODEL: OnceLock<Llama> = OnceLock::new();
+    MODEL.get_or_init(|| load_smollm(DType::BF16).1)
+}
+
+fn load_smollm(dtype: DType) -> (ModelInfo, Llama) {
+    let info = model::inspect(
+        &ModelOptions {
+            model: smollm_gguf().display().to_string(),
+            tokenizer: None,
+            chat_template: None,
+            load_format: LoadFormat::Auto,
+            revision: None,
+        },
+        &Progress::silent(),
+    )
+    .expect("inspect SmolLM2");
+    let llama = model::load_weights(&info, 2048, dtype, &Device::Cpu, &Progress::silent())
+        .expect("load SmolLM2");
+    (info, llama)
 }
 
 /// An engine over SmolLM2 with the given limits, greedy.
@@ -99,12 +107,22 @@ pub fn engine_without_prefix_caching(limits: (usize, usize, usize, usize)) -> En
 }
 
 fn configured_engine(
+    limits: (usize, usize, usize, usize),
+    sampling: SamplingParams,
+    enable_prefix_caching: bool,
+) -> Engine {
+    engine_over(smollm().1.clone(), limits, sampling, enable_prefix_caching)
+}
+
+/// An engine over `model` with the given limits (as [`engine`]), an f32 cache and `sampling`.
+pub fn engine_over(
+    model: Llama,
     (block_size, num_blocks, max_seqs, max_tokens): (usize, usize, usize, usize),
     sampling: SamplingParams,
     enable_prefix_caching: bool,
 ) -> Engine {
     Engine::new(
-        smollm().1.clone(),
+        model,
         EngineConfig {
             block_size,
             max_num_seqs: max_seqs,

@@ -1,0 +1,255 @@
+//! Products of f32 rows with bf16 weights on the CPU (`--dtype bf16`): the rows are rounded to
+//! bf16 once per call, products of bf16 pairs are exact in f32 and summed in f32. With AVX-512
+//! BF16 one `vdpbf16ps` does 32 multiply-adds, twice an f32 FMA's 16, and the weights are half
+//! the bytes: on the AMD EPYC (Zen 4) build machine one core runs 233 GFLOP/s of `vdpbf16ps`
+//! against 117 of f32 FMAs. Elsewhere the same products run as plain loops (correct, slow).
+
+use half::bf16;
+
+/// Whether the fast kernels can run here (AVX-512 F/BW and BF16): callers say so when not.
+pub fn bf16_dot_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `dst[i] = bf16(src[i])`, rounded to nearest even (as `vcvtne2ps2bf16` does; subnormal inputs
+/// there become zero, which no activation of a model at work is).
+pub fn round_to_bf16(src: &[f32], dst: &mut [bf16]) {
+    assert_eq!(src.len(), dst.len(), "round_to_bf16: lengths");
+    #[cfg(target_arch = "x86_64")]
+    if bf16_dot_supported() {
+        // SAFETY: the features are present (checked) and the lengths are equal (asserted).
+        unsafe { x86::round(src, dst) };
+        return;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = bf16::from_f32(*s);
+    }
+}
+
+/// `out[r * n + j] = x[r] . w[j]` for bf16 `x` `[m, k]` and `w` `[n, k]` (row-major), summed in
+/// f32: `gemm::rows_by_weights` for bf16 weights, at any `m` (callers keep a call's rows few
+/// enough for L2: they are read once per block of weight rows).
+pub fn rows_by_weights_bf16(
+    (m, n, k): (usize, usize, usize),
+    x: &[bf16],
+    w: &[bf16],
+    out: &mut [f32],
+) {
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
+        "rows_by_weights_bf16: sizes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if bf16_dot_supported() {
+        // SAFETY: the features are present (checked); the assert above bounds every access.
+        unsafe { x86::rows_by_weights(m, k, n, x, w, out) };
+        return;
+    }
+    for r in 0..m {
+        for j in 0..n {
+            out[r * n + j] = x[r * k..][..k]
+                .iter()
+                .zip(&w[j * k..][..k])
+                .map(|(a, b)| a.to_f32() * b.to_f32())
+                .sum();
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use half::bf16;
+
+    use super::super::x86::{NextBlock, Prefetch};
+
+    /// # Safety
+    /// AVX-512 F, BW and BF16 must be available; `src` and `dst` have the same length.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn round(src: &[f32], dst: &mut [bf16]) {
+        // SAFETY: 32 values per step while 32 remain; the rest one by one.
+        unsafe {
+            let mut i = 0;
+            while i + 32 <= src.len() {
+                let lo = _mm512_loadu_ps(src.as_ptr().add(i));
+                let hi = _mm512_loadu_ps(src.as_ptr().add(i + 16));
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_epi16(dst.as_mut_ptr().add(i) as *mut i16, v);
+                i += 32;
+            }
+            for (d, s) in dst[i..].iter_mut().zip(&src[i..]) {
+                *d = bf16::from_f32(*s);
+            }
+        }
+    }
+
+    /// The register tile: 4 rows of `x` against 4 weight rows, 16 accumulators plus 4 weight
+    /// vectors and one of `x` (21 of the 32 registers), 8 loads per 16 `vdpbf16ps`.
+    const X_ROWS: usize = 4;
+    const W_ROWS: usize = 4;
+
+    /// # Safety
+    /// AVX-512 F, BW and BF16 must be available; `x` holds `m * k` values, `w` `n * k`, `out`
+    /// `m * n`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn rows_by_weights(
+        m: usize,
+        k: usize,
+        n: usize,
+        x: &[bf16],
+        w: &[bf16],
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract bounds every tile's accesses.
+        unsafe {
+            let groups = m.div_ceil(X_ROWS);
+            let mut j = 0;
+            while j < n {
+                let nr = (n - j).min(W_ROWS);
+                let next = NextBlock::after(w, k, n, j + nr, W_ROWS, 2);
+                let mut r = 0;
+                let mut p = 0;
+                while r < m {
+                    let mr = (m - r).min(X_ROWS);
+                    let pf = next.share(p, groups);
+                    let at = (r, j);
+                    match (mr, nr) {
+                        (4, 4) => tile::<4, 4>(k, n, x, w, out, at, pf),
+                        (3, 4) => tile::<3, 4>(k, n, x, w, out, at, pf),
+                        (2, 4) => tile::<2, 4>(k, n, x, w, out, at, pf),
+                        (1, 4) => tile::<1, 4>(k, n, x, w, out, at, pf),
+                        _ => {
+                            for c in 0..nr {
+                                let (at, none) = ((r, j + c), Prefetch::NONE);
+                                match mr {
+                                    4 => tile::<4, 1>(k, n, x, w, out, at, none),
+                                    3 => tile::<3, 1>(k, n, x, w, out, at, none),
+                                    2 => tile::<2, 1>(k, n, x, w, out, at, none),
+                                    _ => tile::<1, 1>(k, n, x, w, out, at, none),
+                                }
+                            }
+                        }
+                    }
+                    r += mr;
+                    p += 1;
+                }
+                j += nr;
+            }
+        }
+    }
+
+    /// `MR` rows of `x` (from `r`) against `NR` rows of `w` (from `j`), 32 pairs per step; the
+    /// last partial step loads with a mask (zeros add nothing).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    unsafe fn tile<const MR: usize, const NR: usize>(
+        k: usize,
+        n: usize,
+        x: &[bf16],
+        w: &[bf16],
+        out: &mut [f32],
+        (r, j): (usize, usize),
+        mut pf: Prefetch,
+    ) {
+        // SAFETY: rows r..r+MR of x and j..j+NR of w exist (caller), each k long; the masked
+        // loads touch only the first `k % 32` values of the last step.
+        unsafe {
+            let iters = k.div_ceil(32);
+            let xp = x.as_ptr().add(r * k) as *const i16;
+            let wp = w.as_ptr().add(j * k) as *const i16;
+            let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+            let mut kk = 0;
+            while kk < k {
+                pf.step(iters);
+                let mask = if k - kk >= 32 {
+                    u32::MAX
+                } else {
+                    (1u32 << (k - kk)) - 1
+                };
+                let mut wv = [_mm512_setzero_si512(); NR];
+                for (c, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_epi16(mask, wp.add(c * k + kk));
+                }
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let xv = as_bh(_mm512_maskz_loadu_epi16(mask, xp.add(i * k + kk)));
+                    for (a, v) in row.iter_mut().zip(&wv) {
+                        *a = _mm512_dpbf16_ps(*a, xv, as_bh(*v));
+                    }
+                }
+                kk += 32;
+            }
+            pf.finish();
+            for (i, row) in acc.iter().enumerate() {
+                for (c, a) in row.iter().enumerate() {
+                    *out.get_unchecked_mut((r + i) * n + j + c) = _mm512_reduce_add_ps(*a);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn as_bh(v: __m512i) -> __m512bh {
+        // SAFETY: both are 64 plain bytes.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::Rng64;
+
+    fn to_bf16(v: &[f32]) -> Vec<bf16> {
+        v.iter().map(|x| bf16::from_f32(*x)).collect()
+    }
+
+    #[test]
+    fn rounding_matches_half() {
+        let src = Rng64::new(5).uniform_f32(101, 3.0);
+        let mut got = vec![bf16::NAN; src.len()];
+        round_to_bf16(&src, &mut got);
+        assert_eq!(got, to_bf16(&src));
+    }
+
+    #[test]
+    fn products_match_plain_dots() {
+        let mut rng = Rng64::new(9);
+        for (m, k, n) in [
+            (1, 64, 9),
+            (2, 576, 4),
+            (3, 13, 7),
+            (4, 32, 8),
+            (8, 576, 33),
+            (5, 1, 2),
+            (7, 40, 1),
+            (6, 200, 8),
+            (64, 1536, 23),
+            (33, 95, 17),
+        ] {
+            let x = to_bf16(&rng.uniform_f32(m * k, 1.0));
+            let w = to_bf16(&rng.uniform_f32(n * k, 1.0));
+            let mut got = vec![f32::NAN; m * n];
+            rows_by_weights_bf16((m, n, k), &x, &w, &mut got);
+            for r in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|t| x[r * k + t].to_f64() * w[j * k + t].to_f64())
+                        .sum();
+                    let g = got[r * n + j] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                        "{m}x{k}x{n} [{r},{j}]: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

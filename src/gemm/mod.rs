@@ -1,0 +1,120 @@
+//! Single-threaded matrix products for the CPU kernels (which parallelise across their own work
+//! items): f32 through the `gemm` crate with every access bounds-checked up front, few f32 rows
+//! against weight rows (`rows_by_weights`), and f32 rows against bf16 weights (`bf16`).
+
+/// `dst[m x n] = lhs[m x k] * rhs[k x n]` (f32, single-threaded: callers parallelise), with
+/// explicit row and column strides; bounds are checked before the unchecked kernel runs.
+pub fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm: dst too small");
+    if k > 0 {
+        assert!(
+            (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(),
+            "gemm: lhs too small"
+        );
+        assert!(
+            (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(),
+            "gemm: rhs too small"
+        );
+    }
+    // SAFETY: every index the kernel touches is within the slices (checked above), and `dst`
+    // is exclusively borrowed, so it overlaps neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `out[r * n + j] = x[r] . w[j]` for `x` `[m, k]` and `w` `[n, k]` (both row-major), the
+/// product of a few rows with a weight matrix as linear layers store it. For the small row
+/// counts of decode steps: each weight row is read from memory once and used for every `x` row
+/// from the L1 cache, with no packing of `w` (which the general GEMM does on every call and
+/// which costs as much as the product itself when `m` is small).
+pub fn rows_by_weights((m, n, k): (usize, usize, usize), x: &[f32], w: &[f32], out: &mut [f32]) {
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
+        "rows_by_weights: sizes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if crate::device::cpu_has_avx2_fma() {
+        // SAFETY: AVX2 and FMA are available (checked); the assert above bounds every access.
+        unsafe { x86::rows_by_weights(m, k, n, x, w, out) };
+        return;
+    }
+    for r in 0..m {
+        for j in 0..n {
+            out[r * n + j] = dot(&x[r * k..][..k], &w[j * k..][..k]);
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+pub mod bf16;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::Rng64;
+
+    #[test]
+    fn rows_by_weights_matches_plain_dots() {
+        let mut rng = Rng64::new(3);
+        for (m, k, n) in [
+            (1, 64, 9),
+            (2, 576, 4),
+            (3, 13, 7),
+            (8, 576, 33),
+            (5, 1, 2),
+            (7, 40, 1),
+            (6, 200, 8),
+            (32, 1536, 100),
+        ] {
+            let x = rng.uniform_f32(m * k, 1.0);
+            let w = rng.uniform_f32(n * k, 1.0);
+            let mut got = vec![f32::NAN; m * n];
+            rows_by_weights((m, n, k), &x, &w, &mut got);
+            for r in 0..m {
+                for j in 0..n {
+                    let want = dot(&x[r * k..][..k], &w[j * k..][..k]);
+                    let g = got[r * n + j];
+                    assert!(
+                        (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{m}x{k}x{n} [{r},{j}]: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The AVX2/FMA kernel of `rows_by_weights`, and the L2 prefetch of the next weight block that
+//! the bf16 kernel shares.
+
+use std::arch::x86_64::*;
+
+/// # Safety
+/// AVX2 and FMA must be available; `x` holds `m * k` values, `w` `n * k`, `out` `m * n`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn rows_by_weights(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], out: &mut [f32]) {
+    // SAFETY: the caller's contract bounds every tile's accesses, and prefetches stay inside
+    // `w`.
+    unsafe {
+        let groups = m.div_ceil(X_ROWS);
+        let mut j = 0;
+        while j < n {
+            let nr = (n - j).min(W_ROWS);
+            let next = NextBlock::after(w, k, n, j + nr, W_ROWS, 4);
+            let mut r = 0;
+            let mut p = 0;
+            while r < m {
+                let mr = (m - r).min(X_ROWS);
+                let pf = next.share(p, groups);
+                if nr == W_ROWS {
+                    match mr {
+                        4 => tile::<4, 3>(k, n, x, w, out, (r, j), pf),
+                        3 => tile::<3, 3>(k, n, x, w, out, (r, j), pf),
+                        2 => tile::<2, 3>(k, n, x, w, out, (r, j), pf),
+                        _ => tile::<1, 3>(k, n, x, w, out, (r, j), pf),
+                    }
+                } else {
+                    for c in 0..nr {
+                        let none = Prefetch::NONE;
+                        match mr {
+                            4 => tile::<4, 1>(k, n, x, w, out, (r, j + c), none),
+                            3 => tile::<3, 1>(k, n, x, w, out, (r, j + c), none),
+                            2 => tile::<2, 1>(k, n, x, w, out, (r, j + c), none),
+                            _ => tile::<1, 1>(k, n, x, w, out, (r, j + c), none),
+                        }
+                    }
+                }
+                r += mr;
+                p += 1;
+            }
+            j += nr;
+        }
+    }
+}
+
+/// The register tile: 4 rows of `x` against 3 weight rows, 12 accumulators plus 3 weight
+/// vectors and one of `x` (all 16 AVX2 registers), 7 loads per 12 FMAs. Against 2 x 4 (6 per
+/// 8): 8-row decode steps 10-16% faster, one row the same.
+const X_ROWS: usize = 4;
+const W_ROWS: usize = 3;
+
+const LINE: usize = 64;
+
+/// The weight block after the one in use, to be prefetched into L2 while it is used. Only the
+/// first group of x rows reads a block from memory (the others find it in L1), so each group
+/// prefetches a share of the next block: else memory idles while later groups compute, and one
+/// row alone has too few loads in flight to stream at full speed. Measured on one core, 40
+/// distinct 3072 x 576 f32 matrices: 1 row 29 -> 15 ms, 8 rows 43 -> 25. (Prefetching into L1
+/// evicts the block in use when rows are long.)
+#[derive(Clone, Copy)]
+pub(super) struct NextBlock {
+    at: *const i8,
+    lines: usize,
+}
+
+impl NextBlock {
+    /// The block of up to `rows` weight rows from row `from` of `w` (`n` rows of `k` values of
+    /// `elem` bytes); empty past the end.
+    pub(super) fn after<T>(
+        w: &[T],
+        k: usize,
+        n: usize,
+        from: usize,
+        rows: usize,
+        elem: usize,
+    ) -> Self {
+        let from = from.min(n);
+        let count = (from + rows).min(n) - from;
+        Self {
+            // SAFETY: `from * k` is at most `w.len()` (n rows of k values).
+            at: unsafe { w.as_ptr().add(from * k) } as *const i8,
+            lines: (count * k * elem).div_ceil(LINE),
+        }
+    }
+
+    /// The share of group `p` of `groups`.
+    pub(super) fn share(self, p: usize, groups: usize) -> Prefetch {
+        let (lo, hi) = (self.lines * p / groups, self.lines * (p + 1) / groups);
+        Prefetch {
+            // SAFETY: within (or one past) the block.
+            at: unsafe { self.at.add(lo * LINE) },
+            lines: hi - lo,
+            issued: 0,
+            due: 0,
+        }
+    }
+}
+
+/// Cache lines a tile prefetches, spread over its loop of `iters` steps.
+#[derive(Clone, Copy)]
+pub(super) struct Prefetch {
+    at: *const i8,
+    lines: usize,
+    issued: usize,
+    due: usize,
+}
+
+impl Prefetch {
+    pub(super) const NONE: Self = Self {
+        at: std::ptr::null(),
+        lines: 0,
+        issued: 0,
+        due: 0,
+    };
+
+    /// One step of a loop of `iters`: issues the lines due by now.
+    #[inline(always)]
+    pub(super) fn step(&mut self, iters: usize) {
+        self.due += self.lines;
+        while self.due >= iters && self.issued < self.lines {
+            // SAFETY: prefetches never fault.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(self.at.add(self.issued * LINE)) };
+            self.issued += 1;
+            self.due -= iters;
+        }
+    }
+
+    /// Issues what the loop left.
+    #[inline(always)]
+    pub(super) fn finish(&mut self) {
+        for line in self.issued..self.lines {
+            // SAFETY: prefetches never fault.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(self.at.add(line * LINE)) };
+        }
+        self.issued = self.lines;
+    }
+}
+
+/// `MR` rows of `x` (from `r`) against `NR` rows of `w` (from `j`): `MR x NR` dot products,
+/// eight lanes at a time, in registers.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile<const MR: usize, const NR: usize>(
+    k: usize,
+    n: usize,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    (r, j): (usize, usize),
+    mut pf: Prefetch,
+) {
+    // SAFETY: rows r..r+MR of x and j..j+NR of w exist (caller), each k long.
+    unsafe {
+        let iters = k / 8;
+        let xp = x.as_ptr().add(r * k);
+        let wp = w.as_ptr().add(j * k);
+        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+        let mut kk = 0;
+        while kk + 8 <= k {
+            pf.step(iters);
+            let mut wv = [_mm256_setzero_ps(); NR];
+            for (c, v) in wv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(wp.add(c * k + kk));
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(xp.add(i * k + kk));
+                for (a, v) in row.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(xv, *v, *a);
+                }
+            }
+            kk += 8;
+        }
+        pf.finish();
+        for (i, row) in acc.iter().enumerate() {
+            for (c, a) in row.iter().enumerate() {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+                let mut s: f32 = lanes.iter().sum();
+                for t in kk..k {
+                    s += *xp.add(i * k + t) * *wp.add(c * k + t);
+                }
+                *out.get_unchecked_mut((r + i) * n + j + c) = s;
+            }
+        }
+    }
+}

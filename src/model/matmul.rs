@@ -1,0 +1,232 @@
+//! `x W^T`, the projections of every layer: candle's matmul, except on the CPU, where products
+//! of few f32 rows and every product with bf16 weights run our kernels (`gemm`).
+
+use anyhow::Result;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::gemm::bf16::{round_to_bf16, rows_by_weights_bf16};
+use crate::gemm::rows_by_weights;
+
+/// Up to this many rows, [`linear`] splits the output features over the threads itself:
+/// candle's matmul runs a one-row product on one thread, bound by one core's memory bandwidth
+/// (measured on 2 cores: 1 x 576 x 3072 at 16 GFLOP/s, 31 when split; 1 x 1536 x 576 at 18,
+/// 59 split; from 2 to 32 rows the split is as fast or up to 1.4x faster), which small decode
+/// batches would pay on every projection. Each thread's share is dot products against the weight
+/// rows (`gemm::rows_by_weights`), which, unlike a general GEMM, does not repack the weights on
+/// every call: gate/up of SmolLM2 at 8 rows 462 -> 308 us, decode steps of 8 sequences 65 ->
+/// 43 ms. Raised from 32 to 64 once the 4 x 3 register tile and the weight prefetch made it
+/// faster there too (AMD EPYC, 2026-12-03): decode steps of 33 / 48 / 64 sequences 128-140 /
+/// 138-176 / 194-205 -> 72-94 / 135-140 / 163-166 ms, the default run -2 to -5%; at 96 rows
+/// candle's GEMM was faster (279-288 against 314-318 ms).
+pub const SPLIT_MAX_ROWS: usize = 64;
+
+/// Rows of one task when a product with bf16 weights is split over rows (beyond this many rows;
+/// fewer are split over the output features): a task's bf16 inputs (64 x 1536 x 2 bytes = 192
+/// KiB for SmolLM2's down projection) stay in L2 while all the weight rows pass through L1.
+const BF16_ROW_BLOCK: usize = 64;
+
+/// `x W^T` for `x` `[rows, in]` and `W` `[out, in]`; on the CPU, `W` may be bf16 under an f32 `x`
+/// (`--dtype bf16` there keeps activations in f32).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        match w.dtype() {
+            DType::F32 if x.dim(0)? <= SPLIT_MAX_ROWS => {
+                return Ok(x.apply_op2_no_bwd(w, &SplitMatmul)?);
+            }
+            DType::BF16 => return Ok(x.apply_op2_no_bwd(w, &Bf16Matmul)?),
+            _ => {}
+        }
+    }
+    Ok(x.matmul(&w.t()?)?)
+}
+
+/// The contiguous operands of `x W^T` on the CPU, and its `(m, n, k)`.
+struct Operands<'a, T> {
+    x: &'a [f32],
+    w: &'a [T],
+    mnk: (usize, usize, usize),
+}
+
+fn operands<'a, T>(
+    op: &str,
+    (x, xl): (&'a [f32], &Layout),
+    (w, wl): (&'a [T], &Layout),
+) -> candle_core::Result<Operands<'a, T>> {
+    let (Some((xa, xb)), Some((wa, wb))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+    else {
+        candle_core::bail!("{op}: inputs must be contiguous");
+    };
+    let (m, k) = xl.shape().dims2()?;
+    let (n, k2) = wl.shape().dims2()?;
+    if k != k2 || k == 0 {
+        candle_core::bail!("{op}: {m}x{k} by ({n}x{k2})^T");
+    }
+    Ok(Operands {
+        x: &x[xa..xb],
+        w: &w[wa..wb],
+        mnk: (m, n, k),
+    })
+}
+
+/// An `[m, n]` product split over its output features: chunks of contiguous weight rows,
+/// enough for every thread, each computed by `part(first, len, out)` into its own `[m, len]`
+/// buffer, then placed.
+fn by_output_features(
+    m: usize,
+    n: usize,
+    part: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let chunk = n.div_ceil(4 * rayon::current_num_threads()).max(16);
+    let parts: Vec<(usize, Vec<f32>)> = (0..n)
+        .step_by(chunk)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|a| {
+            let len = chunk.min(n - a);
+            let mut buf = vec![0f32; m * len];
+            part(a, len, &mut buf);
+            (a, buf)
+        })
+        .collect();
+    let mut out = vec![0f32; m * n];
+    for (a, buf) in parts {
+        let len = buf.len() / m;
+        for (r, row) in buf.chunks_exact(len).enumerate() {
+            out[r * n + a..][..len].copy_from_slice(row);
+        }
+    }
+    out
+}
+
+struct SplitMatmul;
+
+impl CustomOp2 for SplitMatmul {
+    fn name(&self) -> &'static str {
+        "split-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (xs, ws) else {
+            candle_core::bail!("split_matmul: f32 only");
+        };
+        let Operands { x, w, mnk } = operands("split_matmul", (x, xl), (w, wl))?;
+        let (m, n, k) = mnk;
+        let out = by_output_features(m, n, |a, len, part| {
+            rows_by_weights((m, len, k), x, &w[a * k..], part)
+        });
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// f32 rows times bf16 weights: the rows rounded to bf16 once, then `rows_by_weights_bf16`,
+/// over the output features for few rows, over blocks of rows for many (a prefill).
+struct Bf16Matmul;
+
+impl CustomOp2 for Bf16Matmul {
+    fn name(&self) -> &'static str {
+        "bf16-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::BF16(w)) = (xs, ws) else {
+            candle_core::bail!("bf16_matmul: f32 rows and bf16 weights only");
+        };
+        let Operands { x, w, mnk } = operands("bf16_matmul", (x, xl), (w, wl))?;
+        let (m, n, k) = mnk;
+        let block = row_block(m, rayon::current_num_threads());
+        let mut xb = vec![bf16::ZERO; m * k];
+        xb.par_chunks_mut(block * k)
+            .zip(x.par_chunks(block * k))
+            .for_each(|(d, s)| round_to_bf16(s, d));
+        let out = if m <= BF16_ROW_BLOCK {
+            by_output_features(m, n, |a, len, part| {
+                rows_by_weights_bf16((m, len, k), &xb, &w[a * k..], part)
+            })
+        } else {
+            let mut out = vec![0f32; m * n];
+            out.par_chunks_mut(block * n)
+                .zip(xb.par_chunks(block * k))
+                .for_each(|(o, xr)| rows_by_weights_bf16((o.len() / n, n, k), xr, w, o));
+            out
+        };
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// Rows per task for `m` rows over `threads`: at most [`BF16_ROW_BLOCK`], in a number of
+/// blocks that the threads share evenly.
+fn row_block(m: usize, threads: usize) -> usize {
+    let threads = threads.max(1);
+    let blocks = m.div_ceil(BF16_ROW_BLOCK).div_ceil(threads) * threads;
+    m.div_ceil(blocks).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn split_matmul_matches_candle() -> Result<()> {
+        for (m, k, n) in [(1, 64, 300), (5, 33, 17), (64, 128, 1000), (80, 8, 8)] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+            let want = x.matmul(&w.t()?)?;
+            let got = linear(&x, &w)?;
+            let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 1e-3, "{m}x{k}x{n}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_weights_match_candle_on_rounded_operands() -> Result<()> {
+        // Rows from 1 (decode) to past two row blocks (prefill), odd sizes included.
+        for (m, k, n) in [
+            (1, 64, 300),
+            (5, 33, 17),
+            (64, 576, 100),
+            (65, 40, 9),
+            (200, 96, 70),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?.to_dtype(DType::BF16)?;
+            let xr = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            let want = xr.matmul(&w.to_dtype(DType::F32)?.t()?)?;
+            let got = linear(&x, &w)?;
+            assert_eq!(got.dims(), &[m, n]);
+            assert_eq!(got.dtype(), DType::F32);
+            let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 1e-3, "{m}x{k}x{n}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn row_blocks_cover_the_rows_evenly() {
+        for (m, threads, want) in [
+            (65, 2, 33),
+            (128, 2, 64),
+            (129, 2, 33),
+            (8192, 2, 64),
+            (100, 1, 50),
+            (7, 16, 1),
+        ] {
+            assert_eq!(row_block(m, threads), want, "{m} rows, {threads} threads");
+        }
+    }
+}
