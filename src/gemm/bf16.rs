@@ -167,32 +167,79 @@ mod x86 {
             let wp = w.as_ptr().add(j * k) as *const i16;
             let mut acc = [[_mm512_setzero_ps(); NR]; MR];
             let mut kk = 0;
-            while kk < k {
+            while kk + 32 <= k {
                 pf.step(iters);
-                let mask = if k - kk >= 32 {
-                    u32::MAX
-                } else {
-                    (1u32 << (k - kk)) - 1
-                };
-                let mut wv = [_mm512_setzero_si512(); NR];
-                for (c, v) in wv.iter_mut().enumerate() {
-                    *v = _mm512_maskz_loadu_epi16(mask, wp.add(c * k + kk));
-                }
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let xv = as_bh(_mm512_maskz_loadu_epi16(mask, xp.add(i * k + kk)));
-                    for (a, v) in row.iter_mut().zip(&wv) {
-                        *a = _mm512_dpbf16_ps(*a, xv, as_bh(*v));
-                    }
-                }
+                pairs::<MR, NR>(&mut acc, xp.add(kk), wp.add(kk), k, u32::MAX);
                 kk += 32;
+            }
+            if kk < k {
+                pf.step(iters);
+                let mask = (1u32 << (k - kk)) - 1;
+                pairs::<MR, NR>(&mut acc, xp.add(kk), wp.add(kk), k, mask);
             }
             pf.finish();
             for (i, row) in acc.iter().enumerate() {
-                for (c, a) in row.iter().enumerate() {
-                    *out.get_unchecked_mut((r + i) * n + j + c) = _mm512_reduce_add_ps(*a);
+                let dst = out.as_mut_ptr().add((r + i) * n + j);
+                if NR == 4 {
+                    _mm_storeu_ps(dst, sum4([row[0], row[1], row[2], row[3]]));
+                } else {
+                    for (c, a) in row.iter().enumerate() {
+                        *dst.add(c) = _mm512_reduce_add_ps(*a);
+                    }
                 }
             }
         }
+    }
+
+    /// One step of [`tile`]: the 32 pairs from `xp` and `wp` (rows `k` apart), loaded under
+    /// `mask` (plain loads for a full step), into the accumulators.
+    ///
+    /// # Safety
+    /// As for `tile`; the masked-in values exist.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    unsafe fn pairs<const MR: usize, const NR: usize>(
+        acc: &mut [[__m512; NR]; MR],
+        xp: *const i16,
+        wp: *const i16,
+        k: usize,
+        mask: u32,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let load = |p: *const i16| {
+                if mask == u32::MAX {
+                    _mm512_loadu_epi16(p)
+                } else {
+                    _mm512_maskz_loadu_epi16(mask, p)
+                }
+            };
+            let mut wv = [_mm512_setzero_si512(); NR];
+            for (c, v) in wv.iter_mut().enumerate() {
+                *v = load(wp.add(c * k));
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let xv = as_bh(load(xp.add(i * k)));
+                for (a, v) in row.iter_mut().zip(&wv) {
+                    *a = _mm512_dpbf16_ps(*a, xv, as_bh(*v));
+                }
+            }
+        }
+    }
+
+    /// The sums of four vectors' lanes, in order: halves added, then pairwise sums across
+    /// the four (`hadd`), about half the shuffles of four separate reductions.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn sum4(a: [__m512; 4]) -> __m128 {
+        let half = |v: __m512| {
+            let hi = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v));
+            _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(hi))
+        };
+        let h01 = _mm256_hadd_ps(half(a[0]), half(a[1]));
+        let h23 = _mm256_hadd_ps(half(a[2]), half(a[3]));
+        let h = _mm256_hadd_ps(h01, h23);
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
     }
 
     #[inline(always)]
