@@ -20,27 +20,6 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(
-        weights: &mut dyn WeightSource,
-        name: &str,
-        out: usize,
-        inp: usize,
-        with_bias: bool,
-        act: DType,
-    ) -> Result<Self> {
-        let w = weights.get(&format!("{name}.weight"), &[out, inp])?;
-        let b = if with_bias {
-            Some(
-                weights
-                    .get(&format!("{name}.bias"), &[out])?
-                    .to_dtype(act)?,
-            )
-        } else {
-            None
-        };
-        Ok(Self { w, b })
-    }
-
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = super::matmul::linear(x, &self.w)?;
         Ok(match &self.b {
@@ -61,6 +40,30 @@ impl Linear {
             None
         };
         Ok(Self { w, b })
+    }
+}
+
+/// Reads weights by name: projections in the load dtype, biases and norms in the activations'
+/// dtype (`super::activation_dtype`).
+struct Loader<'a> {
+    weights: &'a mut dyn WeightSource,
+    act: DType,
+}
+
+impl Loader<'_> {
+    fn linear(&mut self, name: &str, out: usize, inp: usize, with_bias: bool) -> Result<Linear> {
+        let w = self.weights.get(&format!("{name}.weight"), &[out, inp])?;
+        let b = if with_bias {
+            Some(self.vector(&format!("{name}.bias"), out)?)
+        } else {
+            None
+        };
+        Ok(Linear { w, b })
+    }
+
+    /// A bias or a norm's weight.
+    fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
+        Ok(self.weights.get(name, &[len])?.to_dtype(self.act)?)
     }
 }
 
@@ -216,85 +219,32 @@ impl Llama {
         let kv_size = dims.kv_heads * hd;
         let bias = cfg.qkv_bias();
         let act = super::activation_dtype(dtype, device);
+        let mut ld = Loader { weights, act };
         let mut layers = Vec::with_capacity(dims.layers);
         for i in 0..dims.layers {
             let p = format!("model.layers.{i}");
+            let (attn, mlp) = (format!("{p}.self_attn"), format!("{p}.mlp"));
             let qkv = Linear::fused(vec![
-                Linear::load(
-                    weights,
-                    &format!("{p}.self_attn.q_proj"),
-                    q_size,
-                    h,
-                    bias,
-                    act,
-                )?,
-                Linear::load(
-                    weights,
-                    &format!("{p}.self_attn.k_proj"),
-                    kv_size,
-                    h,
-                    bias,
-                    act,
-                )?,
-                Linear::load(
-                    weights,
-                    &format!("{p}.self_attn.v_proj"),
-                    kv_size,
-                    h,
-                    bias,
-                    act,
-                )?,
+                ld.linear(&format!("{attn}.q_proj"), q_size, h, bias)?,
+                ld.linear(&format!("{attn}.k_proj"), kv_size, h, bias)?,
+                ld.linear(&format!("{attn}.v_proj"), kv_size, h, bias)?,
             ])?;
-            let o = Linear::load(
-                weights,
-                &format!("{p}.self_attn.o_proj"),
-                h,
-                q_size,
-                false,
-                act,
-            )?;
-            let gate_up = Linear::fused(vec![
-                Linear::load(
-                    weights,
-                    &format!("{p}.mlp.gate_proj"),
-                    dims.intermediate,
-                    h,
-                    false,
-                    act,
-                )?,
-                Linear::load(
-                    weights,
-                    &format!("{p}.mlp.up_proj"),
-                    dims.intermediate,
-                    h,
-                    false,
-                    act,
-                )?,
-            ])?;
-            let down = Linear::load(
-                weights,
-                &format!("{p}.mlp.down_proj"),
-                h,
-                dims.intermediate,
-                false,
-                act,
-            )?;
+            let inter = dims.intermediate;
             layers.push(Layer {
-                attn_norm: weights
-                    .get(&format!("{p}.input_layernorm.weight"), &[h])?
-                    .to_dtype(act)?,
+                attn_norm: ld.vector(&format!("{p}.input_layernorm.weight"), h)?,
                 qkv,
-                o,
-                mlp_norm: weights
-                    .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?
-                    .to_dtype(act)?,
-                gate_up,
-                down,
+                o: ld.linear(&format!("{attn}.o_proj"), h, q_size, false)?,
+                mlp_norm: ld.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                gate_up: Linear::fused(vec![
+                    ld.linear(&format!("{mlp}.gate_proj"), inter, h, false)?,
+                    ld.linear(&format!("{mlp}.up_proj"), inter, h, false)?,
+                ])?,
+                down: ld.linear(&format!("{mlp}.down_proj"), h, inter, false)?,
             });
             on_layer(i);
         }
+        let norm = ld.vector("model.norm.weight", h)?;
         let embed = weights.get("model.embed_tokens.weight", &[dims.vocab, h])?;
-        let norm = weights.get("model.norm.weight", &[h])?.to_dtype(act)?;
         let tied = cfg.tie_word_embeddings && !weights.contains("lm_head.weight");
         let lm_head = if tied {
             embed.clone()
