@@ -69,7 +69,7 @@ mod x86 {
 
     use half::bf16;
 
-    use super::super::x86::{NextBlock, Prefetch};
+    use super::super::x86::{Prefetch, walk_tiles};
 
     /// # Safety
     /// AVX-512 F, BW and BF16 must be available; `src` and `dst` have the same length.
@@ -110,39 +110,18 @@ mod x86 {
     ) {
         // SAFETY: the caller's contract bounds every tile's accesses.
         unsafe {
-            let groups = m.div_ceil(X_ROWS);
-            let mut j = 0;
-            while j < n {
-                let nr = (n - j).min(W_ROWS);
-                let next = NextBlock::after(w, k, n, j + nr, W_ROWS, 2);
-                let mut r = 0;
-                let mut p = 0;
-                while r < m {
-                    let mr = (m - r).min(X_ROWS);
-                    let pf = next.share(p, groups);
-                    let at = (r, j);
-                    match (mr, nr) {
-                        (4, 4) => tile::<4, 4>(k, n, x, w, out, at, pf),
-                        (3, 4) => tile::<3, 4>(k, n, x, w, out, at, pf),
-                        (2, 4) => tile::<2, 4>(k, n, x, w, out, at, pf),
-                        (1, 4) => tile::<1, 4>(k, n, x, w, out, at, pf),
-                        _ => {
-                            for c in 0..nr {
-                                let (at, none) = ((r, j + c), Prefetch::NONE);
-                                match mr {
-                                    4 => tile::<4, 1>(k, n, x, w, out, at, none),
-                                    3 => tile::<3, 1>(k, n, x, w, out, at, none),
-                                    2 => tile::<2, 1>(k, n, x, w, out, at, none),
-                                    _ => tile::<1, 1>(k, n, x, w, out, at, none),
-                                }
-                            }
-                        }
-                    }
-                    r += mr;
-                    p += 1;
+            walk_tiles((m, n, k), w, (X_ROWS, W_ROWS), |mr, full, at, pf| {
+                match (mr, full) {
+                    (4, true) => tile::<4, 4>(k, n, x, w, out, at, pf),
+                    (3, true) => tile::<3, 4>(k, n, x, w, out, at, pf),
+                    (2, true) => tile::<2, 4>(k, n, x, w, out, at, pf),
+                    (_, true) => tile::<1, 4>(k, n, x, w, out, at, pf),
+                    (4, false) => tile::<4, 1>(k, n, x, w, out, at, pf),
+                    (3, false) => tile::<3, 1>(k, n, x, w, out, at, pf),
+                    (2, false) => tile::<2, 1>(k, n, x, w, out, at, pf),
+                    (_, false) => tile::<1, 1>(k, n, x, w, out, at, pf),
                 }
-                j += nr;
-            }
+            });
         }
     }
 

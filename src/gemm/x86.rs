@@ -1,5 +1,5 @@
-//! The AVX2/FMA kernel of `rows_by_weights`, and the L2 prefetch of the next weight block that
-//! the bf16 kernel shares.
+//! The AVX2/FMA kernel of `rows_by_weights`, and the walk over output tiles with its L2 prefetch
+//! of the next weight block that the bf16 kernel shares.
 
 use std::arch::x86_64::*;
 
@@ -7,42 +7,55 @@ use std::arch::x86_64::*;
 /// AVX2 and FMA must be available; `x` holds `m * k` values, `w` `n * k`, `out` `m * n`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn rows_by_weights(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], out: &mut [f32]) {
-    // SAFETY: the caller's contract bounds every tile's accesses, and prefetches stay inside
-    // `w`.
+    // SAFETY: the caller's contract bounds every tile's accesses.
     unsafe {
-        let groups = m.div_ceil(X_ROWS);
-        let mut j = 0;
-        while j < n {
-            let nr = (n - j).min(W_ROWS);
-            let next = NextBlock::after(w, k, n, j + nr, W_ROWS, 4);
-            let mut r = 0;
-            let mut p = 0;
-            while r < m {
-                let mr = (m - r).min(X_ROWS);
-                let pf = next.share(p, groups);
-                if nr == W_ROWS {
-                    match mr {
-                        4 => tile::<4, 3>(k, n, x, w, out, (r, j), pf),
-                        3 => tile::<3, 3>(k, n, x, w, out, (r, j), pf),
-                        2 => tile::<2, 3>(k, n, x, w, out, (r, j), pf),
-                        _ => tile::<1, 3>(k, n, x, w, out, (r, j), pf),
-                    }
-                } else {
-                    for c in 0..nr {
-                        let none = Prefetch::NONE;
-                        match mr {
-                            4 => tile::<4, 1>(k, n, x, w, out, (r, j + c), none),
-                            3 => tile::<3, 1>(k, n, x, w, out, (r, j + c), none),
-                            2 => tile::<2, 1>(k, n, x, w, out, (r, j + c), none),
-                            _ => tile::<1, 1>(k, n, x, w, out, (r, j + c), none),
-                        }
-                    }
-                }
-                r += mr;
-                p += 1;
+        walk_tiles((m, n, k), w, (X_ROWS, W_ROWS), |mr, full, at, pf| {
+            match (mr, full) {
+                (4, true) => tile::<4, 3>(k, n, x, w, out, at, pf),
+                (3, true) => tile::<3, 3>(k, n, x, w, out, at, pf),
+                (2, true) => tile::<2, 3>(k, n, x, w, out, at, pf),
+                (_, true) => tile::<1, 3>(k, n, x, w, out, at, pf),
+                (4, false) => tile::<4, 1>(k, n, x, w, out, at, pf),
+                (3, false) => tile::<3, 1>(k, n, x, w, out, at, pf),
+                (2, false) => tile::<2, 1>(k, n, x, w, out, at, pf),
+                (_, false) => tile::<1, 1>(k, n, x, w, out, at, pf),
             }
-            j += nr;
+        });
+    }
+}
+
+/// The walk of both kernels over an `[m, n]` output: blocks of `w_rows` weight rows, each
+/// against groups of up to `x_rows` rows of `x`, the next block prefetched in shares (see
+/// [`NextBlock`]); a last block short of `w_rows` goes one weight row at a time, without
+/// prefetch. `tile(mr, full, (r, j), pf)` computes `mr` rows of `x` from `r` against the
+/// `w_rows` weight rows (`full`) or the one weight row from `j`.
+#[inline(always)]
+pub(super) fn walk_tiles<T>(
+    (m, n, k): (usize, usize, usize),
+    w: &[T],
+    (x_rows, w_rows): (usize, usize),
+    mut tile: impl FnMut(usize, bool, (usize, usize), Prefetch),
+) {
+    let groups = m.div_ceil(x_rows);
+    let mut j = 0;
+    while j < n {
+        let nr = (n - j).min(w_rows);
+        let next = NextBlock::after(w, k, n, j + nr, w_rows);
+        let mut r = 0;
+        let mut p = 0;
+        while r < m {
+            let mr = (m - r).min(x_rows);
+            if nr == w_rows {
+                tile(mr, true, (r, j), next.share(p, groups));
+            } else {
+                for c in 0..nr {
+                    tile(mr, false, (r, j + c), Prefetch::NONE);
+                }
+            }
+            r += mr;
+            p += 1;
         }
+        j += nr;
     }
 }
 
@@ -61,33 +74,26 @@ const LINE: usize = 64;
 /// distinct 3072 x 576 f32 matrices: 1 row 29 -> 15 ms, 8 rows 43 -> 25. (Prefetching into L1
 /// evicts the block in use when rows are long.)
 #[derive(Clone, Copy)]
-pub(super) struct NextBlock {
+struct NextBlock {
     at: *const i8,
     lines: usize,
 }
 
 impl NextBlock {
-    /// The block of up to `rows` weight rows from row `from` of `w` (`n` rows of `k` values of
-    /// `elem` bytes); empty past the end.
-    pub(super) fn after<T>(
-        w: &[T],
-        k: usize,
-        n: usize,
-        from: usize,
-        rows: usize,
-        elem: usize,
-    ) -> Self {
+    /// The block of up to `rows` weight rows from row `from` of `w` (`n` rows of `k` values);
+    /// empty past the end.
+    fn after<T>(w: &[T], k: usize, n: usize, from: usize, rows: usize) -> Self {
         let from = from.min(n);
         let count = (from + rows).min(n) - from;
         Self {
             // SAFETY: `from * k` is at most `w.len()` (n rows of k values).
             at: unsafe { w.as_ptr().add(from * k) } as *const i8,
-            lines: (count * k * elem).div_ceil(LINE),
+            lines: (count * k * size_of::<T>()).div_ceil(LINE),
         }
     }
 
     /// The share of group `p` of `groups`.
-    pub(super) fn share(self, p: usize, groups: usize) -> Prefetch {
+    fn share(self, p: usize, groups: usize) -> Prefetch {
         let (lo, hi) = (self.lines * p / groups, self.lines * (p + 1) / groups);
         Prefetch {
             // SAFETY: within (or one past) the block.
@@ -109,7 +115,7 @@ pub(super) struct Prefetch {
 }
 
 impl Prefetch {
-    pub(super) const NONE: Self = Self {
+    const NONE: Self = Self {
         at: std::ptr::null(),
         lines: 0,
         issued: 0,
