@@ -2,6 +2,7 @@
 //! 3 KV heads, head_dim 64, f16 cache as the CPU engine keeps it):
 //! - `paged/bs{8,16,32}`: our kernel over blocks scattered through the cache;
 //! - `contiguous`: the same kernel with one block per sequence (no paging indirection);
+//! - `paged/bs16/fp8`: blocks of 16 over an fp8 (E4M3) cache, half the bytes;
 //! - `dense_candle`: candle's matmul, softmax, matmul over contiguous f32 K/V (queries grouped
 //!   per KV head, no repetition), the naive unpaged path.
 //!
@@ -37,9 +38,9 @@ fn paged_on(
     (cache, Arc::new(layout))
 }
 
-/// [`paged_on`] for SmolLM2's geometry on the CPU with an f16 cache.
-fn paged(seqs: &[SeqShape], block_size: usize) -> (PagedKvCache, Arc<BatchLayout>) {
-    let spec = KvCacheSpec::one_layer(KV_HEADS, HEAD_DIM, block_size, DType::F16);
+/// [`paged_on`] for SmolLM2's geometry on the CPU with a `dtype` cache.
+fn paged(seqs: &[SeqShape], block_size: usize, dtype: DType) -> (PagedKvCache, Arc<BatchLayout>) {
+    let spec = KvCacheSpec::one_layer(KV_HEADS, HEAD_DIM, block_size, dtype);
     paged_on(spec, seqs, &Device::Cpu)
 }
 
@@ -72,21 +73,22 @@ fn dense(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
     p.broadcast_matmul(v).expect("pv")
 }
 
-/// Our kernel over `seqs` (`tokens` queries in all) with blocks of 8, 16 and 32 tokens, and with
-/// one block per sequence.
+/// Our kernel over `seqs` (`tokens` queries in all) with blocks of 8, 16 and 32 tokens, with
+/// one block per sequence, and over an fp8 cache.
 fn bench_block_sizes(g: &mut BenchmarkGroup<'_, WallTime>, seqs: &[SeqShape], tokens: usize) {
     let (q, k, v) = (
         randn(&[tokens, HEADS, HEAD_DIM]),
         randn(&[tokens, KV_HEADS, HEAD_DIM]),
         randn(&[tokens, KV_HEADS, HEAD_DIM]),
     );
-    for (name, bs) in [
-        ("paged/bs8", 8),
-        ("paged/bs16", 16),
-        ("paged/bs32", 32),
-        ("contiguous", CTX),
+    for (name, bs, dtype) in [
+        ("paged/bs8", 8, DType::F16),
+        ("paged/bs16", 16, DType::F16),
+        ("paged/bs32", 32, DType::F16),
+        ("contiguous", CTX, DType::F16),
+        ("paged/bs16/fp8", 16, DType::F8E4M3),
     ] {
-        let (cache, layout) = paged(seqs, bs);
+        let (cache, layout) = paged(seqs, bs, dtype);
         let attn = PagedAttention::new(&cache, layout, HEADS).expect("attention");
         g.bench_function(name, |b| {
             b.iter(|| black_box(attn.forward(0, &q, &k, &v).expect("forward")))

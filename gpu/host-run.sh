@@ -8,6 +8,8 @@
 #   bash .gpu/run.sh                      # everything: self-check chat sharegpt shapes
 #   bash .gpu/run.sh self-check chat      # some steps (one device call is at most 10 minutes:
 #   bash .gpu/run.sh shapes               #  split the steps over two calls if need be)
+#   SKIP_CHECK=1 bash .gpu/run.sh chat-fp8  # the chat workload over an fp8 KV cache (not in
+#                                         #  the default steps)
 # The timed steps run only after a passing self-check in the same call, unless SKIP_CHECK=1
 # (for a later call after one that passed).
 set -uo pipefail
@@ -49,13 +51,16 @@ fi
 
 status=0
 # Sampled as vLLM's `bench throughput` samples (temperature 1, top-p 1), on the device.
-for ds in chat sharegpt; do
-  want "$ds" || continue
-  stamp "$ds"
+for run in chat sharegpt chat-fp8; do
+  want "$run" || continue
+  stamp "$run"
+  ds=${run%-fp8}
+  kv=auto
+  [ "$run" = "$ds" ] || kv=fp8
   "$bin" throughput --device cuda --model llama-3-8b --load-format dummy \
-    --temperature 1 --top-p 1 \
-    --workload "$here/$ds-llama3-1000.json" --output-json "$out/$ds.json" \
-    2>&1 | tee "$out/$ds.txt" || status=1
+    --temperature 1 --top-p 1 --kv-cache-dtype "$kv" \
+    --workload "$here/$ds-llama3-1000.json" --output-json "$out/$run.json" \
+    2>&1 | tee "$out/$run.txt" || status=1
 done
 
 # The shapes sweep of llama-3-8b (issue 4's GPU figure): prefill and decode per shape, each
@@ -69,10 +74,10 @@ fi
 stamp done
 
 printf '\n%-10s %12s %16s %16s %10s\n' workload "gens/s" "gen tok/s" "prompt tok/s" "time s"
-for ds in chat sharegpt; do
-  want "$ds" || continue
-  [ -f "$out/$ds.json" ] || { printf '%-10s %12s\n' "$ds" failed; continue; }
-  python3 - "$out/$ds.json" "$ds" <<'PY'
+for run in chat sharegpt chat-fp8; do
+  want "$run" || continue
+  [ -f "$out/$run.json" ] || { printf '%-10s %12s\n' "$run" failed; continue; }
+  python3 - "$out/$run.json" "$run" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print("%-10s %12.2f %16.2f %16.2f %10.2f" % (sys.argv[2], r["requests_per_second"],

@@ -6,6 +6,8 @@
 //   V: [num_blocks, kv_heads, block_size, head_dim]
 // so that consecutive threads read consecutive keys of a block (K) or consecutive dimensions of a
 // value row (V): both coalesced.
+// A cache holds the queries' element type, or fp8 E4M3 (kv_fp8, common.cuh) at half the bytes;
+// blocks are widened to f32 as they are loaded into shared memory.
 //
 // Work items:
 //   attention_tiles: one CTA per (tile, KV head). A tile is up to TILE_Q consecutive query tokens
@@ -29,10 +31,11 @@ constexpr int ATTENTION_THREADS = 256;
 constexpr int REDUCE_THREADS = 1024;
 
 // ---------------------------------------------------------------------------------------------
-// write_kv: src [tokens, kv_heads, d] -> cache slot slots[t] (block = slot / bs, offset = slot % bs).
+// write_kv: src [tokens, kv_heads, d] -> cache slot slots[t] (block = slot / bs, offset = slot % bs),
+// converted to the cache's element type C (the identity but for an fp8 cache).
 
-template <typename T>
-__device__ void write_kv(const T* __restrict__ src, T* __restrict__ cache,
+template <typename T, typename C>
+__device__ void write_kv(const T* __restrict__ src, C* __restrict__ cache,
                          const uint32_t* __restrict__ slots, int tokens, int kv_heads, int d,
                          int bs, int values) {
   const long per_token = (long)kv_heads * d;
@@ -44,17 +47,18 @@ __device__ void write_kv(const T* __restrict__ src, T* __restrict__ cache,
   const uint32_t slot = slots[t];
   const long blk = slot / bs, off = slot % bs;
   const long base = (blk * kv_heads + g) * (long)d * bs;
-  cache[values ? base + off * d + dd : base + (long)dd * bs + off] = src[i];
+  cache[values ? base + off * d + dd : base + (long)dd * bs + off] = from_f<C>(to_f(src[i]));
 }
 
 // ---------------------------------------------------------------------------------------------
 // The shared core: rows = G heads x len tokens (row r = hh * len + i) against keys
 // [k_begin, k_end) of the sequence, each row additionally limited to keys <= its own position.
 // Leaves the unnormalised output in acc[rows][d], the running max in m[rows] and the sum in l[rows].
+// T: the queries' element type; C: the cache's (widened to f32 as blocks are loaded).
 
-template <typename T>
-__device__ void attend_rows(const T* __restrict__ q, const T* __restrict__ kc,
-                            const T* __restrict__ vc, const uint32_t* __restrict__ table,
+template <typename T, typename C>
+__device__ void attend_rows(const T* __restrict__ q, const C* __restrict__ kc,
+                            const C* __restrict__ vc, const uint32_t* __restrict__ table,
                             int heads, int kv_heads, int d, int bs, float scale, int g, int t0,
                             int len, int pos0, int k_begin, int k_end, float* qs, float* ks,
                             float* vs, float* acc, float* m, float* l) {
@@ -80,8 +84,8 @@ __device__ void attend_rows(const T* __restrict__ q, const T* __restrict__ kc,
   for (int b = b_first; b <= b_last; ++b) {
     __syncthreads();
     const long blk = table[b];
-    const T* kb = kc + (blk * kv_heads + g) * (long)d * bs;
-    const T* vb = vc + (blk * kv_heads + g) * (long)bs * d;
+    const C* kb = kc + (blk * kv_heads + g) * (long)d * bs;
+    const C* vb = vc + (blk * kv_heads + g) * (long)bs * d;
     for (int idx = tid; idx < d * bs; idx += nthreads) {
       ks[idx] = to_f(kb[idx]);
       vs[idx] = to_f(vb[idx]);
@@ -127,9 +131,9 @@ __device__ void attend_rows(const T* __restrict__ q, const T* __restrict__ kc,
 // Dynamic shared memory of attend_rows for `rows` rows, in floats.
 // qs[rows*d] | acc[rows*d] | ks[d*bs] | vs[bs*d] | m[rows] | l[rows]
 
-template <typename T>
-__device__ void attention_tiles(const T* __restrict__ q, const T* __restrict__ kc,
-                                const T* __restrict__ vc, T* __restrict__ out,
+template <typename T, typename C>
+__device__ void attention_tiles(const T* __restrict__ q, const C* __restrict__ kc,
+                                const C* __restrict__ vc, T* __restrict__ out,
                                 const uint32_t* __restrict__ tiles,
                                 const uint32_t* __restrict__ query_start,
                                 const uint32_t* __restrict__ context_lens,
@@ -147,8 +151,8 @@ __device__ void attention_tiles(const T* __restrict__ q, const T* __restrict__ k
   float* vs = ks + d * bs;
   float* m = vs + bs * d;
   float* l = m + max_rows;
-  attend_rows<T>(q, kc, vc, block_tables + (long)seq * max_blocks, heads, kv_heads, d, bs, scale,
-                 g, t0, len, pos0, 0, pos0 + len, qs, ks, vs, acc, m, l);
+  attend_rows<T, C>(q, kc, vc, block_tables + (long)seq * max_blocks, heads, kv_heads, d, bs,
+                    scale, g, t0, len, pos0, 0, pos0 + len, qs, ks, vs, acc, m, l);
   const int G = heads / kv_heads, rows = G * len;
   for (int idx = threadIdx.x; idx < rows * d; idx += blockDim.x) {
     const int r = idx / d, dd = idx % d;
@@ -158,9 +162,9 @@ __device__ void attention_tiles(const T* __restrict__ q, const T* __restrict__ k
 }
 
 // Split-K over the keys of single decode tokens: grid (tokens, kv_heads, parts).
-template <typename T>
-__device__ void attention_split(const T* __restrict__ q, const T* __restrict__ kc,
-                                const T* __restrict__ vc, float* __restrict__ part_acc,
+template <typename T, typename C>
+__device__ void attention_split(const T* __restrict__ q, const C* __restrict__ kc,
+                                const C* __restrict__ vc, float* __restrict__ part_acc,
                                 float* __restrict__ part_m, float* __restrict__ part_l,
                                 const uint32_t* __restrict__ tokens,
                                 const uint32_t* __restrict__ token_seq,
@@ -183,8 +187,8 @@ __device__ void attention_split(const T* __restrict__ q, const T* __restrict__ k
   float* m = vs + bs * d;
   float* l = m + G;
   const int k_begin = p * part_size, k_end = min(pos + 1, (p + 1) * part_size);
-  attend_rows<T>(q, kc, vc, block_tables + (long)seq * max_blocks, heads, kv_heads, d, bs, scale,
-                 g, t, 1, pos, k_begin, k_end, qs, ks, vs, acc, m, l);
+  attend_rows<T, C>(q, kc, vc, block_tables + (long)seq * max_blocks, heads, kv_heads, d, bs,
+                    scale, g, t, 1, pos, k_begin, k_end, qs, ks, vs, acc, m, l);
   for (int idx = threadIdx.x; idx < G * d; idx += blockDim.x) {
     const int hh = idx / d, dd = idx % d;
     const long row = ((long)item * heads + g * G + hh) * parts + p;
@@ -220,30 +224,35 @@ __device__ void attention_reduce(const float* __restrict__ part_acc,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entry points, one per element type (the Rust side picks by dtype suffix).
+// Entry points: per element type T of the queries and outputs, the kernels over a cache of T
+// (suffix T's) and over an fp8 cache (suffix T's + "_fp8"); the merge does not read the cache.
 
-#define ENTRY_POINTS(T, SUFFIX)                                                                    \
+#define CACHE_ENTRY_POINTS(T, C, SUFFIX)                                                           \
   extern "C" __global__ void __launch_bounds__(ELEMENTWISE_THREADS) write_kv_##SUFFIX(             \
-      const T* src, T* cache, const uint32_t* slots, int tokens, int kv_heads, int d, int bs,      \
+      const T* src, C* cache, const uint32_t* slots, int tokens, int kv_heads, int d, int bs,      \
       int values) {                                                                                \
-    write_kv<T>(src, cache, slots, tokens, kv_heads, d, bs, values);                               \
+    write_kv<T, C>(src, cache, slots, tokens, kv_heads, d, bs, values);                            \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(ATTENTION_THREADS) attention_tiles_##SUFFIX(        \
-      const T* q, const T* kc, const T* vc, T* out, const uint32_t* tiles,                         \
+      const T* q, const C* kc, const C* vc, T* out, const uint32_t* tiles,                         \
       const uint32_t* query_start, const uint32_t* context_lens, const uint32_t* block_tables,     \
       int max_blocks, int heads, int kv_heads, int d, int bs, float scale, int max_rows) {         \
-    attention_tiles<T>(q, kc, vc, out, tiles, query_start, context_lens, block_tables,             \
-                       max_blocks, heads, kv_heads, d, bs, scale, max_rows);                       \
+    attention_tiles<T, C>(q, kc, vc, out, tiles, query_start, context_lens, block_tables,          \
+                          max_blocks, heads, kv_heads, d, bs, scale, max_rows);                    \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(ATTENTION_THREADS) attention_split_##SUFFIX(        \
-      const T* q, const T* kc, const T* vc, float* part_acc, float* part_m, float* part_l,         \
+      const T* q, const C* kc, const C* vc, float* part_acc, float* part_m, float* part_l,         \
       const uint32_t* tokens, const uint32_t* token_seq, const uint32_t* query_start,              \
       const uint32_t* context_lens, const uint32_t* block_tables, int max_blocks, int heads,       \
       int kv_heads, int d, int bs, float scale, int part_size) {                                   \
-    attention_split<T>(q, kc, vc, part_acc, part_m, part_l, tokens, token_seq, query_start,        \
-                       context_lens, block_tables, max_blocks, heads, kv_heads, d, bs, scale,      \
-                       part_size);                                                                 \
-  }                                                                                                \
+    attention_split<T, C>(q, kc, vc, part_acc, part_m, part_l, tokens, token_seq, query_start,     \
+                          context_lens, block_tables, max_blocks, heads, kv_heads, d, bs, scale,   \
+                          part_size);                                                              \
+  }
+
+#define ENTRY_POINTS(T, SUFFIX)                                                                    \
+  CACHE_ENTRY_POINTS(T, T, SUFFIX)                                                                 \
+  CACHE_ENTRY_POINTS(T, kv_fp8, SUFFIX##_fp8)                                                      \
   extern "C" __global__ void __launch_bounds__(REDUCE_THREADS) attention_reduce_##SUFFIX(          \
       const float* part_acc, const float* part_m, const float* part_l, T* out,                     \
       const uint32_t* tokens, int heads, int d, int parts) {                                       \
@@ -254,3 +263,4 @@ ENTRY_POINTS(float, f32)
 ENTRY_POINTS(__half, f16)
 ENTRY_POINTS(__nv_bfloat16, bf16)
 #undef ENTRY_POINTS
+#undef CACHE_ENTRY_POINTS

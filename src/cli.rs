@@ -90,7 +90,8 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
     /// KV cache element type: auto (the model's dtype on CUDA, f16 on the CPU as in llama.cpp),
-    /// f32, f16 or bf16.
+    /// f32, f16, bf16 or fp8 (E4M3, unscaled, as vLLM's fp8: half the bytes of f16, 3 mantissa
+    /// bits).
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: String,
     /// Use exactly this many KV blocks instead of sizing from the budget.

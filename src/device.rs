@@ -100,13 +100,17 @@ pub fn parse_dtype(text: &str, device: DeviceSpec) -> Result<DType> {
 /// Parses `--kv-cache-dtype`. `auto` is the model's dtype on CUDA and f16 on the CPU: decode
 /// attention there is bound by memory bandwidth, so an f32 model's cache is worth halving
 /// (llama.cpp's default cache is f16 too), and f16 keeps more of a bf16 model's K/V than bf16
-/// at the same bytes and speed.
+/// at the same bytes and speed. `fp8` (`fp8_e4m3`, as in vLLM) halves the bytes again, with
+/// 3 mantissa bits and no scaling: an explicit choice, never the default.
 pub fn parse_kv_dtype(text: &str, model: DType, device: DeviceSpec) -> Result<DType> {
     match text {
         "auto" if device == DeviceSpec::Cpu => Ok(DType::F16),
         "auto" => Ok(model),
+        "fp8" | "fp8_e4m3" => Ok(DType::F8E4M3),
         other => parse_dtype(other, device).map_err(|_| {
-            anyhow::anyhow!("unknown --kv-cache-dtype '{other}' (expected auto, f32, f16 or bf16)")
+            anyhow::anyhow!(
+                "unknown --kv-cache-dtype '{other}' (expected auto, f32, f16, bf16 or fp8)"
+            )
         }),
     }
 }
@@ -156,6 +160,15 @@ mod tests {
             parse_kv_dtype("auto", DType::BF16, gpu).unwrap(),
             DType::BF16
         );
-        assert!(parse_kv_dtype("fp8", DType::F32, cpu).is_err());
+        assert_eq!(
+            parse_kv_dtype("fp8", DType::F32, cpu).unwrap(),
+            DType::F8E4M3
+        );
+        assert_eq!(
+            parse_kv_dtype("fp8_e4m3", DType::BF16, gpu).unwrap(),
+            DType::F8E4M3
+        );
+        assert!(parse_kv_dtype("fp8_e5m2", DType::F32, cpu).is_err());
+        assert!(parse_kv_dtype("int8", DType::F32, cpu).is_err());
     }
 }

@@ -1,12 +1,13 @@
 //! The paged engine's greedy tokens on SmolLM2 equal an independent unbatched reference, and
 //! stay equal whatever the block size, the chunking of prompts, preemptions, or K/V reused from
 //! the prefix cache; sampled tokens stay equal too (each request draws from its own stream).
-//! With bf16 weights they stay close.
+//! With bf16 weights, or an fp8 KV cache, they stay close.
 
 mod common;
 
-use offline_bench::engine::RunOutput;
+use candle_core::DType;
 use offline_bench::engine::sampler::SamplingParams;
+use offline_bench::engine::{RequestOutput, RunOutput};
 use offline_bench::workload::Request;
 
 const TOKENS: usize = 32;
@@ -194,18 +195,10 @@ fn sampled_tokens_do_not_depend_on_batching() {
 /// logits by about a percent: greedy paths may part after a near-tie, but not early and not
 /// often (measured on the AMD EPYC build machine, 2026-12-03: 7 of the 8 prompts agree in all
 /// 32 tokens, one for 21). A wrong kernel or a dropped conversion parts at the first token.
-#[test]
-fn bf16_weights_keep_greedy_tokens_close() {
-    let mut engine = common::engine_over(
-        common::smollm_bf16().clone(),
-        (16, 512, 256, 8192),
-        SamplingParams::greedy(),
-        false,
-    );
-    let run = engine.run(&requests(), |_| {}).unwrap();
+/// How many leading tokens of each output equal the f32 reference's.
+fn agreement(outputs: &[RequestOutput]) -> Vec<usize> {
     let want = common::reference_outputs(TOKENS);
-    let agree: Vec<usize> = run
-        .outputs
+    outputs
         .iter()
         .zip(want)
         .map(|(out, exp)| {
@@ -213,8 +206,44 @@ fn bf16_weights_keep_greedy_tokens_close() {
             let same = out.output_ids.iter().zip(exp).take_while(|(a, b)| a == b);
             same.count()
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn bf16_weights_keep_greedy_tokens_close() {
+    let mut engine = common::engine_over(
+        common::smollm_bf16().clone(),
+        (16, 512, 256, 8192),
+        DType::F32,
+        SamplingParams::greedy(),
+        false,
+    );
+    let agree = agreement(&engine.run(&requests(), |_| {}).unwrap().outputs);
     assert!(agree.iter().all(|&n| n >= 8), "tokens agreeing: {agree:?}");
     let whole = agree.iter().filter(|&&n| n == TOKENS).count();
     assert!(whole * 4 >= agree.len() * 3, "tokens agreeing: {agree:?}");
+}
+
+/// An fp8 cache rounds every K and V to 3 mantissa bits: greedy tokens stay close to the f32
+/// reference, in one batch and with chunked prompts reading K/V from the prefix cache. (Not
+/// equal between the two: the products' f32 sums change order with the batch's shape, and the
+/// rounding to fp8 turns the rare difference at a rounding boundary into a 6% one.)
+#[test]
+fn fp8_kv_cache_keeps_greedy_tokens_close() {
+    for (limits, prefix_caching) in [((16, 512, 256, 8192), false), ((16, 512, 256, 24), true)] {
+        let model = common::smollm().1.clone();
+        let greedy = SamplingParams::greedy();
+        let mut engine = common::engine_over(model, limits, DType::F8E4M3, greedy, prefix_caching);
+        let run = engine.run(&twice(), |_| {}).unwrap();
+        assert_eq!(run.stats.prefix_cache.hits > 0, prefix_caching);
+        let agree = agreement(&run.outputs[..requests().len()]);
+        // Measured at this change: [26, 13, 8, 32, 10, 19, 32, 31] tokens in one batch (an f16
+        // or bf16 cache: all 32 of every prompt). A cache read wrongly would part at once.
+        assert!(agree.iter().all(|&n| n >= 4), "tokens agreeing: {agree:?}");
+        let total: usize = agree.iter().sum();
+        assert!(
+            total * 2 >= agree.len() * TOKENS,
+            "{limits:?}: tokens agreeing: {agree:?}"
+        );
+    }
 }

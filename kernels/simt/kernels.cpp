@@ -39,9 +39,11 @@ template <typename... A> void call(void (*f)(A...), void* const* p) {
 // Each with the __launch_bounds__ its .cu file gives it.
 #define KERNEL(f, bound) \
   Kernel { #f, signature(&f), bound, [](void* const* p) { call(&f, p); } }
+#define CACHE_KERNELS(S)                                                                     \
+  KERNEL(write_kv_##S, ELEMENTWISE_THREADS), KERNEL(attention_tiles_##S, ATTENTION_THREADS), \
+      KERNEL(attention_split_##S, ATTENTION_THREADS)
 #define KERNELS_OF_TYPE(S)                                                                    \
-  KERNEL(write_kv_##S, ELEMENTWISE_THREADS), KERNEL(attention_tiles_##S, ATTENTION_THREADS),  \
-      KERNEL(attention_split_##S, ATTENTION_THREADS),                                         \
+  CACHE_KERNELS(S), CACHE_KERNELS(S##_fp8),                                                   \
       KERNEL(attention_reduce_##S, REDUCE_THREADS), KERNEL(silu_mul_##S, ELEMENTWISE_THREADS), \
       KERNEL(add_rms_norm_##S, NORM_THREADS)
 

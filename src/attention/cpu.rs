@@ -12,6 +12,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::BatchLayout;
+use super::fp8::{self, F8E4M3};
 use super::ops::CacheKind;
 use super::simd;
 
@@ -39,6 +40,12 @@ impl Elem for bf16 {
     }
 }
 
+impl Elem for F8E4M3 {
+    fn to_f32_run(src: &[Self], dst: &mut [f32]) {
+        fp8::decode_run(src, dst);
+    }
+}
+
 fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
@@ -46,14 +53,16 @@ fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<
     }
 }
 
-/// Writes `src` (`[tokens, kv_heads, head_dim]`) into the cache at the layout's slots.
-pub fn write_kv<T: Copy>(
+/// Writes `src` (`[tokens, kv_heads, head_dim]`) into the cache at the layout's slots,
+/// converting each element with `conv` (the identity where the cache has the input's type; the
+/// E4M3 encoding for an fp8 cache).
+pub fn write_kv<S: Copy, C: Copy>(
     kind: CacheKind,
     layout: &BatchLayout,
-    cache: &mut [T],
+    cache: &mut [C],
     cl: &Layout,
-    src: &[T],
-    sl: &Layout,
+    (src, sl): (&[S], &Layout),
+    conv: impl Fn(S) -> C,
 ) -> candle_core::Result<()> {
     let src = contiguous(src, sl, "K/V input")?;
     let Some((start, end)) = cl.contiguous_offsets() else {
@@ -82,16 +91,23 @@ pub fn write_kv<T: Copy>(
             match kind {
                 CacheKind::Keys => {
                     for (i, &x) in row.iter().enumerate() {
-                        cache[base + i * bs + off] = x;
+                        cache[base + i * bs + off] = conv(x);
                     }
                 }
                 CacheKind::Values => {
-                    cache[base + off * d..][..d].copy_from_slice(row);
+                    for (c, &x) in cache[base + off * d..][..d].iter_mut().zip(row) {
+                        *c = conv(x);
+                    }
                 }
             }
         }
     }
     Ok(())
+}
+
+/// An f32 input's element as E4M3, for [`write_kv`] into an fp8 cache.
+pub fn to_fp8(x: f32) -> F8E4M3 {
+    F8E4M3::from_bits(fp8::encode(x))
 }
 
 /// Queries per work item: a sequence's queries are cut into tiles so that one long prompt still

@@ -11,7 +11,8 @@ use candle_core::{CudaStorage, DType, Device, Layout, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::BatchLayout;
-use super::launch::{self, Buf, Geometry};
+use super::fp8::F8E4M3;
+use super::launch::{self, Buf, Dtypes, Geometry};
 use super::ops::CacheKind;
 use super::plan::{self, LaunchPlan};
 use crate::launch::Launch;
@@ -107,7 +108,8 @@ fn geometry(plan: &DevicePlan, kv_heads: usize, d: usize, bs: usize, heads: usiz
     }
 }
 
-/// Writes `src` (`[tokens, kv_heads, d]`) into the cache at the plan's slots.
+/// Writes `src` (`[tokens, kv_heads, d]`) into the cache at the plan's slots: `src` has the
+/// cache's dtype, or any kernel dtype over an fp8 cache (encoded as it is written).
 pub fn write_kv(
     kind: CacheKind,
     plan: &DevicePlan,
@@ -116,21 +118,35 @@ pub fn write_kv(
     src: &CudaStorage,
     sl: &Layout,
 ) -> candle_core::Result<()> {
-    match cache.dtype() {
-        DType::F32 => write_kv_t::<f32>(kind, plan, cache, cl, src, sl),
-        DType::F16 => write_kv_t::<f16>(kind, plan, cache, cl, src, sl),
-        DType::BF16 => write_kv_t::<bf16>(kind, plan, cache, cl, src, sl),
-        other => candle_core::bail!("write_kv: no CUDA kernel for {other:?}"),
+    let a = (kind, plan, cache, cl, src, sl);
+    match (a.2.dtype(), a.4.dtype()) {
+        (DType::F32, DType::F32) => write_kv_t::<f32, f32>(a),
+        (DType::F16, DType::F16) => write_kv_t::<f16, f16>(a),
+        (DType::BF16, DType::BF16) => write_kv_t::<bf16, bf16>(a),
+        (DType::F8E4M3, DType::F32) => write_kv_t::<f32, F8E4M3>(a),
+        (DType::F8E4M3, DType::F16) => write_kv_t::<f16, F8E4M3>(a),
+        (DType::F8E4M3, DType::BF16) => write_kv_t::<bf16, F8E4M3>(a),
+        (c, s) => candle_core::bail!("write_kv: no CUDA kernel for a {c:?} cache from {s:?}"),
     }
 }
 
-fn write_kv_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
-    kind: CacheKind,
-    plan: &DevicePlan,
-    cache: &mut CudaStorage,
-    cl: &Layout,
-    src: &CudaStorage,
-    sl: &Layout,
+/// An element type the kernels take: on the device, and known to candle by its `DType`.
+trait KernelDType: CudaDType + DeviceRepr + candle_core::WithDType {}
+impl<T: CudaDType + DeviceRepr + candle_core::WithDType> KernelDType for T {}
+
+/// The arguments of [`write_kv`].
+type WriteArgs<'a> = (
+    CacheKind,
+    &'a DevicePlan,
+    &'a mut CudaStorage,
+    &'a Layout,
+    &'a CudaStorage,
+    &'a Layout,
+);
+
+/// [`write_kv`] from `T` inputs into a `C` cache.
+fn write_kv_t<T: KernelDType, C: KernelDType>(
+    (kind, plan, cache, cl, src, sl): WriteArgs,
 ) -> candle_core::Result<()> {
     let &[_, kv_heads, a, b] = cl.dims() else {
         candle_core::bail!("write_kv: the cache must be 4-d, got {:?}", cl.dims());
@@ -152,12 +168,17 @@ fn write_kv_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     }
     let dev = cache.device().clone();
     let g = geometry(plan, kv_heads, d, bs, kv_heads);
-    let l = launch::write_kv(kind, crate::launch::suffix(T::DTYPE)?, tokens, &g);
+    let dt = Dtypes {
+        io: T::DTYPE,
+        cache: C::DTYPE,
+    };
+    let l = launch::write_kv(kind, dt, tokens, &g)
+        .map_err(|e| candle_core::Error::Msg(format!("write_kv: {e}")))?;
     let func = dev.get_or_load_custom_func(&l.kernel, MODULE, PTX)?;
     let slots_guard = plan.slots.storage_and_layout();
     let slots = u32_view(&slots_guard.0, slots_guard.1)?;
     let src = src.as_cuda_slice::<T>()?.slice(sl.start_offset()..);
-    let mut cache = Some(cache.as_cuda_slice_mut::<T>()?);
+    let mut cache = Some(cache.as_cuda_slice_mut::<C>()?);
     let mut args = func.builder();
     push_args(&mut args, &l, |args, b| {
         match b {
@@ -174,7 +195,8 @@ fn write_kv_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     Ok(())
 }
 
-/// Attention of `q` (`[tokens, heads, d]`, the cache's dtype) over the caches, per the plan.
+/// Attention of `q` (`[tokens, heads, d]`, the cache's dtype, or any kernel dtype over an fp8
+/// cache) over the caches, per the plan; the output has `q`'s dtype.
 pub fn attend(
     q: &CudaStorage,
     ql: &Layout,
@@ -184,22 +206,32 @@ pub fn attend(
     heads: usize,
     scale: f32,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
-    match q.dtype() {
-        DType::F32 => attend_t::<f32>(q, ql, k_cache, v_cache, plan, heads, scale),
-        DType::F16 => attend_t::<f16>(q, ql, k_cache, v_cache, plan, heads, scale),
-        DType::BF16 => attend_t::<bf16>(q, ql, k_cache, v_cache, plan, heads, scale),
-        other => candle_core::bail!("attend: no CUDA kernel for {other:?}"),
+    let a = (q, ql, k_cache, v_cache, plan, heads, scale);
+    match (q.dtype(), k_cache.dtype()) {
+        (DType::F32, DType::F32) => attend_t::<f32, f32>(a),
+        (DType::F16, DType::F16) => attend_t::<f16, f16>(a),
+        (DType::BF16, DType::BF16) => attend_t::<bf16, bf16>(a),
+        (DType::F32, DType::F8E4M3) => attend_t::<f32, F8E4M3>(a),
+        (DType::F16, DType::F8E4M3) => attend_t::<f16, F8E4M3>(a),
+        (DType::BF16, DType::F8E4M3) => attend_t::<bf16, F8E4M3>(a),
+        (q, c) => candle_core::bail!("attend: no CUDA kernel for {q:?} queries over a {c:?} cache"),
     }
 }
 
-fn attend_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
-    q: &CudaStorage,
-    ql: &Layout,
-    k_cache: &Tensor,
-    v_cache: &Tensor,
-    plan: &DevicePlan,
-    heads: usize,
-    scale: f32,
+/// The arguments of [`attend`].
+type AttendArgs<'a> = (
+    &'a CudaStorage,
+    &'a Layout,
+    &'a Tensor,
+    &'a Tensor,
+    &'a DevicePlan,
+    usize,
+    f32,
+);
+
+/// [`attend`] of `T` queries over a `C` cache.
+fn attend_t<T: KernelDType, C: KernelDType>(
+    (q, ql, k_cache, v_cache, plan, heads, scale): AttendArgs,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = q.device().clone();
     let (kst, kl) = k_cache.storage_and_layout();
@@ -214,12 +246,16 @@ fn attend_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         candle_core::bail!("attend: the queries must be contiguous");
     }
     let g = geometry(plan, kv_heads, d, bs, heads);
-    let launches = launch::attend(&plan.plan, crate::launch::suffix(T::DTYPE)?, &g, scale)
+    let dt = Dtypes {
+        io: T::DTYPE,
+        cache: C::DTYPE,
+    };
+    let launches = launch::attend(&plan.plan, dt, &g, scale)
         .map_err(|e| candle_core::Error::Msg(format!("attend: {e}")))?;
     let tokens = ql.shape().elem_count() / (heads * d);
     let q = q.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
-    let kc = kst.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
-    let vc = vst.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
+    let kc = kst.as_cuda_slice::<C>()?.slice(kl.start_offset()..);
+    let vc = vst.as_cuda_slice::<C>()?.slice(vl.start_offset()..);
     let mut out = crate::gpu::output_buffer::<T>(&dev, tokens * heads * d)?;
     let guards = [
         plan.query_start.storage_and_layout(),

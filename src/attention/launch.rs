@@ -2,6 +2,7 @@
 //! the CUDA backend (`cuda`) runs them on the GPU, the kernel emulator (`simt`) in tests.
 
 use anyhow::{Result, bail};
+use candle_core::DType;
 
 use super::ops::CacheKind;
 use super::plan::{self, LaunchPlan, SPLIT_PART};
@@ -77,12 +78,36 @@ impl Geometry {
     }
 }
 
+/// The element types of a step's launches: the queries' (also the outputs' and `write_kv`'s
+/// input's) and the cache's, which is the same or fp8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dtypes {
+    pub io: DType,
+    pub cache: DType,
+}
+
+impl Dtypes {
+    /// Suffix of the kernels that read or write the cache: `bf16`, or `bf16_fp8` for bf16
+    /// queries over an fp8 cache.
+    pub fn cache_suffix(&self) -> Result<String> {
+        let io = crate::launch::suffix(self.io)?;
+        match self.cache {
+            c if c == self.io => Ok(io.to_string()),
+            DType::F8E4M3 => Ok(format!("{io}_fp8")),
+            c => bail!(
+                "no CUDA kernel for {:?} queries over a {c:?} cache",
+                self.io
+            ),
+        }
+    }
+}
+
 /// Writes `tokens` rows of K or V into the cache at their slots.
-pub fn write_kv(kind: CacheKind, dtype: &str, tokens: usize, g: &Geometry) -> Launch<Buf> {
+pub fn write_kv(kind: CacheKind, dt: Dtypes, tokens: usize, g: &Geometry) -> Result<Launch<Buf>> {
     let (d, bs) = (g.head_dim, g.block_size);
     let values = i32::from(kind == CacheKind::Values);
-    Launch::elementwise(
-        format!("write_kv_{dtype}"),
+    Ok(Launch::elementwise(
+        format!("write_kv_{}", dt.cache_suffix()?),
         tokens * g.kv_heads * d,
         vec![
             Arg::Buf(Buf::Src),
@@ -94,7 +119,7 @@ pub fn write_kv(kind: CacheKind, dtype: &str, tokens: usize, g: &Geometry) -> La
             Arg::int(bs),
             Arg::I32(values),
         ],
-    )
+    ))
 }
 
 /// Rows of the split-K partial buffers: one per split token, head and partition
@@ -105,8 +130,9 @@ pub fn partial_rows(p: &LaunchPlan, heads: usize) -> usize {
 
 /// The attention launches of a step planned as `p`, in order: the tiles, then split-K and its
 /// merge. Every output row is written by exactly one of them (the plan covers each token once).
-pub fn attend(p: &LaunchPlan, dtype: &str, g: &Geometry, scale: f32) -> Result<Vec<Launch<Buf>>> {
+pub fn attend(p: &LaunchPlan, dt: Dtypes, g: &Geometry, scale: f32) -> Result<Vec<Launch<Buf>>> {
     g.check()?;
+    let (dtype, io) = (dt.cache_suffix()?, crate::launch::suffix(dt.io)?);
     let (d, bs) = (g.head_dim, g.block_size);
     let common = |last: usize| {
         vec![
@@ -168,7 +194,7 @@ pub fn attend(p: &LaunchPlan, dtype: &str, g: &Geometry, scale: f32) -> Result<V
             .with_shared_bytes(plan::shared_bytes(g.group(), d, bs)),
         );
         out.push(Launch::new(
-            format!("attention_reduce_{dtype}"),
+            format!("attention_reduce_{io}"),
             [n, g.heads as u32, 1],
             d as u32,
             vec![
@@ -208,7 +234,11 @@ mod tests {
             parts: 3,
             max_rows: 64,
         };
-        let l = attend(&p, "bf16", &geometry(), 0.1).unwrap();
+        let bf16 = Dtypes {
+            io: DType::BF16,
+            cache: DType::BF16,
+        };
+        let l = attend(&p, bf16, &geometry(), 0.1).unwrap();
         let names: Vec<&str> = l.iter().map(|l| l.kernel.as_str()).collect();
         assert_eq!(
             names,
@@ -224,6 +254,28 @@ mod tests {
         assert_eq!(l[1].shared_bytes as usize, plan::shared_bytes(4, 128, 16));
         assert_eq!((l[2].grid, l[2].block), ([2, 32, 1], [128, 1, 1]));
         assert_eq!(partial_rows(&p, 32), 2 * 32 * 3);
+        // Over an fp8 cache: the cache's kernels change, the merge (which reads none) does not.
+        let fp8 = Dtypes {
+            cache: DType::F8E4M3,
+            ..bf16
+        };
+        let l = attend(&p, fp8, &geometry(), 0.1).unwrap();
+        let names: Vec<&str> = l.iter().map(|l| l.kernel.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "attention_tiles_bf16_fp8",
+                "attention_split_bf16_fp8",
+                "attention_reduce_bf16"
+            ]
+        );
+        let w = write_kv(CacheKind::Keys, fp8, 3, &geometry()).unwrap();
+        assert_eq!(w.kernel, "write_kv_bf16_fp8");
+        let mixed = Dtypes {
+            io: DType::BF16,
+            cache: DType::F16,
+        };
+        assert!(attend(&p, mixed, &geometry(), 0.1).is_err());
     }
 
     #[test]
@@ -246,7 +298,11 @@ mod tests {
                 ..geometry()
             },
         ] {
-            assert!(attend(&p, "f32", &g, 1.0).is_err(), "{g:?}");
+            let f32s = Dtypes {
+                io: DType::F32,
+                cache: DType::F32,
+            };
+            assert!(attend(&p, f32s, &g, 1.0).is_err(), "{g:?}");
         }
     }
 }

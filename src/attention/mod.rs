@@ -9,6 +9,7 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod fp8;
 pub mod launch;
 mod ops;
 pub mod plan;
@@ -144,6 +145,9 @@ fn zeros(shape: (usize, usize, usize, usize), dtype: DType, device: &Device) -> 
         }
         (Device::Cpu, DType::BF16) => {
             Tensor::from_vec(bytemuck::zeroed_vec::<half::bf16>(n), shape, device)?
+        }
+        (Device::Cpu, DType::F8E4M3) => {
+            Tensor::from_vec(bytemuck::zeroed_vec::<fp8::F8E4M3>(n), shape, device)?
         }
         _ => Tensor::zeros(shape, dtype, device)?,
     })
@@ -342,9 +346,22 @@ impl<'a> PagedAttention<'a> {
     pub fn forward(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (kc, vc) = (&self.cache.k[layer], &self.cache.v[layer]);
         let kv_dtype = self.cache.spec.dtype;
+        // The CPU kernels compute in f32; the CUDA kernels in the cache's type, or in the
+        // queries' type over an fp8 cache (whose kernels decode it as they read).
+        let compute = match (q.device().is_cpu(), kv_dtype) {
+            (true, _) => DType::F32,
+            (false, DType::F8E4M3) => q.dtype(),
+            (false, other) => other,
+        };
+        // What write_kv takes: the cache's type, or the compute type when it encodes to fp8.
+        let written = if kv_dtype == DType::F8E4M3 {
+            compute
+        } else {
+            kv_dtype
+        };
         timed(Kernel::ReshapeAndCache, || {
-            let k = k.to_dtype(kv_dtype)?.contiguous()?;
-            let v = v.to_dtype(kv_dtype)?.contiguous()?;
+            let k = k.to_dtype(written)?.contiguous()?;
+            let v = v.to_dtype(written)?.contiguous()?;
             ops::write_kv(kc, CacheKind::Keys, &k, &self.layout, &self.meta)?;
             ops::write_kv(vc, CacheKind::Values, &v, &self.layout, &self.meta)
         })?;
@@ -354,13 +371,7 @@ impl<'a> PagedAttention<'a> {
             Kernel::PrefillAttention
         };
         timed(kernel, || {
-            // The CPU kernels compute in f32; the CUDA kernels in the cache's type.
-            let q_dtype = if q.device().is_cpu() {
-                DType::F32
-            } else {
-                kv_dtype
-            };
-            let qc = q.to_dtype(q_dtype)?.contiguous()?;
+            let qc = q.to_dtype(compute)?.contiguous()?;
             let out = ops::attend(
                 &qc,
                 kc,

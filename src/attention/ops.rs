@@ -2,6 +2,7 @@
 //! `write_kv` (the step's K or V into their cache slots, in place) and `attend` (attention of
 //! the step's queries over the cache). The CPU kernels are in `cpu`, the CUDA launches in `cuda`.
 
+use std::convert::identity;
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -13,6 +14,7 @@ use super::BatchLayout;
 use super::cpu;
 #[cfg(feature = "cuda")]
 use super::cuda::DevicePlan;
+use super::fp8::F8E4M3;
 
 /// Which of the two caches a tensor is; they are laid out differently.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,8 +48,9 @@ pub struct StepMeta {
     pub plan: Option<Arc<DevicePlan>>,
 }
 
-/// Writes `src` (`[tokens, kv_heads, head_dim]`, the cache's dtype) into `cache` at the
-/// layout's slots.
+/// Writes `src` (`[tokens, kv_heads, head_dim]`) into `cache` at the layout's slots. `src` has
+/// the cache's dtype, but for an fp8 cache: f32 on the CPU, the queries' dtype on CUDA (the
+/// kernels encode as they write).
 pub fn write_kv(
     cache: &Tensor,
     kind: CacheKind,
@@ -87,9 +90,18 @@ impl InplaceOp2 for WriteKv {
     ) -> candle_core::Result<()> {
         let (kind, lay) = (self.kind, &*self.layout);
         match (s1, s2) {
-            (CpuStorage::F32(c), CpuStorage::F32(s)) => cpu::write_kv(kind, lay, c, l1, s, l2),
-            (CpuStorage::F16(c), CpuStorage::F16(s)) => cpu::write_kv(kind, lay, c, l1, s, l2),
-            (CpuStorage::BF16(c), CpuStorage::BF16(s)) => cpu::write_kv(kind, lay, c, l1, s, l2),
+            (CpuStorage::F32(c), CpuStorage::F32(s)) => {
+                cpu::write_kv(kind, lay, c, l1, (s, l2), identity)
+            }
+            (CpuStorage::F16(c), CpuStorage::F16(s)) => {
+                cpu::write_kv(kind, lay, c, l1, (s, l2), identity)
+            }
+            (CpuStorage::BF16(c), CpuStorage::BF16(s)) => {
+                cpu::write_kv(kind, lay, c, l1, (s, l2), identity)
+            }
+            (CpuStorage::F8E4M3(c), CpuStorage::F32(s)) => {
+                cpu::write_kv(kind, lay, c, l1, (s, l2), cpu::to_fp8)
+            }
             (c, s) => candle_core::bail!(
                 "write_kv: unsupported dtypes cache {:?}, input {:?}",
                 c.dtype(),
@@ -164,6 +176,7 @@ impl CustomOp1 for Attend {
             DType::F32 => cpu::attend::<f32>(q, l, k, v, lay, heads, scale),
             DType::F16 => cpu::attend::<f16>(q, l, k, v, lay, heads, scale),
             DType::BF16 => cpu::attend::<bf16>(q, l, k, v, lay, heads, scale),
+            DType::F8E4M3 => cpu::attend::<F8E4M3>(q, l, k, v, lay, heads, scale),
             other => candle_core::bail!("attend: unsupported KV cache dtype {other:?}"),
         }
     }

@@ -10,8 +10,17 @@ use half::{bf16, f16};
 
 /// Element types of a KV cache the kernels read directly.
 pub trait Lanes: Copy {
+    /// What [`Lanes::load8`]'s lanes count in: an element's value is its lane times `UNIT`
+    /// (1 but for fp8, whose widening saves a multiply per vector; the kernels apply it once
+    /// per score and per probability instead).
+    const UNIT: f32 = 1.0;
     fn to_f32(self) -> f32;
-    /// Eight elements from `p`, widened to f32.
+    /// Whether `s` holds a NaN that [`Lanes::load8`] would not keep (fp8's widening leaves NaN
+    /// out for speed: a block holding one takes the plain loops).
+    fn any_lost_nan(_s: &[Self]) -> bool {
+        false
+    }
+    /// Eight elements from `p`, widened to f32, in units of [`Lanes::UNIT`].
     ///
     /// # Safety
     /// AVX2, FMA and F16C must be available; `p` points at eight readable elements.
@@ -63,6 +72,34 @@ impl Lanes for bf16 {
     }
 }
 
+impl Lanes for super::fp8::F8E4M3 {
+    const UNIT: f32 = 256.0;
+    fn to_f32(self) -> f32 {
+        super::fp8::decode(self.to_bits())
+    }
+    fn any_lost_nan(s: &[Self]) -> bool {
+        // A fold rather than `any`, so that it vectorises (32 codes per step).
+        s.iter()
+            .fold(0u8, |a, x| a | u8::from(x.to_bits() & 0x7f == 0x7f))
+            != 0
+    }
+    /// NaN codes (magnitude 0x7f) come out as 480 / `UNIT`: see [`Lanes::any_lost_nan`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract. Each code in the top byte of a 16-bit lane, shifted
+        // right by one with its sign (which then also fills the f16 exponent's top bit,
+        // cleared): the f16 of 2^-8 times the code's value, subnormals included.
+        unsafe {
+            let w = _mm_unpacklo_epi8(_mm_setzero_si128(), _mm_loadl_epi64(p.cast()));
+            let h = _mm_and_si128(_mm_srai_epi16::<1>(w), _mm_set1_epi16(0xbfffu16 as i16));
+            _mm256_cvtph_ps(h)
+        }
+    }
+}
+
 /// Scores of the query heads that share one KV head against one block of keys:
 /// `out[h * stride + l] = scale * sum_i q[h * d + i] * kt[i * bs + l]` for the `q.len() / d`
 /// heads of `q` and the `bs` keys of the block, `kt` being its keys transposed (`[d, bs]`).
@@ -78,7 +115,12 @@ pub fn group_scores<T: Lanes>(
     assert!(d > 0 && q.len() == g * d && kt.len() >= d * bs && bs <= stride);
     assert!(g == 0 || out.len() >= (g - 1) * stride + bs);
     #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(8) && bs.is_multiple_of(8) && (8..=32).contains(&bs) && simd_ok() {
+    if d.is_multiple_of(8)
+        && bs.is_multiple_of(8)
+        && (8..=32).contains(&bs)
+        && simd_ok()
+        && !T::any_lost_nan(&kt[..d * bs])
+    {
         // At most 8 accumulators of 8 lanes per call (of 16 registers), so heads go in runs.
         let most = 8 / (bs / 8);
         for h0 in (0..g).step_by(most) {
@@ -86,7 +128,7 @@ pub fn group_scores<T: Lanes>(
             let (q, out) = (&q[h0 * d..][..n * d], &mut out[h0 * stride..]);
             // SAFETY: the CPU has AVX2, FMA and F16C (checked); the asserts above bound every
             // access; d is a multiple of 8, so of every unroll.
-            unsafe { x86::scores_dispatch(q, d, kt, scale, out, stride, bs, n) };
+            unsafe { x86::scores_dispatch(q, d, kt, scale * T::UNIT, out, stride, bs, n) };
         }
         return;
     }
@@ -115,7 +157,7 @@ pub fn group_weighted_rows<T: Lanes>(
     assert!(d > 0 && acc.len() == g * d && v.len() >= m * d && m <= stride);
     assert!(g == 0 || p.len() >= (g - 1) * stride + m);
     #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(8) && simd_ok() {
+    if d.is_multiple_of(8) && simd_ok() && !T::any_lost_nan(&v[..m * d]) {
         for h0 in (0..g).step_by(8) {
             let n = 8.min(g - h0);
             let (p, acc) = (&p[h0 * stride..], &mut acc[h0 * d..][..n * d]);
@@ -313,7 +355,7 @@ mod x86 {
                     let row = vp.add(j * d + col);
                     let mut pv = [_mm256_setzero_ps(); G];
                     for (h, x) in pv.iter_mut().enumerate() {
-                        *x = _mm256_set1_ps(*pp.add(h * stride + j));
+                        *x = _mm256_set1_ps(*pp.add(h * stride + j) * T::UNIT);
                     }
                     for c in 0..C {
                         let x = T::load8(row.add(8 * c));
@@ -335,6 +377,7 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fp8::F8E4M3;
     use super::*;
     use crate::util::Rng64;
 
@@ -396,5 +439,52 @@ mod tests {
         check::<f32>(|x| x);
         check::<f16>(f16::from_f32);
         check::<bf16>(bf16::from_f32);
+        check::<F8E4M3>(|x| F8E4M3::from_bits(super::super::fp8::encode(x)));
+    }
+
+    /// A NaN in an fp8 block reaches the scores and the output of the heads that read it,
+    /// through the plain loops.
+    #[test]
+    fn fp8_nan_propagates() {
+        let (d, bs, g) = (64, 16, 3);
+        let q = vec![0.1f32; g * d];
+        let mut kt = vec![F8E4M3::from_bits(0x30); d * bs];
+        kt[5 * bs + 7] = F8E4M3::from_bits(0xff);
+        let mut out = vec![0f32; g * bs];
+        group_scores(&q, d, &kt, 1.0, (&mut out, bs, bs));
+        for (l, x) in out.iter().enumerate() {
+            assert_eq!(x.is_nan(), l % bs == 7, "{l}: {x}");
+        }
+        let mut v = vec![F8E4M3::from_bits(0x30); bs * d];
+        v[3 * d + 9] = F8E4M3::from_bits(0x7f);
+        let p = vec![0.5f32; g * bs];
+        let mut acc = vec![0f32; g * d];
+        group_weighted_rows((&p, bs, bs), &v, &mut acc, d);
+        for (i, x) in acc.iter().enumerate() {
+            assert_eq!(x.is_nan(), i % d == 9, "{i}: {x}");
+        }
+    }
+
+    /// The vector widening of every E4M3 code but NaN against the scalar decoding.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn fp8_lanes_widen_every_code() {
+        if !simd_ok() {
+            return;
+        }
+        let codes: Vec<F8E4M3> = (0..=255u8).map(F8E4M3::from_bits).collect();
+        for chunk in codes.chunks(8) {
+            let mut got = [0f32; 8];
+            // SAFETY: AVX2, FMA and F16C checked; the chunk holds 8 codes.
+            unsafe {
+                std::arch::x86_64::_mm256_storeu_ps(got.as_mut_ptr(), F8E4M3::load8(chunk.as_ptr()))
+            };
+            for (x, c) in got.iter().zip(chunk) {
+                if c.to_bits() & 0x7f != 0x7f {
+                    let want = c.to_f32() / F8E4M3::UNIT;
+                    assert_eq!(x.to_bits(), want.to_bits(), "{:#04x}", c.to_bits());
+                }
+            }
+        }
     }
 }

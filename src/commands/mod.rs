@@ -235,8 +235,12 @@ fn gpu_kv_budget(
 }
 
 /// `f32`, `f16`, `bf16`.
+/// A dtype as the flags spell it (`fp8_e4m3` for the fp8 KV cache).
 pub fn dtype_name(dtype: DType) -> String {
-    format!("{dtype:?}").to_lowercase()
+    match dtype {
+        DType::F8E4M3 => "fp8_e4m3".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
 }
 
 pub fn sampling(eng: &EngineArgs) -> SamplingParams {

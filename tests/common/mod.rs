@@ -111,13 +111,15 @@ fn configured_engine(
     sampling: SamplingParams,
     enable_prefix_caching: bool,
 ) -> Engine {
-    engine_over(smollm().1.clone(), limits, sampling, enable_prefix_caching)
+    let model = smollm().1.clone();
+    engine_over(model, limits, DType::F32, sampling, enable_prefix_caching)
 }
 
-/// An engine over `model` with the given limits (as [`engine`]), an f32 cache and `sampling`.
+/// An engine over `model` with the given limits (as [`engine`]), cache type and `sampling`.
 pub fn engine_over(
     model: Llama,
     (block_size, num_blocks, max_seqs, max_tokens): (usize, usize, usize, usize),
+    kv_cache_dtype: DType,
     sampling: SamplingParams,
     enable_prefix_caching: bool,
 ) -> Engine {
@@ -129,7 +131,7 @@ pub fn engine_over(
             max_num_batched_tokens: max_tokens,
             max_model_len: 2048,
             num_blocks,
-            kv_cache_dtype: DType::F32,
+            kv_cache_dtype,
             enable_prefix_caching,
         },
         sampling,

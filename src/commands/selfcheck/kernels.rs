@@ -15,7 +15,10 @@ use crate::util::Rng64;
 
 /// One attention check's inputs: a history written in one step, then a second step over it.
 pub struct AttentionCase {
+    /// The queries', outputs' and K/V inputs' type.
     pub dtype: DType,
+    /// The cache's: `dtype`, or fp8.
+    pub kv_dtype: DType,
     pub block_size: usize,
     pub heads: usize,
     pub kv_heads: usize,
@@ -58,7 +61,7 @@ pub trait Target {
 /// A candle device: the CPU (the reference) or a GPU, through the model's own ops.
 impl Target for Device {
     fn attention(&self, c: &AttentionCase) -> Result<AttentionOut> {
-        let spec = KvCacheSpec::one_layer(c.kv_heads, c.head_dim, c.block_size, c.dtype);
+        let spec = KvCacheSpec::one_layer(c.kv_heads, c.head_dim, c.block_size, c.kv_dtype);
         let cache = PagedKvCache::new(spec, c.num_blocks, self)?;
         cache.fill(f32::NAN)?;
         let mut outputs: [Vec<f32>; 2] = Default::default();
@@ -158,6 +161,7 @@ pub fn attention_case(
     };
     AttentionCase {
         dtype,
+        kv_dtype: dtype,
         block_size,
         heads,
         kv_heads,
@@ -181,6 +185,26 @@ pub fn attention_case(
     }
 }
 
+impl AttentionCase {
+    /// The same case over a cache of `kv_dtype` (fp8).
+    pub fn with_kv_dtype(self, kv_dtype: DType) -> Self {
+        Self { kv_dtype, ..self }
+    }
+
+    /// The element types, as the result table shows them.
+    fn dtypes(&self) -> String {
+        if self.kv_dtype == self.dtype {
+            dtype_name(self.dtype)
+        } else {
+            format!(
+                "{} ({} cache)",
+                dtype_name(self.dtype),
+                dtype_name(self.kv_dtype)
+            )
+        }
+    }
+}
+
 /// Both steps' outputs and the caches of `target` against the CPU's, once per decode kernel
 /// (`(label, kernel)`): the CPU computes its reference once, since the inputs are the same.
 pub fn check_attention_kernels(
@@ -195,7 +219,7 @@ pub fn check_attention_kernels(
         let got = target.attention(&case)?;
         let detail = format!(
             "{label}, {}, block {}, {}/{} heads x {}",
-            dtype_name(case.dtype),
+            case.dtypes(),
             case.block_size,
             case.heads,
             case.kv_heads,

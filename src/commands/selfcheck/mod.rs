@@ -190,18 +190,55 @@ fn check_engine_f32(
 
 fn check_engine(gpu: &Device, out: &mut Vec<Check>) -> Result<()> {
     let (_, want) = check_engine_f32(gpu, out)?;
-    // bf16 rounds differently from the f32 CPU engine: reported, not required to match.
-    let got = engine_tokens(
-        seeded_model(gpu, DType::BF16)?,
-        DType::BF16,
-        (512, 8192),
-        true,
-    )?;
+    // bf16 (and an fp8 cache) round differently from the f32 CPU engine: reported, not
+    // required to match.
     let total: usize = want.iter().map(Vec::len).sum();
-    println!(
-        "bf16 engine: {} of {total} greedy tokens equal the f32 CPU engine's (informational)",
-        total - mismatches(&got.tokens, &want)
-    );
+    for kv_dtype in [DType::BF16, DType::F8E4M3] {
+        let model = seeded_model(gpu, DType::BF16)?;
+        let got = engine_tokens(model, kv_dtype, (512, 8192), true)?;
+        println!(
+            "bf16 engine, {} cache: {} of {total} greedy tokens equal the f32 CPU engine's (informational)",
+            dtype_name(kv_dtype),
+            total - mismatches(&got.tokens, &want)
+        );
+    }
+    Ok(())
+}
+
+/// The attention checks of `dtype` queries over a `kv_dtype` cache, on both block sizes and
+/// both geometries.
+fn check_attention(
+    gpu: &Device,
+    (dtype, kv_dtype): (DType, DType),
+    out: &mut Vec<Check>,
+) -> Result<()> {
+    let (mixed, long_decodes) = (seqs(&MIXED), seqs(&LONG_DECODES));
+    for block_size in [16, 32] {
+        for geometry in GEOMETRIES {
+            // Both decode kernels on both kinds of batch: split-K also on short contexts (one
+            // partition), tiles also on long ones; one CPU reference for both.
+            for (seqs, kernels) in [
+                (
+                    &mixed[..],
+                    [
+                        ("mixed batch", DecodeKernel::Auto),
+                        ("mixed, split-K forced", DecodeKernel::Split),
+                    ],
+                ),
+                (
+                    &long_decodes[..],
+                    [
+                        ("long decodes (split-K)", DecodeKernel::Split),
+                        ("long decodes, tiles forced", DecodeKernel::Tiles),
+                    ],
+                ),
+            ] {
+                let case = kernels::attention_case(dtype, block_size, geometry, seqs)
+                    .with_kv_dtype(kv_dtype);
+                kernels::check_attention_kernels(gpu, case, &kernels, out)?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -217,40 +254,15 @@ pub fn run(args: &SelfCheckArgs) -> Result<()> {
             println!("device: {}", crate::gpu::describe(dev));
         }
     }
-    let (mixed, long_decodes) = (seqs(&MIXED), seqs(&LONG_DECODES));
     let mut checks = Vec::new();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        for block_size in [16, 32] {
-            for geometry in GEOMETRIES {
-                // Both decode kernels on both kinds of batch: split-K also on short contexts
-                // (one partition), tiles also on long ones; one CPU reference for both.
-                for (seqs, kernels) in [
-                    (
-                        &mixed[..],
-                        [
-                            ("mixed batch", DecodeKernel::Auto),
-                            ("mixed, split-K forced", DecodeKernel::Split),
-                        ],
-                    ),
-                    (
-                        &long_decodes[..],
-                        [
-                            ("long decodes (split-K)", DecodeKernel::Split),
-                            ("long decodes, tiles forced", DecodeKernel::Tiles),
-                        ],
-                    ),
-                ] {
-                    kernels::check_attention_kernels(
-                        &gpu,
-                        kernels::attention_case(dtype, block_size, geometry, seqs),
-                        &kernels,
-                        &mut checks,
-                    )?;
-                }
-            }
-        }
+        check_attention(&gpu, (dtype, dtype), &mut checks)?;
         kernels::check_silu_mul(&gpu, dtype, (37, 1536), &mut checks)?;
         kernels::check_add_rms_norm(&gpu, dtype, (37, 4096), &mut checks)?;
+    }
+    // The fp8 cache under f32 queries (tight tolerance) and bf16 ones (CUDA's default).
+    for dtype in [DType::F32, DType::BF16] {
+        check_attention(&gpu, (dtype, DType::F8E4M3), &mut checks)?;
     }
     kernels::check_sampling(&gpu, (48, 128_256), &mut checks)?;
     if !args.kernels_only {

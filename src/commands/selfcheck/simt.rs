@@ -2,16 +2,16 @@
 //! the exact launches the GPU would run (`attention::launch` and the model's and sampler's
 //! launch descriptions), against the CPU kernels, in both emulator schedules. Smaller cases
 //! than on the GPU (every GPU thread is a fiber here), the same shapes of work: prefill tiles,
-//! mixed batches, split-K with several partitions, grouped heads, every dtype.
+//! mixed batches, split-K with several partitions, grouped heads, every dtype, fp8 caches.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
 use super::kernels::{self, AttentionCase, AttentionOut, Target};
 use super::{Check, GEOMETRIES, MIXED, seqs};
-use crate::attention::CacheKind;
 use crate::attention::launch::{self as attn, Buf};
 use crate::attention::plan::{self, DecodeKernel};
+use crate::attention::{CacheKind, fp8};
 use crate::engine::sampler::{SampleBuf, SamplingParams, sample_launch};
 use crate::launch::suffix;
 use crate::model::norm::{AddRmsNormBuf, add_rms_norm_launch};
@@ -25,7 +25,8 @@ const SM_COUNT: usize = 132;
 /// The emulator, in one schedule.
 struct Simt(Schedule);
 
-/// `v` as the bytes of `dtype` elements (rounded to nearest even, as candle converts).
+/// `v` as the bytes of `dtype` elements (rounded to nearest even, as candle converts; fp8
+/// saturated as the engine's cache encodes).
 fn encode(dtype: DType, v: &[f32]) -> Vec<u8> {
     match dtype {
         DType::F16 => {
@@ -36,6 +37,7 @@ fn encode(dtype: DType, v: &[f32]) -> Vec<u8> {
             let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
             bytemuck::cast_slice(&h).to_vec()
         }
+        DType::F8E4M3 => v.iter().map(|&x| fp8::encode(x)).collect(),
         _ => bytemuck::cast_slice(v).to_vec(),
     }
 }
@@ -50,15 +52,20 @@ fn decode(dtype: DType, b: &[u8]) -> Vec<f32> {
             .iter()
             .map(|x| x.to_f32())
             .collect(),
+        DType::F8E4M3 => b.iter().map(|&x| fp8::decode(x)).collect(),
         _ => bytemuck::pod_collect_to_vec(b),
     }
 }
 
 impl Target for Simt {
     fn attention(&self, c: &AttentionCase) -> Result<AttentionOut> {
-        let (dt, sfx) = (c.dtype, suffix(c.dtype)?);
+        let dt = c.dtype;
+        let dts = attn::Dtypes {
+            io: dt,
+            cache: c.kv_dtype,
+        };
         let cache_len = c.num_blocks * c.kv_heads * c.head_dim * c.block_size;
-        let mut kc = encode(dt, &vec![f32::NAN; cache_len]);
+        let mut kc = encode(c.kv_dtype, &vec![f32::NAN; cache_len]);
         let mut vc = kc.clone();
         let mut outputs: [Vec<f32>; 2] = Default::default();
         for (step, out) in c.steps.iter().zip(&mut outputs) {
@@ -79,7 +86,7 @@ impl Target for Simt {
                 m.input(Buf::Src, &encode(dt, src));
                 m.input(Buf::Slots, &lay.slot_mapping);
                 m.output(Buf::Cache, cache);
-                m.run(&attn::write_kv(kind, sfx, tokens, &g), self.0)?;
+                m.run(&attn::write_kv(kind, dts, tokens, &g)?, self.0)?;
                 *cache = m.read(Buf::Cache)?;
             }
             let p = plan::plan_with(
@@ -108,14 +115,14 @@ impl Target for Simt {
             m.output(Buf::PartAcc, &vec![0f32; rows * c.head_dim]);
             m.output(Buf::PartM, &vec![0f32; rows]);
             m.output(Buf::PartL, &vec![0f32; rows]);
-            for l in attn::attend(&p, sfx, &g, scale)? {
+            for l in attn::attend(&p, dts, &g, scale)? {
                 m.run(&l, self.0)?;
             }
             *out = decode(dt, &m.read::<u8>(Buf::Out)?);
         }
         Ok(AttentionOut {
             outputs,
-            caches: (decode(dt, &kc), decode(dt, &vc)),
+            caches: (decode(c.kv_dtype, &kc), decode(c.kv_dtype, &vc)),
         })
     }
 
@@ -213,12 +220,15 @@ fn attention_kernels_match_the_cpu_on_mixed_batches() {
     let mixed = seqs(&[(1, 1), (37, 37), (130, 1), (75, 9), (16, 1), (70, 40)]);
     let mut checks = Vec::new();
     for schedule in Schedule::BOTH {
-        for (dtype, block_size, geometry) in [
-            (DType::F32, 16, (8, 2, 64)),
-            (DType::F16, 32, (9, 3, 32)),
-            (DType::BF16, 16, (4, 4, 32)),
+        for (dtype, kv_dtype, block_size, geometry) in [
+            (DType::F32, DType::F32, 16, (8, 2, 64)),
+            (DType::F16, DType::F16, 32, (9, 3, 32)),
+            (DType::BF16, DType::BF16, 16, (4, 4, 32)),
+            (DType::F32, DType::F8E4M3, 32, (8, 2, 64)),
+            (DType::BF16, DType::F8E4M3, 16, (9, 3, 32)),
         ] {
-            let case = kernels::attention_case(dtype, block_size, geometry, &mixed);
+            let case = kernels::attention_case(dtype, block_size, geometry, &mixed)
+                .with_kv_dtype(kv_dtype);
             let variants = [
                 ("mixed", DecodeKernel::Auto),
                 ("split-K", DecodeKernel::Split),
@@ -250,15 +260,86 @@ fn split_k_and_tiles_match_the_cpu_on_long_decodes() {
     // Three partitions of 512 keys, and a context one key into its second partition.
     let long = seqs(&[(1100, 1), (513, 1)]);
     let mut checks = Vec::new();
-    for (schedule, dtype, kernel) in [
-        (Schedule::Forward, DType::BF16, DecodeKernel::Auto),
-        (Schedule::Reverse, DType::F32, DecodeKernel::Split),
-        (Schedule::Forward, DType::F16, DecodeKernel::Tiles),
+    for (schedule, dtype, kv_dtype, kernel) in [
+        (
+            Schedule::Forward,
+            DType::BF16,
+            DType::BF16,
+            DecodeKernel::Auto,
+        ),
+        (
+            Schedule::Reverse,
+            DType::F32,
+            DType::F32,
+            DecodeKernel::Split,
+        ),
+        (
+            Schedule::Forward,
+            DType::F16,
+            DType::F16,
+            DecodeKernel::Tiles,
+        ),
+        (
+            Schedule::Reverse,
+            DType::F16,
+            DType::F8E4M3,
+            DecodeKernel::Split,
+        ),
     ] {
-        let case = kernels::attention_case(dtype, 16, (4, 1, 32), &long);
+        let case = kernels::attention_case(dtype, 16, (4, 1, 32), &long).with_kv_dtype(kv_dtype);
         check_attention(schedule, case, &[("long decodes", kernel)], &mut checks);
     }
     assert_passed(&checks);
+}
+
+/// `write_kv` into an fp8 cache encodes as the CPU does, bit for bit, at the values the random
+/// cases rarely reach: every code's value and the points halfway between neighbours (ties go
+/// to even), subnormals, magnitudes that saturate to 448, infinities and NaN.
+#[test]
+fn fp8_write_kv_rounds_saturates_and_keeps_nan_as_the_cpu() {
+    let mut xs = vec![
+        0.0,
+        -0.0,
+        464.0,
+        464.5,
+        1e30,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ];
+    for b in 0..0x7eu8 {
+        let (lo, hi) = (fp8::decode(b), fp8::decode(b + 1));
+        xs.extend([lo, -lo, (lo + hi) / 2.0, -(lo + hi) / 2.0]);
+    }
+    let d = 32;
+    xs.resize(xs.len().next_multiple_of(d), 1.0);
+    let tokens = xs.len() / d;
+    // One KV head, slots in order: the V cache then holds the values in input order.
+    let g = attn::Geometry {
+        heads: 1,
+        kv_heads: 1,
+        head_dim: d,
+        block_size: 16,
+        max_blocks: 1,
+    };
+    let dts = attn::Dtypes {
+        io: DType::F32,
+        cache: DType::F8E4M3,
+    };
+    let launch = attn::write_kv(CacheKind::Values, dts, tokens, &g).unwrap();
+    let slots: Vec<u32> = (0..tokens as u32).collect();
+    let want: Vec<u8> = xs.iter().map(|&x| fp8::encode(x)).collect();
+    for schedule in Schedule::BOTH {
+        let mut m = Memory::default();
+        m.input(Buf::Src, &xs);
+        m.input(Buf::Slots, &slots);
+        m.output(Buf::Cache, &vec![0xaau8; tokens.next_multiple_of(16) * d]);
+        m.run(&launch, schedule).unwrap();
+        let got: Vec<u8> = m.read(Buf::Cache).unwrap();
+        for (i, (x, w)) in xs.iter().zip(&want).enumerate() {
+            assert_eq!(got[i], *w, "{x:e}: {:#04x} vs {w:#04x}", got[i]);
+        }
+    }
 }
 
 #[test]
