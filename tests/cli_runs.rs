@@ -147,6 +147,45 @@ fn throughput_prints_the_report_and_writes_json() {
     assert!(v["commit"].is_string() && v["device"].as_str().unwrap().starts_with("cpu"));
 }
 
+/// `--kv-cache-dtype fp8`: the same budget holds twice the blocks of the f16 default, and the
+/// report says which cache the run used.
+#[test]
+fn fp8_kv_cache_doubles_the_blocks_and_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut blocks = Vec::new();
+    for kv in ["auto", "fp8"] {
+        let json = dir.path().join(format!("{kv}.json"));
+        ok(&[
+            "throughput",
+            "--quiet",
+            "--model",
+            &s(&common::smollm_gguf()),
+            "--dataset-name",
+            "random",
+            "--input-len",
+            "20",
+            "--output-len",
+            "2",
+            "--num-prompts",
+            "2",
+            "--kv-cache-memory",
+            "64MiB",
+            "--kv-cache-dtype",
+            kv,
+            "--output-json",
+            &s(&json),
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let want = if kv == "fp8" { "fp8_e4m3" } else { "f16" };
+        assert_eq!(v["kv_cache"]["dtype"], want);
+        assert_eq!(v["total_output_tokens"], 4);
+        blocks.push(v["kv_cache"]["num_blocks"].as_u64().unwrap());
+    }
+    // SmolLM2: 30 layers x 3 KV heads x 64 x 2 (K and V) values per token, 16 tokens per
+    // block: 368640 bytes in f16, 184320 in fp8; 64 MiB holds 182 and 364 of them.
+    assert_eq!(blocks, [182, 364]);
+}
+
 #[test]
 fn prefix_caching_is_on_by_default_and_reported() {
     let dir = tempfile::tempdir().unwrap();

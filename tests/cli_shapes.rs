@@ -136,7 +136,10 @@ fn shapes_with_bf16_weights_on_the_cpu() {
     ];
     let (code, stdout, stderr) = common::run(&args, &[]);
     assert_eq!(code, 0, "shapes failed: {stderr}");
-    assert!(stdout.contains("(gguf, bf16) on cpu"), "{stdout}");
+    assert!(
+        stdout.contains("(gguf, bf16, KV cache f16) on cpu"),
+        "{stdout}"
+    );
     assert!(stdout.contains("GEMM 2048x2048x2048 bf16"), "{stdout}");
     let json: Value = serde_json::from_slice(
         &std::fs::read(out_dir.join("shapes.json")).expect("shapes.json written"),

@@ -234,7 +234,6 @@ fn gpu_kv_budget(
     Ok(budget)
 }
 
-/// `f32`, `f16`, `bf16`.
 /// A dtype as the flags spell it (`fp8_e4m3` for the fp8 KV cache).
 pub fn dtype_name(dtype: DType) -> String {
     match dtype {

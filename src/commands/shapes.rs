@@ -70,10 +70,11 @@ pub fn run(args: &ShapesArgs) -> Result<()> {
     bar.finish_and_clear();
 
     let title = format!(
-        "{} ({}, {}) on {}, commit {}",
+        "{} ({}, {}, KV cache {}) on {}, commit {}",
         args.model.model,
         setup.info.load_format.name(),
         super::dtype_name(setup.dtype),
+        super::dtype_name(runner.cache().spec.dtype),
         crate::device::describe(&setup.device),
         super::COMMIT
     );
