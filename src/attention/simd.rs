@@ -177,6 +177,23 @@ pub fn group_weighted_rows<T: Lanes>(
     }
 }
 
+/// `src` widened to f32 into `dst` (which must be as long), eight at a time where the CPU
+/// allows: how prefill gathers an fp8 cache.
+pub fn widen<T: Lanes>(src: &[T], dst: &mut [f32]) {
+    let dst = &mut dst[..src.len()];
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd_ok() && !T::any_lost_nan(src) {
+        done = src.len() / 8 * 8;
+        // SAFETY: AVX2, FMA and F16C checked; both slices hold `done` elements.
+        unsafe { x86::widen(&src[..done], &mut dst[..done]) };
+    }
+    for (d, s) in dst[done..].iter_mut().zip(&src[done..]) {
+        *d = s.to_f32();
+    }
+}
+
 /// AVX2, FMA and F16C (every x86-64 CPU with AVX2 in practice); both checks are cached.
 #[cfg(target_arch = "x86_64")]
 fn simd_ok() -> bool {
@@ -188,6 +205,22 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::Lanes;
+
+    /// `src` (a multiple of 8 long, no NaN that `load8` loses) widened into `dst`.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `dst` is as long as `src`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn widen<T: Lanes>(src: &[T], dst: &mut [f32]) {
+        let unit = _mm256_set1_ps(T::UNIT);
+        for i in (0..src.len()).step_by(8) {
+            // SAFETY: the caller's contract; `i + 8 <= src.len()`.
+            unsafe {
+                let x = _mm256_mul_ps(T::load8(src.as_ptr().add(i)), unit);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), x);
+            }
+        }
+    }
 
     /// Picks the kernel for `g` heads and blocks of `bs` keys (`g * bs / 8 <= 8`). `U` rows of
     /// `kt` per step make up to 8 independent accumulators, enough to hide the FMA latency.
@@ -440,6 +473,29 @@ mod tests {
         check::<f16>(f16::from_f32);
         check::<bf16>(bf16::from_f32);
         check::<F8E4M3>(|x| F8E4M3::from_bits(super::super::fp8::encode(x)));
+    }
+
+    /// Widening runs of every length (vector part, tail) as the scalar decoding, NaN too.
+    #[test]
+    fn widen_matches_scalar_decoding() {
+        let codes: Vec<F8E4M3> = (0..=255u8).map(F8E4M3::from_bits).collect();
+        let valid: Vec<F8E4M3> = codes
+            .iter()
+            .copied()
+            .filter(|c| c.to_bits() & 0x7f != 0x7f)
+            .collect();
+        for src in [&codes[..], &valid[..], &valid[..13], &valid[3..8]] {
+            let mut dst = vec![0f32; src.len()];
+            widen(src, &mut dst);
+            for (x, c) in dst.iter().zip(src) {
+                let want = c.to_f32();
+                assert!(x.to_bits() == want.to_bits() || (x.is_nan() && want.is_nan()));
+            }
+        }
+        let h: Vec<f16> = [1.5f32, -2.0, 3.25].map(f16::from_f32).to_vec();
+        let mut dst = [0f32; 3];
+        widen(&h, &mut dst);
+        assert_eq!(dst, [1.5, -2.0, 3.25]);
     }
 
     /// A NaN in an fp8 block reaches the scores and the output of the heads that read it,
