@@ -4,10 +4,10 @@
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::ops::rms_norm;
-use candle_nn::rotary_emb::rope_thd;
 
 use super::config::ModelConfig;
 use super::norm::residual_rms_norm;
+use super::rotary::{Heads, split_rotate};
 use super::weights::WeightSource;
 use crate::attention::PagedAttention;
 use crate::profile::{Kernel, timed};
@@ -299,7 +299,12 @@ impl Llama {
     ) -> Result<Tensor> {
         let d = self.dims;
         let tokens = input_ids.dim(0)?;
-        let (q_size, kv_size) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+        let q_size = d.heads * d.head_dim;
+        let heads = Heads {
+            heads: d.heads,
+            kv_heads: d.kv_heads,
+            head_dim: d.head_dim,
+        };
         let (cos, sin) = timed(Kernel::Rotary, || {
             Ok((
                 self.cos.index_select(positions, 0)?,
@@ -322,20 +327,7 @@ impl Llama {
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let qkv = timed(Kernel::GemmQkv, || layer.qkv.forward(&h))?;
-            let (q, k, v) = timed(Kernel::Rotary, || {
-                let q = qkv
-                    .narrow(1, 0, q_size)?
-                    .reshape((1, tokens, d.heads, d.head_dim))?;
-                let k = qkv
-                    .narrow(1, q_size, kv_size)?
-                    .reshape((1, tokens, d.kv_heads, d.head_dim))?;
-                let v = qkv
-                    .narrow(1, q_size + kv_size, kv_size)?
-                    .reshape((tokens, d.kv_heads, d.head_dim))?;
-                let q = rope_thd(&q, &cos, &sin)?.squeeze(0)?;
-                let k = rope_thd(&k, &cos, &sin)?.squeeze(0)?;
-                Ok((q, k, v))
-            })?;
+            let (q, k, v) = timed(Kernel::Rotary, || split_rotate(&qkv, &cos, &sin, heads))?;
             let a = attn
                 .forward(i, &q, &k, &v)
                 .with_context(|| format!("attention of layer {i}"))?;

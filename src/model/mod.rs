@@ -6,6 +6,7 @@ pub mod llama;
 pub mod matmul;
 pub mod norm;
 pub mod ops;
+pub mod rotary;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
