@@ -3,8 +3,9 @@
 //! compiler keeps neither loop's accumulators in registers on its own (measured: 3-4x slower).
 //! Both serve all the query heads that share a KV head at once (grouped-query attention) and read
 //! the cache in its own element type, widened to f32 in registers (F16C for f16, a shift for
-//! bf16): each K/V element is loaded and converted once per step, not once per query head, and
-//! a block goes from memory straight into the multiply-adds.
+//! bf16, a shift into an f16 for fp8): each K/V element is loaded and converted once per step,
+//! not once per query head, and a block goes from memory straight into the multiply-adds.
+//! `widen` converts runs the same way (prefill's gather of an fp8 cache).
 
 use half::{bf16, f16};
 
