@@ -271,6 +271,25 @@ fn bad_flag_values() {
         ],
         &["--kv-cache-memory", "lots"],
     );
+    // An engine flag is checked before the workload is sampled.
+    let gguf = path_str(&common::smollm_gguf());
+    let args = [
+        "throughput",
+        "--quiet",
+        "--model",
+        &gguf,
+        "--dataset-name",
+        "random",
+        "--input-len",
+        "8",
+        "--num-prompts",
+        "1",
+        "--kv-cache-dtype",
+        "fp4",
+    ];
+    assert_one_line_error(&args, &["--kv-cache-dtype", "fp4"]);
+    let (_, out, _) = run(&args);
+    assert!(!out.contains("workload"), "sampled before failing: {out}");
 }
 
 #[test]

@@ -61,8 +61,9 @@ impl Setup {
         })
     }
 
-    /// Loads the weights and builds an engine with a KV cache sized from the budget.
-    pub fn engine(&self, eng: &EngineArgs, progress: &Progress) -> Result<Engine> {
+    /// Checks the engine flags that need neither weights nor a workload, so a bad one fails
+    /// before either is read; returns the KV cache's dtype.
+    pub fn check_engine_args(&self, eng: &EngineArgs) -> Result<DType> {
         if eng.block_size == 0 {
             bail!("--block-size must be at least 1");
         }
@@ -78,6 +79,12 @@ impl Setup {
                 eng.gpu_memory_utilization
             );
         }
+        crate::device::parse_kv_dtype(&eng.kv_cache_dtype, self.dtype, self.device_spec)
+    }
+
+    /// Loads the weights and builds an engine with a KV cache sized from the budget.
+    pub fn engine(&self, eng: &EngineArgs, progress: &Progress) -> Result<Engine> {
+        let kv_dtype = self.check_engine_args(eng)?;
         let model = model::load_weights(
             &self.info,
             self.max_model_len,
@@ -85,8 +92,6 @@ impl Setup {
             &self.device,
             progress,
         )?;
-        let kv_dtype =
-            crate::device::parse_kv_dtype(&eng.kv_cache_dtype, self.dtype, self.device_spec)?;
         let spec = Engine::cache_spec(&model, eng.block_size, kv_dtype);
         let num_blocks = match (eng.num_kv_blocks, &self.device) {
             (Some(n), _) => n,

@@ -32,6 +32,7 @@ fn default_num_prompts(args: &ThroughputArgs) -> usize {
 pub fn run(args: &ThroughputArgs) -> Result<()> {
     let progress = Progress::new(args.engine.quiet);
     let setup = Setup::new(&args.model, &progress)?;
+    setup.check_engine_args(&args.engine)?;
     let num_prompts = args
         .num_prompts
         .unwrap_or_else(|| default_num_prompts(args));
