@@ -1,4 +1,5 @@
-//! Small helpers with no better home: a seeded RNG, dates, atomic file writes, byte sizes.
+//! Small helpers with no better home: a seeded RNG, dates, atomic file writes, byte sizes, the
+//! contiguous data of a CPU op's operand.
 
 use std::io::Write;
 use std::path::Path;
@@ -142,6 +143,19 @@ pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
         return Err(format!("size '{text}' must be positive"));
     }
     Ok(bytes as u64)
+}
+
+/// The elements of a CPU custom op's operand `s` laid out as `l`, which must be contiguous
+/// (`what` names the operand in the error).
+pub fn contiguous<'a, T>(
+    s: &'a [T],
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use super::BatchLayout;
 use super::fp8::{self, F8E4M3};
 use super::ops::CacheKind;
 use super::simd;
+use crate::util::contiguous;
 
 /// Element types a KV cache can hold; the math is always f32.
 pub trait Elem: candle_core::WithDType + simd::Lanes + Copy + Send + Sync {
@@ -43,13 +44,6 @@ impl Elem for bf16 {
 impl Elem for F8E4M3 {
     fn to_f32_run(src: &[Self], dst: &mut [f32]) {
         simd::widen(src, dst);
-    }
-}
-
-fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("{what} must be contiguous"),
     }
 }
 

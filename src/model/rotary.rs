@@ -10,6 +10,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::util::contiguous;
+
 /// Head counts and size of a step's attention.
 #[derive(Clone, Copy, Debug)]
 pub struct Heads {
@@ -134,11 +136,16 @@ impl SplitRotate {
     }
 }
 
-fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("split_rotate: {what} must be contiguous"),
-    }
+/// The op's three operands as contiguous slices.
+fn inputs<'a, T>(
+    (x, c, s): (&'a [T], &'a [T], &'a [T]),
+    (l1, l2, l3): (&Layout, &Layout, &Layout),
+) -> candle_core::Result<(&'a [T], &'a [T], &'a [T])> {
+    Ok((
+        contiguous(x, l1, "split_rotate: qkv")?,
+        contiguous(c, l2, "split_rotate: cos")?,
+        contiguous(s, l3, "split_rotate: sin")?,
+    ))
 }
 
 impl CustomOp3 for SplitRotate {
@@ -173,29 +180,17 @@ impl CustomOp3 for SplitRotate {
                 l3.dims()
             );
         }
+        let ls = (l1, l2, l3);
         let storage = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) => {
-                let args = (
-                    contiguous(x, l1, "qkv")?,
-                    contiguous(c, l2, "cos")?,
-                    contiguous(s, l3, "sin")?,
-                );
-                CpuStorage::F32(self.run(args, tokens, |v| v, |v| v))
+                CpuStorage::F32(self.run(inputs((x, c, s), ls)?, tokens, |v| v, |v| v))
             }
             (CpuStorage::F16(x), CpuStorage::F16(c), CpuStorage::F16(s)) => {
-                let args = (
-                    contiguous(x, l1, "qkv")?,
-                    contiguous(c, l2, "cos")?,
-                    contiguous(s, l3, "sin")?,
-                );
+                let args = inputs((x, c, s), ls)?;
                 CpuStorage::F16(self.run(args, tokens, f16::to_f32, f16::from_f32))
             }
             (CpuStorage::BF16(x), CpuStorage::BF16(c), CpuStorage::BF16(s)) => {
-                let args = (
-                    contiguous(x, l1, "qkv")?,
-                    contiguous(c, l2, "cos")?,
-                    contiguous(s, l3, "sin")?,
-                );
+                let args = inputs((x, c, s), ls)?;
                 CpuStorage::BF16(self.run(args, tokens, bf16::to_f32, bf16::from_f32))
             }
             (x, c, s) => candle_core::bail!(
