@@ -178,13 +178,24 @@ fn row_block(m: usize, threads: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::Rng64;
     use candle_core::Device;
+
+    /// Seeded inputs uniform in [-scale, scale), so a failure replays exactly.
+    fn uniform(rng: &mut Rng64, shape: (usize, usize), scale: f32) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            rng.uniform_f32(shape.0 * shape.1, scale),
+            shape,
+            &Device::Cpu,
+        )?)
+    }
 
     #[test]
     fn split_matmul_matches_candle() -> Result<()> {
+        let mut rng = Rng64::new(11);
         for (m, k, n) in [(1, 64, 300), (5, 33, 17), (64, 128, 1000), (80, 8, 8)] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
-            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+            let x = uniform(&mut rng, (m, k), 1.7)?;
+            let w = uniform(&mut rng, (n, k), 1.7)?;
             let want = x.matmul(&w.t()?)?;
             let got = linear(&x, &w)?;
             let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -196,6 +207,7 @@ mod tests {
     #[test]
     fn bf16_weights_match_candle_on_rounded_operands() -> Result<()> {
         // Rows from 1 (decode) to past two row blocks (prefill), odd sizes included.
+        let mut rng = Rng64::new(12);
         for (m, k, n) in [
             (1, 64, 300),
             (5, 33, 17),
@@ -203,8 +215,8 @@ mod tests {
             (65, 40, 9),
             (200, 96, 70),
         ] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
-            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?.to_dtype(DType::BF16)?;
+            let x = uniform(&mut rng, (m, k), 1.7)?;
+            let w = uniform(&mut rng, (n, k), 1.7)?.to_dtype(DType::BF16)?;
             let xr = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
             let want = xr.matmul(&w.to_dtype(DType::F32)?.t()?)?;
             let got = linear(&x, &w)?;

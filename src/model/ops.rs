@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::fastmath;
 use crate::launch::{Arg, Launch};
+use crate::util::contiguous;
 
 /// `silu(x[:, :n]) * x[:, n:]` for `x` of shape `[rows, 2n]`: the gated MLP activation over the
 /// fused gate/up projection, in one pass (candle would make three: silu, narrow-copy, mul).
@@ -70,17 +71,23 @@ impl CustomOp1 for SiluMul {
         if cols % 2 != 0 {
             candle_core::bail!("silu_mul: odd number of columns {cols}");
         }
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("silu_mul: input must be contiguous");
-        };
+        let input = "silu_mul: input";
         let storage = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(silu_mul_rows(&x[a..b], cols, |v| v, |v| v)),
-            CpuStorage::F16(x) => {
-                CpuStorage::F16(silu_mul_rows(&x[a..b], cols, f16::to_f32, f16::from_f32))
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(silu_mul_rows(contiguous(x, l, input)?, cols, |v| v, |v| v))
             }
-            CpuStorage::BF16(x) => {
-                CpuStorage::BF16(silu_mul_rows(&x[a..b], cols, bf16::to_f32, bf16::from_f32))
-            }
+            CpuStorage::F16(x) => CpuStorage::F16(silu_mul_rows(
+                contiguous(x, l, input)?,
+                cols,
+                f16::to_f32,
+                f16::from_f32,
+            )),
+            CpuStorage::BF16(x) => CpuStorage::BF16(silu_mul_rows(
+                contiguous(x, l, input)?,
+                cols,
+                bf16::to_f32,
+                bf16::from_f32,
+            )),
             other => candle_core::bail!("silu_mul: unsupported dtype {:?}", other.dtype()),
         };
         Ok((storage, Shape::from((rows, cols / 2))))
