@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The shape llama.cpp's llama-batched-bench reports as PP 128, TG 128, B 32: 32 sequences of 128
-# prompt + 128 generated tokens at once, on SmolLM2-135M (2 threads there: S = 237 tokens/s on
-# the 2-core machine of shared/research/cpu-measurements.md). Runs it RUNS times (default 5) and
-# prints each run's total tokens/s and the median. A benchmark, not a test: nothing is asserted.
+# prompt + 128 generated tokens at once, on SmolLM2-135M; benches/vs_llama_cpp.sh runs llama.cpp's
+# own tool beside it. Runs it RUNS times (default 5) and prints each run's total tokens/s and the
+# median; extra arguments go to `offline-bench throughput` (e.g. --dtype bf16). A benchmark, not
+# a test: nothing is asserted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${RUNS:-5}"
