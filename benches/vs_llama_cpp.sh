@@ -33,15 +33,30 @@ if [ ! -x "$bin/llama-batched-bench" ] || [ ! -x "$bin/llama-quantize" ]; then
   fi
   command -v cmake >/dev/null || python3 -m pip install --quiet cmake
   echo "building llama.cpp (llama-batched-bench, llama-quantize)" >&2
-  # Its compiler warnings go to the log; a failure shows the log's end.
+  # Its compiler warnings go to the log; a failure shows the log's end. AMX is left out: the
+  # native build's AMX matmul crashed on an Intel Xeon build machine with it (2026-11).
   log="$dir/build.log"
-  { cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF &&
+  flags=""
+  if grep -q amx_tile /proc/cpuinfo 2>/dev/null; then
+    flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  fi
+  { cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+    -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" &&
     cmake --build "$src/build" -j "$(nproc)" --target llama-batched-bench llama-quantize; } \
     >"$log" 2>&1 || { tail -n 20 "$log" >&2; echo "error: building llama.cpp failed ($log)" >&2; exit 1; }
 fi
+runlog="$dir/last-run.log"
+fail() { # what
+  tail -n 20 "$runlog" >&2
+  echo "error: $1 failed (its output: $runlog)" >&2
+  exit 1
+}
 for t in BF16 F32; do
   out="$dir/SmolLM2-135M-Instruct.$t.gguf"
-  [ -f "$out" ] || "$bin/llama-quantize" --allow-requantize "$model" "$out" "$t" >/dev/null 2>&1
+  [ -f "$out" ] && continue
+  "$bin/llama-quantize" --allow-requantize "$model" "$out.part" "$t" >"$runlog" 2>&1 ||
+    fail "llama-quantize to $t"
+  mv "$out.part" "$out"
 done
 
 declare -A rates
@@ -54,12 +69,15 @@ for i in $(seq "$rounds"); do
     gguf="$dir/SmolLM2-135M-Instruct.$t.gguf"
     [ "$t" != Q4_1 ] || gguf="$model"
     # The table's last row; its last column is S, total tokens over total time.
-    row=$("$bin/llama-batched-bench" -m "$gguf" -c 8192 -npp 128 -ntg 128 -npl 32 \
-      -t "$(nproc)" 2>/dev/null | grep '^|' | tail -n 1)
+    "$bin/llama-batched-bench" -m "$gguf" -c 8192 -npp 128 -ntg 128 -npl 32 -t "$(nproc)" \
+      >"$runlog" 2>&1 || fail "llama-batched-bench on $gguf"
+    row=$(grep '^|' "$runlog" | tail -n 1)
     record "llama.cpp $t" "$(echo "$row" | awk -F'|' '{gsub(/ /, "", $(NF-1)); print $(NF-1)}')"
   done
   for dt in f32 bf16; do
-    line=$(RUNS=1 benches/llama_batched_shape.sh --dtype "$dt" 2>/dev/null | tail -n 1)
+    RUNS=1 benches/llama_batched_shape.sh --dtype "$dt" >"$runlog" 2>&1 ||
+      fail "offline-bench --dtype $dt"
+    line=$(tail -n 1 "$runlog")
     record "offline-bench $dt" "${line##* }"
   done
 done
