@@ -191,10 +191,6 @@ fn sampled_tokens_do_not_depend_on_batching() {
     );
 }
 
-/// `--dtype bf16` on the CPU rounds the weights and each product's rows to bf16, which moves
-/// logits by about a percent: greedy paths may part after a near-tie, but not early and not
-/// often (measured on the AMD EPYC build machine, 2026-12-03: 7 of the 8 prompts agree in all
-/// 32 tokens, one for 21). A wrong kernel or a dropped conversion parts at the first token.
 /// How many leading tokens of each output equal the f32 reference's.
 fn agreement(outputs: &[RequestOutput]) -> Vec<usize> {
     let want = common::reference_outputs(TOKENS);
@@ -209,6 +205,10 @@ fn agreement(outputs: &[RequestOutput]) -> Vec<usize> {
         .collect()
 }
 
+/// `--dtype bf16` on the CPU rounds the weights and each product's rows to bf16, which moves
+/// logits by about a percent: greedy paths may part after a near-tie, but not early and not
+/// often (measured on the AMD EPYC build machine, 2026-12-03: 7 of the 8 prompts agree in all
+/// 32 tokens, one for 21). A wrong kernel or a dropped conversion parts at the first token.
 #[test]
 fn bf16_weights_keep_greedy_tokens_close() {
     let mut engine = common::engine_over(
