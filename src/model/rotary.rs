@@ -110,10 +110,11 @@ impl SplitRotate {
             .zip(qkv.par_chunks(n * row))
             .zip(cos.par_chunks(n * d / 2).zip(sin.par_chunks(n * d / 2)))
             .for_each(|((((q_out, k_out), v_out), qkv), (cos, sin))| {
-                let (mut src, mut dst) = (vec![0f32; row], vec![0f32; qs + ks]);
+                // q and k in f32 (v is copied as it is).
+                let (mut src, mut dst) = (vec![0f32; qs + ks], vec![0f32; qs + ks]);
                 let (mut c, mut s) = (vec![0f32; d / 2], vec![0f32; d / 2]);
                 for t in 0..qkv.len() / row {
-                    for (x, &y) in src.iter_mut().zip(&qkv[t * row..][..row]) {
+                    for (x, &y) in src.iter_mut().zip(&qkv[t * row..][..qs + ks]) {
                         *x = to_f32(y);
                     }
                     for (x, &y) in c.iter_mut().zip(&cos[t * d / 2..][..d / 2]) {
@@ -122,7 +123,7 @@ impl SplitRotate {
                     for (x, &y) in s.iter_mut().zip(&sin[t * d / 2..][..d / 2]) {
                         *x = to_f32(y);
                     }
-                    rotate_heads(&src[..qs + ks], &mut dst, &c, &s, d);
+                    rotate_heads(&src, &mut dst, &c, &s, d);
                     for (o, &x) in q_out[t * qs..][..qs].iter_mut().zip(&dst[..qs]) {
                         *o = from_f32(x);
                     }
