@@ -39,6 +39,12 @@ pub fn encode(x: f32) -> u8 {
     (sign | r) as u8
 }
 
+/// Whether E4M3 bits `b` are NaN (0x7f and 0xff: E4M3 has no infinities).
+#[inline]
+pub const fn is_nan_bits(b: u8) -> bool {
+    b & 0x7f == 0x7f
+}
+
 /// Every code's value (NaN for 0x7f and 0xff).
 static VALUES: [f32; 256] = {
     let mut t = [0f32; 256];
@@ -52,7 +58,7 @@ static VALUES: [f32; 256] = {
 
 const fn decode_bits(b: u8) -> f32 {
     let (e, m) = ((b >> 3) & 0xf, (b & 7) as u32);
-    let mag = if b & 0x7f == 0x7f {
+    let mag = if is_nan_bits(b) {
         f32::NAN
     } else if e == 0 {
         m as f32 / 512.0
