@@ -13,6 +13,7 @@ pub mod fastmath;
 pub mod gemm;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod heap;
 pub mod launch;
 pub mod model;
 pub mod profile;

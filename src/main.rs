@@ -4,6 +4,12 @@ use clap::Parser;
 use offline_bench::cli::{Cli, Command, one_line};
 use offline_bench::commands;
 
+/// Recycles the forward pass's large activation buffers instead of mapping and page-faulting
+/// them afresh in every op (`heap`).
+#[global_allocator]
+static ALLOCATOR: offline_bench::heap::ActivationCache =
+    offline_bench::heap::ActivationCache::new();
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
