@@ -2,7 +2,9 @@
 //! bf16 once per call, products of bf16 pairs are exact in f32 and summed in f32. With AVX-512
 //! BF16 one `vdpbf16ps` does 32 multiply-adds, twice an f32 FMA's 16, and the weights are half
 //! the bytes: on the AMD EPYC (Zen 4) build machine one core runs 233 GFLOP/s of `vdpbf16ps`
-//! against 117 of f32 FMAs. Elsewhere the same products run as plain loops (correct, slow).
+//! against 117 of f32 FMAs. Not on every CPU: on an Intel Xeon with AVX-512 BF16 it ran at 107
+//! against 214, so there only the halved bytes help (docs/cpu-performance.md). Elsewhere the
+//! same products run as plain loops (correct, slow).
 
 use half::bf16;
 
