@@ -33,50 +33,43 @@ pub struct ActivationCache {
     free: Mutex<Held>,
 }
 
-/// A freed buffer held for reuse; a class of 0 marks an empty slot.
+/// A freed buffer held for reuse.
 #[derive(Clone, Copy)]
 struct Slot {
-    class: usize,
+    /// The layout it was allocated with (`class_of`).
+    class: Layout,
     ptr: usize,
     /// When it was freed, in frees of large buffers.
     freed: u64,
 }
 
-const EMPTY: Slot = Slot {
-    class: 0,
-    ptr: 0,
-    freed: 0,
-};
-
 struct Held {
-    slots: [Slot; SLOTS],
-    bytes: usize,
+    slots: [Option<Slot>; SLOTS],
     frees: u64,
 }
 
 impl Held {
+    fn bytes(&self) -> usize {
+        self.slots.iter().flatten().map(|s| s.class.size()).sum()
+    }
+
     /// Gives buffers back to the system, those freed longest ago first, until `room` more bytes
     /// fit under `MAX_HELD` and a slot is empty.
     fn make_room(&mut self, room: usize) {
-        while self.bytes + room > MAX_HELD || self.slots.iter().all(|s| s.class != 0) {
+        while self.bytes() + room > MAX_HELD || self.slots.iter().all(Option::is_some) {
             let Some(oldest) = self
                 .slots
                 .iter_mut()
-                .filter(|s| s.class != 0)
-                .min_by_key(|s| s.freed)
+                .filter(|s| s.is_some())
+                .min_by_key(|s| s.map(|s| s.freed))
             else {
                 return;
             };
-            // SAFETY: a held buffer came from `System` with its class's layout, which is valid
-            // (`class_of`). The system allocator does not call back into this one.
-            unsafe {
-                System.dealloc(
-                    oldest.ptr as *mut u8,
-                    Layout::from_size_align_unchecked(oldest.class, ALIGN),
-                )
-            };
-            self.bytes -= oldest.class;
-            *oldest = EMPTY;
+            if let Some(slot) = oldest.take() {
+                // SAFETY: a held buffer came from `System` with this layout. The system
+                // allocator does not call back into this one.
+                unsafe { System.dealloc(slot.ptr as *mut u8, slot.class) };
+            }
         }
     }
 }
@@ -85,8 +78,7 @@ impl ActivationCache {
     pub const fn new() -> Self {
         Self {
             free: Mutex::new(Held {
-                slots: [EMPTY; SLOTS],
-                bytes: 0,
+                slots: [None; SLOTS],
                 frees: 0,
             }),
         }
@@ -94,21 +86,22 @@ impl ActivationCache {
 
     /// Bytes of freed buffers held for reuse.
     pub fn held_bytes(&self) -> usize {
-        self.free.lock().map_or(0, |h| h.bytes)
+        self.free.lock().map_or(0, |h| h.bytes())
     }
 
-    /// A held buffer of `class` bytes, if there is one; otherwise makes room under the cap for
+    /// A held buffer of layout `class`, if there is one; otherwise makes room under the cap for
     /// the one about to be allocated.
-    fn take(&self, class: usize) -> Option<*mut u8> {
+    fn take(&self, class: Layout) -> Option<*mut u8> {
         let mut held = self.free.lock().ok()?;
-        let Some(slot) = held.slots.iter_mut().find(|s| s.class == class) else {
-            held.make_room(class);
-            return None;
-        };
-        let ptr = slot.ptr as *mut u8;
-        *slot = EMPTY;
-        held.bytes -= class;
-        Some(ptr)
+        let found = held
+            .slots
+            .iter_mut()
+            .find(|s| s.is_some_and(|s| s.class == class))
+            .and_then(Option::take);
+        if found.is_none() {
+            held.make_room(class.size());
+        }
+        found.map(|s| s.ptr as *mut u8)
     }
 
     /// Keeps a freed buffer, or gives it back to the system if it alone is over the cap.
@@ -117,15 +110,14 @@ impl ActivationCache {
             && let Ok(mut held) = self.free.lock()
         {
             held.make_room(class.size());
-            let frees = held.frees + 1;
-            if let Some(slot) = held.slots.iter_mut().find(|s| s.class == 0) {
-                *slot = Slot {
-                    class: class.size(),
+            held.frees += 1;
+            let freed = held.frees;
+            if let Some(empty) = held.slots.iter_mut().find(|s| s.is_none()) {
+                *empty = Some(Slot {
+                    class,
                     ptr: ptr as usize,
-                    freed: frees,
-                };
-                held.frees = frees;
-                held.bytes += class.size();
+                    freed,
+                });
                 return;
             }
         }
@@ -136,7 +128,7 @@ impl ActivationCache {
     /// # Safety
     /// As `GlobalAlloc::alloc`, for a layout from `class_of`.
     unsafe fn alloc_cached(&self, class: Layout, zeroed: bool) -> *mut u8 {
-        if let Some(ptr) = self.take(class.size()) {
+        if let Some(ptr) = self.take(class) {
             if zeroed {
                 // SAFETY: the held buffer has `class.size()` bytes.
                 unsafe { ptr.write_bytes(0, class.size()) };
