@@ -9,6 +9,8 @@ use std::hint::black_box;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use half::bf16;
+use offline_bench::gemm::bf16::{Bf16Kernel, Bf16Rows, rows_by_weights_bf16};
 
 fn matmul(c: &mut Criterion) {
     let (n, k) = (3072, 576);
@@ -33,5 +35,33 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul);
+/// The two AVX-512 bf16 kernels this CPU has, one core each (`model::matmul` splits a product
+/// over the threads), rows prepared outside the timing: which is faster depends on the CPU, and
+/// the process picks one at start-up (`Bf16Kernel::chosen`).
+fn bf16_kernels(c: &mut Criterion) {
+    let (n, k) = (3072, 576);
+    let w: Vec<bf16> = (0..n * k)
+        .map(|i| bf16::from_f32(((i * 7919 % 1000) as f32 - 500.0) / 5000.0))
+        .collect();
+    let mut g = c.benchmark_group("bf16_kernels_3072x576_one_core");
+    for rows in [1usize, 8, 32, 64] {
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| (i % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        g.throughput(Throughput::Elements((2 * rows * n * k) as u64));
+        for kernel in Bf16Kernel::available() {
+            let prepared = Bf16Rows::prepare(kernel, &x, k);
+            let mut out = vec![0f32; rows * n];
+            g.bench_function(BenchmarkId::new(format!("{kernel:?}"), rows), |b| {
+                b.iter(|| {
+                    rows_by_weights_bf16(&prepared, 0..rows, (n, &w), &mut out);
+                    black_box(&mut out);
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matmul, bf16_kernels);
 criterion_main!(benches);

@@ -1,6 +1,7 @@
 //! Single-threaded matrix products for the CPU kernels (which parallelise across their own work
 //! items): f32 through the `gemm` crate with every access bounds-checked up front, few f32 rows
-//! against weight rows (`rows_by_weights`), and f32 rows against bf16 weights (`bf16`).
+//! against weight rows (`rows_by_weights`), and f32 rows against bf16 weights (`bf16`, whose rows
+//! are prepared once per product in parallel).
 
 /// `dst[m x n] = lhs[m x k] * rhs[k x n]` (f32, single-threaded: callers parallelise), with
 /// explicit row and column strides; bounds are checked before the unchecked kernel runs.

@@ -1,5 +1,5 @@
-//! The AVX2/FMA kernel of `rows_by_weights`, and the walk over output tiles with its L2 prefetch
-//! of the next weight block that the bf16 kernel shares.
+//! The AVX2/FMA kernel of `rows_by_weights`, and what the bf16 kernels share with it: the walk
+//! over output tiles with its L2 prefetch of the next weight block, and a sum of four vectors.
 
 use std::arch::x86_64::*;
 
@@ -9,8 +9,11 @@ use std::arch::x86_64::*;
 pub unsafe fn rows_by_weights(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], out: &mut [f32]) {
     // SAFETY: the caller's contract bounds every tile's accesses.
     unsafe {
-        walk_tiles((m, n, k), w, (X_ROWS, W_ROWS), |mr, full, at, pf| {
-            match (mr, full) {
+        walk_tiles(
+            (m, n, k),
+            w,
+            (X_ROWS, W_ROWS, W_ROWS),
+            |mr, full, at, pf| match (mr, full) {
                 (4, true) => tile::<4, 3>(k, n, x, w, out, at, pf),
                 (3, true) => tile::<3, 3>(k, n, x, w, out, at, pf),
                 (2, true) => tile::<2, 3>(k, n, x, w, out, at, pf),
@@ -19,43 +22,55 @@ pub unsafe fn rows_by_weights(m: usize, k: usize, n: usize, x: &[f32], w: &[f32]
                 (3, false) => tile::<3, 1>(k, n, x, w, out, at, pf),
                 (2, false) => tile::<2, 1>(k, n, x, w, out, at, pf),
                 (_, false) => tile::<1, 1>(k, n, x, w, out, at, pf),
-            }
-        });
+            },
+        );
     }
 }
 
-/// The walk of both kernels over an `[m, n]` output: blocks of `w_rows` weight rows, each
-/// against groups of up to `x_rows` rows of `x`, the next block prefetched in shares (see
-/// [`NextBlock`]); a last block short of `w_rows` goes one weight row at a time, without
-/// prefetch. `tile(mr, full, (r, j), pf)` computes `mr` rows of `x` from `r` against the
-/// `w_rows` weight rows (`full`) or the one weight row from `j`.
+/// The walk of the kernels over an `[m, n]` output: panels of `panel` weight rows (a multiple of
+/// `w_rows`), each against every group of up to `x_rows` rows of `x`, each group against the
+/// panel's blocks of `w_rows` weight rows in turn; the next panel is prefetched in shares over
+/// the panel's tiles (see [`NextBlock`]). A last block short of `w_rows` goes one weight row at
+/// a time, without prefetch. `tile(mr, full, (r, j), pf)` computes `mr` rows of `x` from `r`
+/// against the `w_rows` weight rows (`full`) or the one weight row from `j`.
+///
+/// With `panel == w_rows` a block is read from memory by the first group and found in L1 by
+/// the others; a larger panel, read from L2 by every group but the first, lets a group's rows
+/// stay in L1 across its blocks where all the rows would not fit.
 #[inline(always)]
 pub(super) fn walk_tiles<T>(
     (m, n, k): (usize, usize, usize),
     w: &[T],
-    (x_rows, w_rows): (usize, usize),
+    (x_rows, w_rows, panel): (usize, usize, usize),
     mut tile: impl FnMut(usize, bool, (usize, usize), Prefetch),
 ) {
+    debug_assert!(panel >= w_rows && panel.is_multiple_of(w_rows));
     let groups = m.div_ceil(x_rows);
-    let mut j = 0;
-    while j < n {
-        let nr = (n - j).min(w_rows);
-        let next = NextBlock::after(w, k, n, j + nr, w_rows);
-        let mut r = 0;
+    let mut start = 0;
+    while start < n {
+        let end = (start + panel).min(n);
+        let next = NextBlock::after(w, k, n, end, panel);
+        let shares = groups * (end - start).div_ceil(w_rows);
         let mut p = 0;
+        let mut r = 0;
         while r < m {
             let mr = (m - r).min(x_rows);
-            if nr == w_rows {
-                tile(mr, true, (r, j), next.share(p, groups));
-            } else {
-                for c in 0..nr {
-                    tile(mr, false, (r, j + c), Prefetch::NONE);
+            let mut j = start;
+            while j < end {
+                let nr = (end - j).min(w_rows);
+                if nr == w_rows {
+                    tile(mr, true, (r, j), next.share(p, shares));
+                } else {
+                    for c in 0..nr {
+                        tile(mr, false, (r, j + c), Prefetch::NONE);
+                    }
                 }
+                j += nr;
+                p += 1;
             }
             r += mr;
-            p += 1;
         }
-        j += nr;
+        start = end;
     }
 }
 
@@ -192,4 +207,19 @@ unsafe fn tile<const MR: usize, const NR: usize>(
             }
         }
     }
+}
+
+/// The sums of four vectors' lanes, in order: halves added, then pairwise sums across
+/// the four (`hadd`), about half the shuffles of four separate reductions.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) fn sum4(a: [__m512; 4]) -> __m128 {
+    let half = |v: __m512| {
+        let hi = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v));
+        _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(hi))
+    };
+    let h01 = _mm256_hadd_ps(half(a[0]), half(a[1]));
+    let h23 = _mm256_hadd_ps(half(a[2]), half(a[3]));
+    let h = _mm256_hadd_ps(h01, h23);
+    _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
 }

@@ -3,10 +3,9 @@
 
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
-use half::bf16;
 use rayon::prelude::*;
 
-use crate::gemm::bf16::{round_to_bf16, rows_by_weights_bf16};
+use crate::gemm::bf16::{Bf16Kernel, Bf16Rows, rows_by_weights_bf16};
 use crate::gemm::rows_by_weights;
 
 /// Up to this many rows, [`linear`] splits the output features over the threads itself:
@@ -126,8 +125,9 @@ impl CustomOp2 for SplitMatmul {
     }
 }
 
-/// f32 rows times bf16 weights: the rows rounded to bf16 once, then `rows_by_weights_bf16`,
-/// over the output features for few rows, over blocks of rows for many (a prefill).
+/// f32 rows times bf16 weights: the rows prepared once for the chosen kernel (`gemm::bf16`),
+/// then `rows_by_weights_bf16` over the output features for few rows, over blocks of rows for
+/// many (a prefill).
 struct Bf16Matmul;
 
 impl CustomOp2 for Bf16Matmul {
@@ -147,20 +147,20 @@ impl CustomOp2 for Bf16Matmul {
         };
         let Operands { x, w, mnk } = operands("bf16_matmul", (x, xl), (w, wl))?;
         let (m, n, k) = mnk;
-        let block = row_block(m, rayon::current_num_threads());
-        let mut xb = vec![bf16::ZERO; m * k];
-        xb.par_chunks_mut(block * k)
-            .zip(x.par_chunks(block * k))
-            .for_each(|(d, s)| round_to_bf16(s, d));
+        let xb = Bf16Rows::prepare(Bf16Kernel::chosen(), x, k);
         let out = if m <= BF16_ROW_BLOCK {
             by_output_features(m, n, |a, len, part| {
-                rows_by_weights_bf16((m, len, k), &xb, &w[a * k..], part)
+                rows_by_weights_bf16(&xb, 0..m, (len, &w[a * k..]), part)
             })
         } else {
+            let block = row_block(m, rayon::current_num_threads());
             let mut out = vec![0f32; m * n];
             out.par_chunks_mut(block * n)
-                .zip(xb.par_chunks(block * k))
-                .for_each(|(o, xr)| rows_by_weights_bf16((o.len() / n, n, k), xr, w, o));
+                .enumerate()
+                .for_each(|(b, o)| {
+                    let first = b * block;
+                    rows_by_weights_bf16(&xb, first..first + o.len() / n, (n, w), o)
+                });
             out
         };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
@@ -204,9 +204,12 @@ mod tests {
         Ok(())
     }
 
+    /// Against candle's f32 product of the operands as the chosen kernel reads them: weights
+    /// in bf16, rows rounded to bf16 too unless the kernel keeps them in f32.
     #[test]
     fn bf16_weights_match_candle_on_rounded_operands() -> Result<()> {
         // Rows from 1 (decode) to past two row blocks (prefill), odd sizes included.
+        let rows_in_f32 = Bf16Kernel::chosen() == Bf16Kernel::Widen;
         let mut rng = Rng64::new(12);
         for (m, k, n) in [
             (1, 64, 300),
@@ -217,7 +220,11 @@ mod tests {
         ] {
             let x = uniform(&mut rng, (m, k), 1.7)?;
             let w = uniform(&mut rng, (n, k), 1.7)?.to_dtype(DType::BF16)?;
-            let xr = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            let xr = if rows_in_f32 {
+                x.clone()
+            } else {
+                x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?
+            };
             let want = xr.matmul(&w.to_dtype(DType::F32)?.t()?)?;
             let got = linear(&x, &w)?;
             assert_eq!(got.dims(), &[m, n]);

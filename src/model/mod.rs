@@ -240,10 +240,8 @@ pub fn load_weights(
             );
         }
     }
-    if device.is_cpu() && dtype == DType::BF16 && !crate::gemm::bf16::bf16_dot_supported() {
-        progress.info(
-            "note: this CPU lacks AVX-512 BF16, so bf16 products run as plain loops (slow); --dtype f32 is faster here",
-        );
+    if device.is_cpu() && dtype == DType::BF16 {
+        progress.info(crate::gemm::bf16::Bf16Kernel::describe());
     }
     let bar = progress.bar(cfg.num_hidden_layers as u64, "loading");
     let on_layer = |_: usize| bar.inc(1);

@@ -1,0 +1,374 @@
+//! Products of f32 rows with bf16 weights on the CPU (`--dtype bf16`), by one of two AVX-512
+//! kernels, both reading half the weight bytes of f32 and summing in f32:
+//! - [`dot`]: the rows rounded to bf16 once per call, 32 products of bf16 pairs (exact in f32)
+//!   per `vdpbf16ps`, twice an f32 FMA's 16;
+//! - [`widen`]: the weights widened to f32 in registers and multiplied by f32 FMAs, the rows
+//!   kept in f32.
+//!
+//! Which is faster depends on the CPU, not on its vendor's feature list: on the AMD EPYC (Zen 4)
+//! build machine one core ran 233 GFLOP/s of `vdpbf16ps` against 117 of f32 FMAs, on an Intel
+//! Xeon with AVX-512 BF16 107 against 214 (docs/cpu-performance.md). So the process times both
+//! once, at its first product ([`Bf16Kernel::chosen`]). Without AVX-512 the same products run
+//! as plain loops (correct, slow).
+
+use std::ops::Range;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use half::bf16;
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+mod dot;
+#[cfg(target_arch = "x86_64")]
+mod widen;
+
+/// A way to multiply f32 rows by bf16 weights; each reads its rows in its own form
+/// ([`Bf16Rows`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// `vdpbf16ps` on rows rounded to bf16 (AVX-512 F, BW and BF16).
+    Dot,
+    /// f32 FMAs on weights widened in registers, rows in f32 (AVX-512 F and BW).
+    Widen,
+    /// Plain loops on rows rounded to bf16 (any CPU).
+    Plain,
+}
+
+impl Bf16Kernel {
+    /// The fast kernels this CPU can run (none without AVX-512).
+    pub fn available() -> Vec<Self> {
+        let mut kernels = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+            if is_x86_feature_detected!("avx512bf16") {
+                kernels.push(Self::Dot);
+            }
+            kernels.push(Self::Widen);
+        }
+        kernels
+    }
+
+    /// The kernel every product of this process uses: the faster one on a start-up measurement
+    /// where there are two, [`Self::Plain`] where there are none.
+    pub fn chosen() -> Self {
+        chosen().0
+    }
+
+    /// One line for the user: the kernel and, where there was a choice, what was measured.
+    pub fn describe() -> String {
+        let (kernel, timed) = *chosen();
+        let what = match kernel {
+            Self::Dot => "vdpbf16ps on rows rounded to bf16",
+            Self::Widen => "f32 FMAs on weights widened in registers",
+            Self::Plain => "plain loops (no AVX-512 here; slow: --dtype f32 is faster)",
+        };
+        match timed {
+            Some([dot, widen]) => format!(
+                "bf16 products: {what} (one core at start-up: vdpbf16ps {:.0}, widened {:.0} GFLOP/s)",
+                gflops(dot),
+                gflops(widen)
+            ),
+            None => format!("bf16 products: {what}"),
+        }
+    }
+}
+
+/// The start-up measurement's product: whole register tiles for both kernels (4 x 4 and 8 x 3),
+/// few enough weights (108 KiB) to stay in L2, so that it times the arithmetic, not memory.
+const PROBE: (usize, usize, usize) = (24, 96, 576);
+
+fn gflops(t: Duration) -> f64 {
+    let (m, n, k) = PROBE;
+    2.0 * (m * n * k) as f64 / t.as_secs_f64() / 1e9
+}
+
+/// The chosen kernel and, where two were timed, the best times of `Dot` and `Widen` on
+/// [`PROBE`].
+fn chosen() -> &'static (Bf16Kernel, Option<[Duration; 2]>) {
+    static CHOSEN: OnceLock<(Bf16Kernel, Option<[Duration; 2]>)> = OnceLock::new();
+    CHOSEN.get_or_init(|| {
+        let kernels = Bf16Kernel::available();
+        match kernels.as_slice() {
+            [] => (Bf16Kernel::Plain, None),
+            [one] => (*one, None),
+            _ => {
+                let [dot, widen] = time_both();
+                let kernel = if widen < dot {
+                    Bf16Kernel::Widen
+                } else {
+                    Bf16Kernel::Dot
+                };
+                (kernel, Some([dot, widen]))
+            }
+        }
+    })
+}
+
+/// The best of several timings of [`PROBE`] by `Dot` and by `Widen`, alternating (about a
+/// millisecond in all).
+fn time_both() -> [Duration; 2] {
+    let (m, n, k) = PROBE;
+    let mut rng = crate::util::Rng64::new(1);
+    let x = rng.uniform_f32(m * k, 1.0);
+    let w: Vec<bf16> = rng
+        .uniform_f32(n * k, 0.1)
+        .iter()
+        .map(|v| bf16::from_f32(*v))
+        .collect();
+    let kernels = [Bf16Kernel::Dot, Bf16Kernel::Widen];
+    let rows = kernels.map(|kernel| Bf16Rows::prepare(kernel, &x, k));
+    let mut out = vec![0f32; m * n];
+    let mut best = [Duration::MAX; 2];
+    for _ in 0..8 {
+        for (b, r) in best.iter_mut().zip(&rows) {
+            let start = Instant::now();
+            for _ in 0..4 {
+                rows_by_weights_bf16(r, 0..m, (n, &w), &mut out);
+                std::hint::black_box(&mut out);
+            }
+            *b = (*b).min(start.elapsed() / 4);
+        }
+    }
+    best
+}
+
+/// Rows of `x`, prepared once per product in the form a kernel reads.
+pub struct Bf16Rows {
+    kernel: Bf16Kernel,
+    m: usize,
+    k: usize,
+    data: RowData,
+}
+
+enum RowData {
+    /// Rounded to nearest even, `k` apart.
+    Bf16(Vec<bf16>),
+    /// Split steps (`widen::split_row`), `widen::split_len(k)` apart.
+    #[cfg(target_arch = "x86_64")]
+    Split(Vec<f32>),
+}
+
+impl Bf16Rows {
+    /// `x` (`[x.len() / k, k]`, row-major) for `kernel`, which this CPU must have (the
+    /// kernels' safety rests on this check); rows prepared in parallel.
+    pub fn prepare(kernel: Bf16Kernel, x: &[f32], k: usize) -> Self {
+        assert!(
+            kernel == Bf16Kernel::Plain || Bf16Kernel::available().contains(&kernel),
+            "Bf16Rows: this CPU cannot run the {kernel:?} kernel"
+        );
+        assert!(
+            k > 0 && x.len().is_multiple_of(k),
+            "Bf16Rows: {} values in rows of {k}",
+            x.len()
+        );
+        let m = x.len() / k;
+        let data = match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Bf16Kernel::Widen => {
+                let kp = widen::split_len(k);
+                let mut dst = vec![0f32; m * kp];
+                dst.par_chunks_mut(kp)
+                    .zip(x.par_chunks(k))
+                    .with_min_len(8)
+                    // SAFETY: AVX-512 F is present (checked above) and each chunk is
+                    // `split_len(k)` long.
+                    .for_each(|(d, s)| unsafe { widen::split_row(s, d) });
+                RowData::Split(dst)
+            }
+            _ => {
+                let mut dst = vec![bf16::ZERO; m * k];
+                dst.par_chunks_mut(k)
+                    .zip(x.par_chunks(k))
+                    .with_min_len(8)
+                    .for_each(|(d, s)| round_to_bf16(kernel, s, d));
+                RowData::Bf16(dst)
+            }
+        };
+        Self { kernel, m, k, data }
+    }
+
+    /// How many rows.
+    pub fn len(&self) -> usize {
+        self.m
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.m == 0
+    }
+}
+
+/// `dst[i] = bf16(src[i])`, rounded to nearest even (as `vcvtne2ps2bf16` does; subnormal inputs
+/// there become zero, which no activation of a model at work is).
+fn round_to_bf16(kernel: Bf16Kernel, src: &[f32], dst: &mut [bf16]) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Bf16Kernel::Dot {
+        // SAFETY: `Bf16Rows::prepare`, the only caller, checked that this CPU has `Dot`; the
+        // lengths are equal (rows of `k`).
+        unsafe { dot::round(src, dst) };
+        return;
+    }
+    let _ = kernel;
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = bf16::from_f32(*s);
+    }
+}
+
+/// `out[i * n + j] = x[rows.start + i] . w[j]` for `w` `[n, k]` (row-major), summed in f32:
+/// `gemm::rows_by_weights` for bf16 weights, at any number of rows (callers keep a call's rows
+/// few enough for L2: they are read once per block of weight rows).
+pub fn rows_by_weights_bf16(
+    x: &Bf16Rows,
+    rows: Range<usize>,
+    (n, w): (usize, &[bf16]),
+    out: &mut [f32],
+) {
+    let (k, m) = (x.k, rows.len());
+    assert!(
+        rows.end <= x.m && w.len() >= n * k && out.len() >= m * n,
+        "rows_by_weights_bf16: sizes"
+    );
+    match (&x.data, x.kernel) {
+        #[cfg(target_arch = "x86_64")]
+        (RowData::Bf16(xb), Bf16Kernel::Dot) => {
+            // SAFETY: `prepare` checked that this CPU has `Dot`; the assert above bounds every
+            // access.
+            unsafe { dot::rows_by_weights(m, k, n, &xb[rows.start * k..], w, out) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        (RowData::Split(xs), _) => {
+            let kp = widen::split_len(k);
+            // SAFETY: `prepare` made split rows only after checking that this CPU has `Widen`;
+            // the assert above bounds every access (split rows are `kp` long).
+            unsafe { widen::rows_by_weights((m, n, k), &xs[rows.start * kp..], w, out) };
+        }
+        (RowData::Bf16(xb), _) => {
+            for (i, r) in rows.enumerate() {
+                for j in 0..n {
+                    out[i * n + j] = xb[r * k..][..k]
+                        .iter()
+                        .zip(&w[j * k..][..k])
+                        .map(|(a, b)| a.to_f32() * b.to_f32())
+                        .sum();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::Rng64;
+
+    fn to_bf16(v: &[f32]) -> Vec<bf16> {
+        v.iter().map(|x| bf16::from_f32(*x)).collect()
+    }
+
+    /// Every kernel this CPU has, and the plain loops.
+    fn kernels() -> Vec<Bf16Kernel> {
+        let mut all = Bf16Kernel::available();
+        all.push(Bf16Kernel::Plain);
+        all
+    }
+
+    #[test]
+    fn rounding_matches_half() {
+        let src = Rng64::new(5).uniform_f32(101, 3.0);
+        for kernel in [Bf16Kernel::Dot, Bf16Kernel::Plain] {
+            if !kernels().contains(&kernel) {
+                continue;
+            }
+            let mut got = vec![bf16::NAN; src.len()];
+            round_to_bf16(kernel, &src, &mut got);
+            assert_eq!(got, to_bf16(&src), "{kernel:?}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn split_rows_put_even_values_before_odd_and_pad_with_zeros() {
+        if !Bf16Kernel::available().contains(&Bf16Kernel::Widen) {
+            return;
+        }
+        for k in [1, 31, 32, 33, 95] {
+            let src: Vec<f32> = (1..=k).map(|v| v as f32).collect();
+            let mut got = vec![f32::NAN; widen::split_len(k)];
+            // SAFETY: AVX-512 F is present (`Widen` is available); `got` is split_len(k) long.
+            unsafe { widen::split_row(&src, &mut got) };
+            let want: Vec<f32> = (0..got.len())
+                .map(|i| {
+                    let (step, t) = (i / 32, i % 32);
+                    let at = step * 32 + if t < 16 { 2 * t } else { 2 * (t - 16) + 1 };
+                    src.get(at).copied().unwrap_or(0.0)
+                })
+                .collect();
+            assert_eq!(got, want, "k = {k}");
+        }
+    }
+
+    /// Each kernel against f64 sums over the rows as it reads them (rounded to bf16 by `Dot`
+    /// and the plain loops, f32 by `Widen`), from rows other than the first, into outputs
+    /// poisoned with NaN.
+    #[test]
+    fn products_match_plain_dots() {
+        let mut rng = Rng64::new(9);
+        for (m, k, n) in [
+            (1, 64, 9),
+            (2, 576, 4),
+            (3, 13, 7),
+            (4, 32, 8),
+            (8, 576, 33),
+            (5, 1, 2),
+            (7, 40, 1),
+            (6, 200, 8),
+            (13, 1536, 23),
+            (33, 95, 17),
+            // Several weight panels of the widening kernel, the last one ragged.
+            (3, 1536, 100),
+            (9, 4000, 40),
+        ] {
+            let skip = 2;
+            let x = rng.uniform_f32((m + skip) * k, 1.0);
+            let w = to_bf16(&rng.uniform_f32(n * k, 1.0));
+            for kernel in kernels() {
+                let rows = Bf16Rows::prepare(kernel, &x, k);
+                assert_eq!(rows.len(), m + skip);
+                let mut got = vec![f32::NAN; m * n];
+                rows_by_weights_bf16(&rows, skip..skip + m, (n, &w), &mut got);
+                for r in 0..m {
+                    for j in 0..n {
+                        let xr = &x[(skip + r) * k..][..k];
+                        let want: f64 = (0..k)
+                            .map(|t| {
+                                let a = match kernel {
+                                    Bf16Kernel::Widen => xr[t] as f64,
+                                    _ => bf16::from_f32(xr[t]).to_f64(),
+                                };
+                                a * w[j * k + t].to_f64()
+                            })
+                            .sum();
+                        let g = got[r * n + j] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                            "{kernel:?} {m}x{k}x{n} [{r},{j}]: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_chosen_kernel_is_one_this_cpu_has() {
+        let chosen = Bf16Kernel::chosen();
+        let available = Bf16Kernel::available();
+        if available.is_empty() {
+            assert_eq!(chosen, Bf16Kernel::Plain);
+        } else {
+            assert!(available.contains(&chosen), "{chosen:?} of {available:?}");
+        }
+        assert!(Bf16Kernel::describe().starts_with("bf16 products: "));
+    }
+}
