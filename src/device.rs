@@ -124,6 +124,14 @@ pub fn cpu_has_avx2_fma() -> bool {
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
+/// Whether this CPU has AVX-512 F and BW (checked once), which the 512-bit product kernels need.
+#[cfg(target_arch = "x86_64")]
+pub fn cpu_has_avx512_bw() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
-//! The AVX2/FMA kernel of `rows_by_weights`, and what the bf16 kernels share with it: the walk
-//! over output tiles with its L2 prefetch of the next weight block, and a sum of four vectors.
+//! The AVX2/FMA kernel of `rows_by_weights` (CPUs without AVX-512), and what the 512-bit kernels
+//! share with it: the walk over output tiles with its L2 prefetch of the next weight block, and a
+//! sum of four vectors.
 
 use std::arch::x86_64::*;
 

@@ -40,7 +40,7 @@ impl Bf16Kernel {
     pub fn available() -> Vec<Self> {
         let mut kernels = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+        if crate::device::cpu_has_avx512_bw() {
             if is_x86_feature_detected!("avx512bf16") {
                 kernels.push(Self::Dot);
             }
