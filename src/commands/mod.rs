@@ -161,6 +161,9 @@ impl Setup {
                 "name": args.model,
                 "load_format": self.info.load_format.name(),
                 "dtype": dtype_name(self.dtype),
+                // Which kernel this CPU's bf16 products ran (it is chosen by measurement).
+                "cpu_bf16_products": (self.device.is_cpu() && self.dtype == DType::BF16)
+                    .then(crate::gemm::bf16::Bf16Kernel::describe),
                 "parameters": self.info.config.num_parameters(),
                 "weight_bytes": model.weight_bytes(),
                 "tokenizer": self.info.tokenizer.as_ref().map(|t| t.source.clone()),

@@ -79,9 +79,11 @@ impl Weight for f32 {
             if mask == u32::MAX {
                 [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))]
             } else {
+                // The second half may start past the weights' end (`wrapping_add`: no
+                // pointer arithmetic past an allocation), where its mask loads nothing.
                 [
                     _mm512_maskz_loadu_ps(Self::row_mask(mask, 0), p),
-                    _mm512_maskz_loadu_ps(Self::row_mask(mask, 1), p.add(16)),
+                    _mm512_maskz_loadu_ps(Self::row_mask(mask, 1), p.wrapping_add(16)),
                 ]
             }
         }
@@ -106,6 +108,11 @@ impl Weight for f32 {
 /// 111-120; 6 x 4 spills, 59).
 const X_ROWS: usize = 8;
 const W_ROWS: usize = 3;
+
+/// The bytes of one group of f32 rows of `k` values, which should stay in L1 through a panel.
+pub(super) fn group_bytes(k: usize) -> usize {
+    X_ROWS * k * size_of::<f32>()
+}
 
 /// Weight rows per panel of the walk: about 128 KiB of weights (in L2), so that a group of rows
 /// stays in L1 while it goes through the panel.
@@ -194,7 +201,8 @@ unsafe fn tile<W: Weight, const MR: usize, const NR: usize>(
                 }
                 let row_mask = W::row_mask(mask, half);
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let at = xp.add(i * stride + kk + half * 16);
+                    // Past the end of the rows in a last partial step only, and then masked.
+                    let at = xp.wrapping_add(i * stride + kk + half * 16);
                     let xv = if row_mask == u16::MAX {
                         _mm512_loadu_ps(at)
                     } else {

@@ -85,6 +85,22 @@ pub fn rows_by_weights((m, n, k): (usize, usize, usize), x: &[f32], w: &[f32], o
     }
 }
 
+/// Whether `rows_by_weights` beats the `gemm` crate at many rows (a prefill, in row blocks) for
+/// rows of `k` values: with AVX-512, when a group of its rows fits in 32 KiB of L1. Measured on
+/// the Intel Xeon of 2026-12-04 (48 KiB L1), 32 x 512 prefill in f32: qkv, o and gate/up (`k` =
+/// 576) faster, down (`k` = 1536, 48 KiB a group) 6-9% slower (docs/cpu-performance.md).
+pub fn rows_by_weights_suits_many_rows(k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::device::cpu_has_avx512_bw() && avx512::group_bytes(k) <= 32 * 1024
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = k;
+        false
+    }
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }

@@ -21,17 +21,22 @@ use crate::gemm::rows_by_weights;
 /// candle's GEMM was faster (279-288 against 314-318 ms).
 pub const SPLIT_MAX_ROWS: usize = 64;
 
-/// Rows of one task when a product with bf16 weights is split over rows (beyond this many rows;
-/// fewer are split over the output features): a task's bf16 inputs (64 x 1536 x 2 bytes = 192
-/// KiB for SmolLM2's down projection) stay in L2 while all the weight rows pass through L1.
-const BF16_ROW_BLOCK: usize = 64;
+/// Rows of one task when one of our products is split over rows (beyond this many rows; fewer
+/// are split over the output features): a task's inputs (64 x 1536 x 2 bytes = 192 KiB of bf16
+/// rows for SmolLM2's down projection, 64 x 576 x 4 = 144 KiB of f32 ones for gate/up) stay in
+/// L2 while all the weight rows pass through L1.
+const ROW_BLOCK: usize = 64;
 
 /// `x W^T` for `x` `[rows, in]` and `W` `[out, in]`; on the CPU, `W` may be bf16 under an f32 `x`
-/// (`--dtype bf16` there keeps activations in f32).
+/// (`--dtype bf16` there keeps activations in f32). On the CPU, f32 products of many rows run
+/// candle's GEMM unless ours suits them (`gemm::rows_by_weights_suits_many_rows`).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         match w.dtype() {
-            DType::F32 if x.dim(0)? <= SPLIT_MAX_ROWS => {
+            DType::F32
+                if x.dim(0)? <= SPLIT_MAX_ROWS
+                    || crate::gemm::rows_by_weights_suits_many_rows(x.dim(1)?) =>
+            {
                 return Ok(x.apply_op2_no_bwd(w, &SplitMatmul)?);
             }
             DType::BF16 => return Ok(x.apply_op2_no_bwd(w, &Bf16Matmul)?),
@@ -99,6 +104,8 @@ fn by_output_features(
     out
 }
 
+/// f32 rows times f32 weights by `rows_by_weights`: over the output features for few rows, over
+/// blocks of rows for many (a prefill, where `gemm::rows_by_weights_suits_many_rows`).
 struct SplitMatmul;
 
 impl CustomOp2 for SplitMatmul {
@@ -118,9 +125,18 @@ impl CustomOp2 for SplitMatmul {
         };
         let Operands { x, w, mnk } = operands("split_matmul", (x, xl), (w, wl))?;
         let (m, n, k) = mnk;
-        let out = by_output_features(m, n, |a, len, part| {
-            rows_by_weights((m, len, k), x, &w[a * k..], part)
-        });
+        let out = if m <= SPLIT_MAX_ROWS {
+            by_output_features(m, n, |a, len, part| {
+                rows_by_weights((m, len, k), x, &w[a * k..], part)
+            })
+        } else {
+            let block = row_block(m, rayon::current_num_threads());
+            let mut out = vec![0f32; m * n];
+            out.par_chunks_mut(block * n)
+                .zip(x.par_chunks(block * k))
+                .for_each(|(o, xr)| rows_by_weights((o.len() / n, n, k), xr, w, o));
+            out
+        };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
@@ -148,7 +164,7 @@ impl CustomOp2 for Bf16Matmul {
         let Operands { x, w, mnk } = operands("bf16_matmul", (x, xl), (w, wl))?;
         let (m, n, k) = mnk;
         let xb = Bf16Rows::prepare(Bf16Kernel::chosen(), x, k);
-        let out = if m <= BF16_ROW_BLOCK {
+        let out = if m <= ROW_BLOCK {
             by_output_features(m, n, |a, len, part| {
                 rows_by_weights_bf16(&xb, 0..m, (len, &w[a * k..]), part)
             })
@@ -167,11 +183,11 @@ impl CustomOp2 for Bf16Matmul {
     }
 }
 
-/// Rows per task for `m` rows over `threads`: at most [`BF16_ROW_BLOCK`], in a number of
+/// Rows per task for `m` rows over `threads`: at most [`ROW_BLOCK`], in a number of
 /// blocks that the threads share evenly.
 fn row_block(m: usize, threads: usize) -> usize {
     let threads = threads.max(1);
-    let blocks = m.div_ceil(BF16_ROW_BLOCK).div_ceil(threads) * threads;
+    let blocks = m.div_ceil(ROW_BLOCK).div_ceil(threads) * threads;
     m.div_ceil(blocks).max(1)
 }
 
