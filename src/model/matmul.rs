@@ -1,6 +1,8 @@
 //! `x W^T`, the projections of every layer: candle's matmul, except on the CPU, where products
 //! of few f32 rows and every product with bf16 weights run our kernels (`gemm`).
 
+use std::ops::Range;
+
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -104,6 +106,17 @@ fn by_output_features(
     out
 }
 
+/// An `[m, n]` product split over blocks of rows (see [`row_block`]), each computed by
+/// `part(rows, out)` straight into its rows of the output.
+fn by_row_blocks(m: usize, n: usize, part: impl Fn(Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
+    let block = row_block(m, rayon::current_num_threads());
+    let mut out = vec![0f32; m * n];
+    out.par_chunks_mut(block * n)
+        .enumerate()
+        .for_each(|(b, o)| part(b * block..b * block + o.len() / n, o));
+    out
+}
+
 /// f32 rows times f32 weights by `rows_by_weights`: over the output features for few rows, over
 /// blocks of rows for many (a prefill, where `gemm::rows_by_weights_suits_many_rows`).
 struct SplitMatmul;
@@ -130,12 +143,9 @@ impl CustomOp2 for SplitMatmul {
                 rows_by_weights((m, len, k), x, &w[a * k..], part)
             })
         } else {
-            let block = row_block(m, rayon::current_num_threads());
-            let mut out = vec![0f32; m * n];
-            out.par_chunks_mut(block * n)
-                .zip(x.par_chunks(block * k))
-                .for_each(|(o, xr)| rows_by_weights((o.len() / n, n, k), xr, w, o));
-            out
+            by_row_blocks(m, n, |rows, part| {
+                rows_by_weights((rows.len(), n, k), &x[rows.start * k..], w, part)
+            })
         };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
@@ -169,15 +179,9 @@ impl CustomOp2 for Bf16Matmul {
                 rows_by_weights_bf16(&xb, 0..m, (len, &w[a * k..]), part)
             })
         } else {
-            let block = row_block(m, rayon::current_num_threads());
-            let mut out = vec![0f32; m * n];
-            out.par_chunks_mut(block * n)
-                .enumerate()
-                .for_each(|(b, o)| {
-                    let first = b * block;
-                    rows_by_weights_bf16(&xb, first..first + o.len() / n, (n, w), o)
-                });
-            out
+            by_row_blocks(m, n, |rows, part| {
+                rows_by_weights_bf16(&xb, rows, (n, w), part)
+            })
         };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }

@@ -38,15 +38,28 @@ pub enum Bf16Kernel {
 impl Bf16Kernel {
     /// The fast kernels this CPU can run (none without AVX-512).
     pub fn available() -> Vec<Self> {
-        let mut kernels = Vec::new();
+        [Self::Dot, Self::Widen]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect()
+    }
+
+    /// Whether this CPU has what the kernel needs (cached feature checks; no allocation, as it
+    /// guards every product).
+    pub fn runs_here(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if crate::device::cpu_has_avx512_bw() {
-            if is_x86_feature_detected!("avx512bf16") {
-                kernels.push(Self::Dot);
+        {
+            let avx512 = crate::device::cpu_has_avx512_bw();
+            match self {
+                Self::Dot => avx512 && is_x86_feature_detected!("avx512bf16"),
+                Self::Widen => avx512,
+                Self::Plain => true,
             }
-            kernels.push(Self::Widen);
         }
-        kernels
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Self::Plain
+        }
     }
 
     /// The kernel every product of this process uses: the faster one on a start-up measurement
@@ -154,7 +167,7 @@ impl Bf16Rows {
     /// kernels' safety rests on this check); rows prepared in parallel.
     pub fn prepare(kernel: Bf16Kernel, x: &[f32], k: usize) -> Self {
         assert!(
-            kernel == Bf16Kernel::Plain || Bf16Kernel::available().contains(&kernel),
+            kernel.runs_here(),
             "Bf16Rows: this CPU cannot run the {kernel:?} kernel"
         );
         assert!(
