@@ -18,6 +18,11 @@ use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use offline_bench::attention::{BatchLayout, KvCacheSpec, PagedAttention, PagedKvCache, SeqShape};
 
+/// The binary's allocator, so that buffers are aligned as in a run (`heap`).
+#[global_allocator]
+static ALLOCATOR: offline_bench::heap::ActivationCache =
+    offline_bench::heap::ActivationCache::new();
+
 const HEADS: usize = 9;
 const KV_HEADS: usize = 3;
 const HEAD_DIM: usize = 64;

@@ -12,6 +12,11 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use half::bf16;
 use offline_bench::gemm::bf16::{Bf16Kernel, Bf16Rows, rows_by_weights_bf16};
 
+/// The binary's allocator, so that buffers are aligned as in a run (`heap`).
+#[global_allocator]
+static ALLOCATOR: offline_bench::heap::ActivationCache =
+    offline_bench::heap::ActivationCache::new();
+
 fn matmul(c: &mut Criterion) {
     let (n, k) = (3072, 576);
     let w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).expect("weights");

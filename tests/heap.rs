@@ -1,7 +1,7 @@
 //! `heap::ActivationCache` as the process's allocator, as `main` installs it. A test without the
 //! harness, in a process of its own, since what the cache holds is the process's.
 
-use offline_bench::heap::{ActivationCache, MAX_HELD, MIN_CACHED};
+use offline_bench::heap::{ActivationCache, MAX_HELD, MIN_CACHED, MIN_LINE_ALIGNED};
 
 #[global_allocator]
 static CACHE: ActivationCache = ActivationCache::new();
@@ -63,6 +63,39 @@ fn main() {
         "a buffer under MIN_CACHED was kept"
     );
 
+    // Buffers from MIN_LINE_ALIGNED up start on a cache line, cached or not, fresh or reused.
+    for size in [
+        MIN_LINE_ALIGNED,
+        100_000,
+        MIN_CACHED - 4,
+        MIN_CACHED,
+        size,
+        size + 12,
+    ] {
+        let buffers: Vec<Vec<f32>> = (0..3).map(|_| vec![0f32; size / 4]).collect();
+        for b in &buffers {
+            assert_eq!(
+                b.as_ptr() as usize % 64,
+                0,
+                "a buffer of {size} bytes is not line-aligned"
+            );
+        }
+    }
+
+    // Growing from the system's small buffers through line-aligned ones to cached ones keeps
+    // the contents.
+    let mut grown: Vec<u32> = Vec::new();
+    for i in 0..(2 * MIN_CACHED / 4) as u32 {
+        grown.push(i);
+    }
+    assert!(grown.iter().enumerate().all(|(i, &v)| v == i as u32));
+    for len in [MIN_LINE_ALIGNED, MIN_LINE_ALIGNED / 8] {
+        grown.truncate(len);
+        grown.shrink_to_fit();
+        assert!(grown.iter().enumerate().all(|(i, &v)| v == i as u32));
+    }
+    drop(grown);
+
     // Growing across classes keeps the contents.
     let mut grown: Vec<u32> = (0..(MIN_CACHED / 4) as u32).collect();
     grown.extend(0..(MIN_CACHED / 4) as u32);
@@ -95,7 +128,7 @@ fn main() {
         CACHE.held_bytes()
     );
     assert!(CACHE.held_bytes() > 0);
-    println!("heap: large buffers are recycled, zeroed when asked, within the cap");
+    println!("heap: large buffers are line-aligned, recycled, zeroed when asked, within the cap");
 }
 
 /// The process's resident memory (Linux's `/proc/self/statm`, in pages of 4 KiB).

@@ -105,7 +105,8 @@ impl Weight for f32 {
 /// and 3 weight loads and 6 widening instructions (bf16) or 6 weight loads (f32). Loads bound it
 /// on the Xeon we measured (about two cycles per 64-byte load); of the tiles that do not spill,
 /// 8 x 3 has the fewest loads per FMA (bf16, one core: 121-128 GFLOP/s, 5 x 4 96-125, 4 x 4
-/// 111-120; 6 x 4 spills, 59).
+/// 111-120; 6 x 4 spills, 59). Loads that straddle two cache lines cost more again: the
+/// binary's allocator starts large buffers on a line (`heap`).
 const X_ROWS: usize = 8;
 const W_ROWS: usize = 3;
 

@@ -8,9 +8,18 @@
 //! shared by all threads being the cost (docs/cpu-performance.md). So only large buffers are
 //! kept here, where they are few (a handful per layer per step) and one short lock is cheap;
 //! the rest goes straight to the system allocator, per-thread arenas and all.
+//!
+//! Buffers from `MIN_LINE_ALIGNED` up (weights, activations, the KV cache) start on a cache
+//! line. glibc's own alignment is 16 bytes, and its mapped chunks start 16 bytes into a page,
+//! so every 64-byte load of the 512-bit kernels straddled two lines: 8-15% slower f32 decode
+//! products in a scratch program, a 32-sequence decode step about 7% (docs/cpu-performance.md).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Mutex;
+
+use line::{LINE, line_alloc, line_dealloc, line_realloc};
+
+mod line;
 
 /// Buffers from this size up are kept when freed: above what glibc keeps in its heap once its
 /// mmap threshold has adapted (up to 32 MiB), and few enough per step to share one lock.
@@ -20,10 +29,9 @@ pub const MIN_CACHED: usize = 4 << 20;
 /// not pile up. Measured on SmolLM2 (docs/cpu-performance.md): 512 MiB kept the prefill's gain
 /// of 1 GiB with about half its extra resident memory (default run +0.3 GB against +0.6).
 pub const MAX_HELD: usize = 512 << 20;
-/// Alignment of every cached buffer, so that any request up to it can reuse any of them: the
-/// system allocator's own, since over it `System.alloc_zeroed` writes the zeros itself, where
-/// `calloc` leaves fresh pages untouched.
-const ALIGN: usize = 16;
+/// Buffers from this size up start on a cache line: the rows of a decode step of two sequences
+/// and more (SmolLM2: 2.3 KB a row), at a cost of at most 1/64 of slack.
+pub const MIN_LINE_ALIGNED: usize = 4 << 10;
 /// Freed buffers held at once.
 const SLOTS: usize = 64;
 
@@ -36,7 +44,7 @@ pub struct ActivationCache {
 /// A freed buffer held for reuse.
 #[derive(Clone, Copy)]
 struct Slot {
-    /// The layout it was allocated with (`class_of`).
+    /// Its size class (`route`), the size it was allocated with.
     class: Layout,
     ptr: usize,
     /// When it was freed, in frees of large buffers.
@@ -66,9 +74,9 @@ impl Held {
                 return;
             };
             if let Some(slot) = oldest.take() {
-                // SAFETY: a held buffer came from `System` with this layout. The system
-                // allocator does not call back into this one.
-                unsafe { System.dealloc(slot.ptr as *mut u8, slot.class) };
+                // SAFETY: a held buffer came from `line_alloc` with its class's size. The
+                // system allocator does not call back into this one.
+                unsafe { line_dealloc(slot.ptr as *mut u8, slot.class.size()) };
             }
         }
     }
@@ -121,12 +129,12 @@ impl ActivationCache {
                 return;
             }
         }
-        // SAFETY: the buffer came from `System` with this layout (see `alloc_cached`).
-        unsafe { System.dealloc(ptr, class) };
+        // SAFETY: the buffer came from `line_alloc` with this size (see `alloc_cached`).
+        unsafe { line_dealloc(ptr, class.size()) };
     }
 
     /// # Safety
-    /// As `GlobalAlloc::alloc`, for a layout from `class_of`.
+    /// As `GlobalAlloc::alloc`, for a class from `route`.
     unsafe fn alloc_cached(&self, class: Layout, zeroed: bool) -> *mut u8 {
         if let Some(ptr) = self.take(class) {
             if zeroed {
@@ -135,15 +143,8 @@ impl ActivationCache {
             }
             return ptr;
         }
-        // SAFETY: `class` has a non-zero size. A fresh zeroed buffer comes from the system
-        // lazily zeroed (no page touched): the CPU's KV cache of gigabytes relies on it.
-        unsafe {
-            if zeroed {
-                System.alloc_zeroed(class)
-            } else {
-                System.alloc(class)
-            }
-        }
+        // SAFETY: `class` has a non-zero size.
+        unsafe { line_alloc(class.size(), zeroed) }
     }
 }
 
@@ -153,44 +154,63 @@ impl Default for ActivationCache {
     }
 }
 
-/// The layout a cached request is served with (its size class: the size rounded up by at most
-/// 1/8, and `ALIGN`), or `None` for a request the system serves directly.
-fn class_of(layout: &Layout) -> Option<Layout> {
-    if layout.size() < MIN_CACHED || layout.align() > ALIGN {
-        return None;
+/// How a request is served.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Route {
+    /// By the system allocator, as asked.
+    System,
+    /// By `line_alloc`, with the request's size.
+    Line,
+    /// From the cache: a buffer of this size class (the size rounded up by at most 1/8, and
+    /// `LINE`).
+    Cached(Layout),
+}
+
+fn route(layout: &Layout) -> Route {
+    if layout.size() < MIN_LINE_ALIGNED || layout.align() > LINE {
+        return Route::System;
+    }
+    if layout.size() < MIN_CACHED {
+        return Route::Line;
     }
     // Steps of 1/8 of the request's power of two.
     let step = 1usize << (usize::BITS - 4 - layout.size().leading_zeros());
-    let size = layout.size().checked_next_multiple_of(step)?;
-    Layout::from_size_align(size, ALIGN).ok()
+    layout
+        .size()
+        .checked_next_multiple_of(step)
+        .and_then(|size| Layout::from_size_align(size, LINE).ok())
+        .map_or(Route::System, Route::Cached)
 }
 
-// SAFETY: requests below `MIN_CACHED` (or over-aligned) are the system allocator's, untouched.
-// A cached request gets a buffer of its class from `System`, at least its size and alignment;
-// it is freed (kept or given back) with the same class, computed again from the layout
-// `dealloc` receives, which is the one it was allocated with.
+// SAFETY: small (or over-aligned) requests are the system allocator's, untouched. A larger
+// request gets a line-aligned buffer of at least its size (its class's, if cached), at least
+// its alignment; it is freed (kept or given back) by the same route, computed again from the
+// layout `dealloc` receives, which is the one it was allocated with.
 unsafe impl GlobalAlloc for ActivationCache {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        match class_of(&layout) {
-            // SAFETY: as the trait's contract.
-            Some(class) => unsafe { self.alloc_cached(class, false) },
-            None => unsafe { System.alloc(layout) },
+        // SAFETY: as the trait's contract (a non-zero size).
+        match route(&layout) {
+            Route::System => unsafe { System.alloc(layout) },
+            Route::Line => unsafe { line_alloc(layout.size(), false) },
+            Route::Cached(class) => unsafe { self.alloc_cached(class, false) },
         }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        match class_of(&layout) {
-            // SAFETY: as the trait's contract.
-            Some(class) => unsafe { self.alloc_cached(class, true) },
-            None => unsafe { System.alloc_zeroed(layout) },
+        // SAFETY: as the trait's contract (a non-zero size).
+        match route(&layout) {
+            Route::System => unsafe { System.alloc_zeroed(layout) },
+            Route::Line => unsafe { line_alloc(layout.size(), true) },
+            Route::Cached(class) => unsafe { self.alloc_cached(class, true) },
         }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        match class_of(&layout) {
-            Some(class) => self.keep(ptr, class),
-            // SAFETY: as the trait's contract.
-            None => unsafe { System.dealloc(ptr, layout) },
+        // SAFETY: as the trait's contract; allocated by the same route.
+        match route(&layout) {
+            Route::System => unsafe { System.dealloc(ptr, layout) },
+            Route::Line => unsafe { line_dealloc(ptr, layout.size()) },
+            Route::Cached(class) => self.keep(ptr, class),
         }
     }
 
@@ -198,10 +218,12 @@ unsafe impl GlobalAlloc for ActivationCache {
         let Ok(new_layout) = Layout::from_size_align(new_size, layout.align()) else {
             return std::ptr::null_mut();
         };
-        match (class_of(&layout), class_of(&new_layout)) {
+        match (route(&layout), route(&new_layout)) {
             // SAFETY: both the system's; as the trait's contract.
-            (None, None) => unsafe { System.realloc(ptr, layout, new_size) },
-            (Some(a), Some(b)) if a == b => ptr,
+            (Route::System, Route::System) => unsafe { System.realloc(ptr, layout, new_size) },
+            (Route::Cached(a), Route::Cached(b)) if a == b => ptr,
+            // SAFETY: allocated by `line_alloc` with this size; as the trait's contract.
+            (Route::Line, Route::Line) => unsafe { line_realloc(ptr, layout.size(), new_size) },
             _ => {
                 // SAFETY: as the trait's contract; the copy is within both buffers.
                 unsafe {
@@ -223,7 +245,10 @@ mod tests {
 
     #[test]
     fn classes_round_up_by_at_most_an_eighth() {
-        let class = |size| class_of(&Layout::from_size_align(size, 8).unwrap()).map(|l| l.size());
+        let class = |size| match route(&Layout::from_size_align(size, 8).unwrap()) {
+            Route::Cached(l) => Some(l.size()),
+            _ => None,
+        };
         assert_eq!(class(MIN_CACHED - 1), None);
         assert_eq!(class(MIN_CACHED), Some(MIN_CACHED));
         assert_eq!(class(MIN_CACHED + 1), Some(MIN_CACHED + MIN_CACHED / 8));
@@ -234,9 +259,13 @@ mod tests {
         }
         let aligned = Layout::from_size_align(MIN_CACHED, 4096).unwrap();
         assert_eq!(
-            class_of(&aligned),
-            None,
+            route(&aligned),
+            Route::System,
             "over-aligned requests are the system's"
         );
+        let small = Layout::from_size_align(MIN_LINE_ALIGNED - 1, 8).unwrap();
+        assert_eq!(route(&small), Route::System);
+        let line = Layout::from_size_align(MIN_LINE_ALIGNED, 64).unwrap();
+        assert_eq!(route(&line), Route::Line);
     }
 }
