@@ -132,6 +132,36 @@ pub fn cpu_has_avx512_bw() -> bool {
     *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
 }
 
+/// Bytes of the first CPU's level-1 data cache (Linux's sysfs, read once), which bounds the rows
+/// the product kernels keep in L1; 32 KiB, the smallest of current x86 server cores, where
+/// sysfs does not say.
+pub fn cpu_l1d_bytes() -> usize {
+    use std::sync::OnceLock;
+    static BYTES: OnceLock<usize> = OnceLock::new();
+    *BYTES.get_or_init(|| {
+        l1d_from_sysfs(std::path::Path::new("/sys/devices/system/cpu/cpu0/cache"))
+            .unwrap_or(32 << 10)
+    })
+}
+
+/// The level-1 data cache's size among a CPU's `cache/index*` entries.
+fn l1d_from_sysfs(cache: &std::path::Path) -> Option<usize> {
+    let read = |dir: &std::path::Path, file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .map(|s| s.trim().to_string())
+            .ok()
+    };
+    std::fs::read_dir(cache).ok()?.flatten().find_map(|entry| {
+        let dir = entry.path();
+        if read(&dir, "level")? != "1" || read(&dir, "type")? != "Data" {
+            return None;
+        }
+        let size = read(&dir, "size")?;
+        let kib: usize = size.strip_suffix('K')?.parse().ok()?;
+        Some(kib << 10)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +208,25 @@ mod tests {
         );
         assert!(parse_kv_dtype("fp8_e5m2", DType::F32, cpu).is_err());
         assert!(parse_kv_dtype("int8", DType::F32, cpu).is_err());
+    }
+
+    #[test]
+    fn l1d_size_is_read_from_the_data_cache_entry() {
+        let root = std::env::temp_dir().join(format!("l1d-{}", std::process::id()));
+        for (index, level, kind, size) in [
+            ("index0", "1", "Instruction", "32K"),
+            ("index1", "1", "Data", "48K"),
+            ("index2", "2", "Unified", "2048K"),
+        ] {
+            let dir = root.join(index);
+            std::fs::create_dir_all(&dir).unwrap();
+            for (file, text) in [("level", level), ("type", kind), ("size", size)] {
+                std::fs::write(dir.join(file), format!("{text}\n")).unwrap();
+            }
+        }
+        assert_eq!(l1d_from_sysfs(&root), Some(48 << 10));
+        assert_eq!(l1d_from_sysfs(&root.join("missing")), None);
+        std::fs::remove_dir_all(&root).unwrap();
+        assert!(cpu_l1d_bytes() >= 16 << 10);
     }
 }

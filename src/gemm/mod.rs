@@ -86,13 +86,16 @@ pub fn rows_by_weights((m, n, k): (usize, usize, usize), x: &[f32], w: &[f32], o
 }
 
 /// Whether `rows_by_weights` beats the `gemm` crate at many rows (a prefill, in row blocks) for
-/// rows of `k` values: with AVX-512, when a group of its rows fits in 32 KiB of L1. Measured on
-/// the Intel Xeon of 2026-12-04 (48 KiB L1), 32 x 512 prefill in f32: qkv, o and gate/up (`k` =
-/// 576) faster, down (`k` = 1536, 48 KiB a group) 6-9% slower (docs/cpu-performance.md).
+/// rows of `k` values: with AVX-512, when a group of its rows fits in the L1 data cache.
+/// Measured on the Intel Xeon of 2026-12-04 (48 KiB L1), 32 x 512 prefill in f32: qkv, o and
+/// gate/up (`k` = 576) faster; down (`k` = 1536, 48 KiB a group) 6-9% slower while buffers were
+/// 16 bytes off a cache line, 26-34% faster once they start on one (`heap`;
+/// docs/cpu-performance.md). Not measured on CPUs with a smaller L1.
 pub fn rows_by_weights_suits_many_rows(k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::device::cpu_has_avx512_bw() && avx512::group_bytes(k) <= 32 * 1024
+        crate::device::cpu_has_avx512_bw()
+            && avx512::group_bytes(k) <= crate::device::cpu_l1d_bytes()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
