@@ -206,11 +206,11 @@ fn agreement(outputs: &[RequestOutput]) -> Vec<usize> {
 }
 
 /// `--dtype bf16` on the CPU rounds the weights to bf16 (and each product's rows too where the
-/// `vdpbf16ps` kernel runs), which moves logits by about a percent: greedy paths may part after
-/// a near-tie, but not early and not often (measured: on the AMD EPYC build machine, 2026-12-03,
-/// rows rounded, 7 of the 8 prompts agree in all 32 tokens, one for 21; on an Intel Xeon,
-/// 2026-12-04, rows in f32, all 8). A wrong kernel or a dropped conversion parts at the first
-/// token.
+/// `vdpbf16ps` or AMX kernel runs), which moves logits by about a percent: greedy paths may
+/// part after a near-tie, but not early and not often (measured: on the AMD EPYC build machine,
+/// 2026-12-03, rows rounded, 7 of the 8 prompts agree in all 32 tokens, one for 21; on an Intel
+/// Xeon, 2026-12-04, rows in f32, all 8; on the same Xeon with the AMX kernel, 2026-12-06, rows
+/// rounded, all 8). A wrong kernel or a dropped conversion parts at the first token.
 #[test]
 fn bf16_weights_keep_greedy_tokens_close() {
     let mut engine = common::engine_over(

@@ -76,15 +76,18 @@ fn operands<'a, T>(
     })
 }
 
-/// An `[m, n]` product split over its output features: chunks of contiguous weight rows,
-/// enough for every thread, each computed by `part(first, len, out)` into its own `[m, len]`
-/// buffer, then placed.
+/// An `[m, n]` product split over its output features: chunks of contiguous weight rows (a
+/// multiple of `whole`, the kernel's block of weight rows), enough for every thread, each
+/// computed by `part(first, len, out)` into its own `[m, len]` buffer, then placed.
 fn by_output_features(
-    m: usize,
-    n: usize,
+    (m, n): (usize, usize),
+    whole: usize,
     part: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let chunk = n.div_ceil(4 * rayon::current_num_threads()).max(16);
+    let chunk = n
+        .div_ceil(4 * rayon::current_num_threads())
+        .max(16)
+        .next_multiple_of(whole);
     let parts: Vec<(usize, Vec<f32>)> = (0..n)
         .step_by(chunk)
         .collect::<Vec<_>>()
@@ -139,7 +142,7 @@ impl CustomOp2 for SplitMatmul {
         let Operands { x, w, mnk } = operands("split_matmul", (x, xl), (w, wl))?;
         let (m, n, k) = mnk;
         let out = if m <= SPLIT_MAX_ROWS {
-            by_output_features(m, n, |a, len, part| {
+            by_output_features((m, n), 1, |a, len, part| {
                 rows_by_weights((m, len, k), x, &w[a * k..], part)
             })
         } else {
@@ -175,7 +178,7 @@ impl CustomOp2 for Bf16Matmul {
         let (m, n, k) = mnk;
         let xb = Bf16Rows::prepare(Bf16Kernel::chosen(), x, k);
         let out = if m <= ROW_BLOCK {
-            by_output_features(m, n, |a, len, part| {
+            by_output_features((m, n), xb.weight_block(), |a, len, part| {
                 rows_by_weights_bf16(&xb, 0..m, (len, &w[a * k..]), part)
             })
         } else {

@@ -1,15 +1,17 @@
-//! Products of f32 rows with bf16 weights on the CPU (`--dtype bf16`), by one of two AVX-512
-//! kernels, both reading half the weight bytes of f32 and summing in f32:
+//! Products of f32 rows with bf16 weights on the CPU (`--dtype bf16`), by one of three kernels,
+//! all reading half the weight bytes of f32 and summing in f32:
 //! - [`dot`]: the rows rounded to bf16 once per call, 32 products of bf16 pairs (exact in f32)
 //!   per `vdpbf16ps`, twice an f32 FMA's 16;
 //! - [`widen`]: the weights widened to f32 in registers and multiplied by f32 FMAs, the rows
-//!   kept in f32.
+//!   kept in f32;
+//! - [`amx`]: the rows rounded to bf16 too, multiplied by the matrix unit of Intel CPUs with
+//!   AMX, 8192 products per `tdpbf16ps`.
 //!
 //! Which is faster depends on the CPU, not on its vendor's feature list: on the AMD EPYC (Zen 4)
 //! build machine one core ran 233 GFLOP/s of `vdpbf16ps` against 117 of f32 FMAs, on an Intel
-//! Xeon with AVX-512 BF16 107 against 214 (docs/cpu-performance.md). So the process times both
-//! once, at its first product ([`Bf16Kernel::chosen`]). Without AVX-512 the same products run
-//! as plain loops (correct, slow).
+//! Xeon with AVX-512 BF16 107 against 214 (docs/cpu-performance.md). So the process times those
+//! it has once, at its first product ([`Bf16Kernel::chosen`]). Without AVX-512 the same products
+//! run as plain loops (correct, slow).
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -18,6 +20,8 @@ use std::time::{Duration, Instant};
 use half::bf16;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod dot;
 #[cfg(target_arch = "x86_64")]
@@ -31,6 +35,9 @@ pub enum Bf16Kernel {
     Dot,
     /// f32 FMAs on weights widened in registers, rows in f32 (AVX-512 F and BW).
     Widen,
+    /// `tdpbf16ps` on rows rounded to bf16 (`Dot`'s features, AMX-TILE and AMX-BF16); products
+    /// whose `k` is not a multiple of 32 run `Dot`.
+    Amx,
     /// Plain loops on rows rounded to bf16 (any CPU).
     Plain,
 }
@@ -38,7 +45,7 @@ pub enum Bf16Kernel {
 impl Bf16Kernel {
     /// The fast kernels this CPU can run (none without AVX-512).
     pub fn available() -> Vec<Self> {
-        [Self::Dot, Self::Widen]
+        [Self::Dot, Self::Widen, Self::Amx]
             .into_iter()
             .filter(|k| k.runs_here())
             .collect()
@@ -50,9 +57,11 @@ impl Bf16Kernel {
         #[cfg(target_arch = "x86_64")]
         {
             let avx512 = crate::device::cpu_has_avx512_bw();
+            let dot = avx512 && is_x86_feature_detected!("avx512bf16");
             match self {
-                Self::Dot => avx512 && is_x86_feature_detected!("avx512bf16"),
+                Self::Dot => dot,
                 Self::Widen => avx512,
+                Self::Amx => dot && amx::usable(),
                 Self::Plain => true,
             }
         }
@@ -62,33 +71,48 @@ impl Bf16Kernel {
         }
     }
 
-    /// The kernel every product of this process uses: the faster one on a start-up measurement
-    /// where there are two, [`Self::Plain`] where there are none.
+    /// The kernel every product of this process uses: the fastest on a start-up measurement
+    /// where there are several, [`Self::Plain`] where there are none.
     pub fn chosen() -> Self {
         chosen().0
     }
 
     /// One line for the user: the kernel and, where there was a choice, what was measured.
     pub fn describe() -> String {
-        let (kernel, timed) = *chosen();
+        let (kernel, timed) = chosen();
         let what = match kernel {
             Self::Dot => "vdpbf16ps on rows rounded to bf16",
             Self::Widen => "f32 FMAs on weights widened in registers",
+            Self::Amx => "AMX tdpbf16ps on rows rounded to bf16",
             Self::Plain => "plain loops (no AVX-512 here; slow: --dtype f32 is faster)",
         };
-        match timed {
-            Some([dot, widen]) => format!(
-                "bf16 products: {what} (one core at start-up: vdpbf16ps {:.0}, widened {:.0} GFLOP/s)",
-                gflops(dot),
-                gflops(widen)
-            ),
-            None => format!("bf16 products: {what}"),
+        if timed.is_empty() {
+            return format!("bf16 products: {what}");
+        }
+        let rates: Vec<String> = timed
+            .iter()
+            .map(|(k, t)| format!("{} {:.0}", k.short_name(), gflops(*t)))
+            .collect();
+        format!(
+            "bf16 products: {what} (one core at start-up, GFLOP/s: {})",
+            rates.join(", ")
+        )
+    }
+
+    /// The kernel's name in the start-up measurement's line.
+    fn short_name(self) -> &'static str {
+        match self {
+            Self::Dot => "vdpbf16ps",
+            Self::Widen => "widened",
+            Self::Amx => "AMX",
+            Self::Plain => "plain",
         }
     }
 }
 
-/// The start-up measurement's product: whole register tiles for both kernels (4 x 4 and 8 x 3),
-/// few enough weights (108 KiB) to stay in L2, so that it times the arithmetic, not memory.
+/// The start-up measurement's product: whole register tiles for the AVX-512 kernels (4 x 4 and
+/// 8 x 3) and whole blocks of weight rows for AMX (32), few enough weights (108 KiB) to stay in
+/// L2, so that it times the arithmetic, not memory.
 const PROBE: (usize, usize, usize) = (24, 96, 576);
 
 fn gflops(t: Duration) -> f64 {
@@ -96,31 +120,29 @@ fn gflops(t: Duration) -> f64 {
     2.0 * (m * n * k) as f64 / t.as_secs_f64() / 1e9
 }
 
-/// The chosen kernel and, where two were timed, the best times of `Dot` and `Widen` on
-/// [`PROBE`].
-fn chosen() -> &'static (Bf16Kernel, Option<[Duration; 2]>) {
-    static CHOSEN: OnceLock<(Bf16Kernel, Option<[Duration; 2]>)> = OnceLock::new();
+/// The chosen kernel and, where several were timed, each one's best time on [`PROBE`].
+fn chosen() -> &'static (Bf16Kernel, Vec<(Bf16Kernel, Duration)>) {
+    static CHOSEN: OnceLock<(Bf16Kernel, Vec<(Bf16Kernel, Duration)>)> = OnceLock::new();
     CHOSEN.get_or_init(|| {
         let kernels = Bf16Kernel::available();
         match kernels.as_slice() {
-            [] => (Bf16Kernel::Plain, None),
-            [one] => (*one, None),
+            [] => (Bf16Kernel::Plain, Vec::new()),
+            [one] => (*one, Vec::new()),
             _ => {
-                let [dot, widen] = time_both();
-                let kernel = if widen < dot {
-                    Bf16Kernel::Widen
-                } else {
-                    Bf16Kernel::Dot
-                };
-                (kernel, Some([dot, widen]))
+                let timed = time_each(&kernels);
+                let fastest = timed
+                    .iter()
+                    .min_by_key(|(_, t)| *t)
+                    .map_or(Bf16Kernel::Plain, |(k, _)| *k);
+                (fastest, timed)
             }
         }
     })
 }
 
-/// The best of several timings of [`PROBE`] by `Dot` and by `Widen`, alternating (about a
-/// millisecond in all).
-fn time_both() -> [Duration; 2] {
+/// The best of several timings of [`PROBE`] by each kernel, alternating (a few milliseconds in
+/// all).
+fn time_each(kernels: &[Bf16Kernel]) -> Vec<(Bf16Kernel, Duration)> {
     let (m, n, k) = PROBE;
     let mut rng = crate::util::Rng64::new(1);
     let x = rng.uniform_f32(m * k, 1.0);
@@ -129,10 +151,12 @@ fn time_both() -> [Duration; 2] {
         .iter()
         .map(|v| bf16::from_f32(*v))
         .collect();
-    let kernels = [Bf16Kernel::Dot, Bf16Kernel::Widen];
-    let rows = kernels.map(|kernel| Bf16Rows::prepare(kernel, &x, k));
+    let rows: Vec<Bf16Rows> = kernels
+        .iter()
+        .map(|kernel| Bf16Rows::prepare(*kernel, &x, k))
+        .collect();
     let mut out = vec![0f32; m * n];
-    let mut best = [Duration::MAX; 2];
+    let mut best = vec![Duration::MAX; kernels.len()];
     for _ in 0..8 {
         for (b, r) in best.iter_mut().zip(&rows) {
             let start = Instant::now();
@@ -143,7 +167,7 @@ fn time_both() -> [Duration; 2] {
             *b = (*b).min(start.elapsed() / 4);
         }
     }
-    best
+    kernels.iter().copied().zip(best).collect()
 }
 
 /// Rows of `x`, prepared once per product in the form a kernel reads.
@@ -160,6 +184,9 @@ enum RowData {
     /// Split steps (`widen::split_row`), `widen::split_len(k)` apart.
     #[cfg(target_arch = "x86_64")]
     Split(Vec<f32>),
+    /// Rounded to bf16 and paired for AMX tiles (`amx::pair_rows`): `k / 2` rows of `stride`.
+    #[cfg(target_arch = "x86_64")]
+    Pairs { pairs: Vec<u32>, stride: usize },
 }
 
 impl Bf16Rows {
@@ -189,6 +216,18 @@ impl Bf16Rows {
                     .for_each(|(d, s)| unsafe { widen::split_row(s, d) });
                 RowData::Split(dst)
             }
+            #[cfg(target_arch = "x86_64")]
+            Bf16Kernel::Amx if k.is_multiple_of(amx::K_STEP) => {
+                let stride = amx::pair_stride(m);
+                let mut pairs = vec![0u32; k / 2 * stride];
+                pairs
+                    .par_chunks_mut(amx::K_STEP / 2 * stride)
+                    .enumerate()
+                    // SAFETY: `Amx` runs here (checked above), so AVX-512 F, BW and BF16 are
+                    // present; `k` is a multiple of 32, each chunk is one step's 16 pair rows.
+                    .for_each(|(step, d)| unsafe { amx::pair_rows(x, k, step, stride, d) });
+                RowData::Pairs { pairs, stride }
+            }
             _ => {
                 let mut dst = vec![bf16::ZERO; m * k];
                 dst.par_chunks_mut(k)
@@ -210,15 +249,25 @@ impl Bf16Rows {
     pub fn is_empty(&self) -> bool {
         self.m == 0
     }
+
+    /// The weight rows the kernel takes at a time: a product split over weight rows runs best
+    /// in multiples of it (AMX pads a partial block of 32 with zero rows).
+    pub fn weight_block(&self) -> usize {
+        match self.data {
+            #[cfg(target_arch = "x86_64")]
+            RowData::Pairs { .. } => amx::W_BLOCK,
+            _ => 1,
+        }
+    }
 }
 
 /// `dst[i] = bf16(src[i])`, rounded to nearest even (as `vcvtne2ps2bf16` does; subnormal inputs
 /// there become zero, which no activation of a model at work is).
 fn round_to_bf16(kernel: Bf16Kernel, src: &[f32], dst: &mut [bf16]) {
     #[cfg(target_arch = "x86_64")]
-    if kernel == Bf16Kernel::Dot {
-        // SAFETY: `Bf16Rows::prepare`, the only caller, checked that this CPU has `Dot`; the
-        // lengths are equal (rows of `k`).
+    if matches!(kernel, Bf16Kernel::Dot | Bf16Kernel::Amx) {
+        // SAFETY: `Bf16Rows::prepare`, the only caller, checked that this CPU has the kernel,
+        // and `Amx` needs what `Dot` does; the lengths are equal (rows of `k`).
         unsafe { dot::round(src, dst) };
         return;
     }
@@ -244,9 +293,9 @@ pub fn rows_by_weights_bf16(
     );
     match (&x.data, x.kernel) {
         #[cfg(target_arch = "x86_64")]
-        (RowData::Bf16(xb), Bf16Kernel::Dot) => {
-            // SAFETY: `prepare` checked that this CPU has `Dot`; the assert above bounds every
-            // access.
+        (RowData::Bf16(xb), Bf16Kernel::Dot | Bf16Kernel::Amx) => {
+            // SAFETY: `prepare` checked that this CPU has `Dot` (or `Amx`, which needs as
+            // much); the assert above bounds every access.
             unsafe { dot::rows_by_weights(m, k, n, &xb[rows.start * k..], w, out) };
         }
         #[cfg(target_arch = "x86_64")]
@@ -255,6 +304,13 @@ pub fn rows_by_weights_bf16(
             // SAFETY: `prepare` made split rows only after checking that this CPU has `Widen`;
             // the assert above bounds every access (split rows are `kp` long).
             unsafe { widen::rows_by_weights((m, n, k), &xs[rows.start * kp..], w, out) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        (RowData::Pairs { pairs, stride }, _) => {
+            // SAFETY: `prepare` paired the rows only after checking that this CPU has `Amx`,
+            // and only for `k` a multiple of 32; the pairs hold `k / 2` rows of
+            // `pair_stride(x.m)`, and the assert above bounds the rows, weights and outputs.
+            unsafe { amx::rows_by_weights((n, k), (pairs, *stride), rows, w, out) };
         }
         (RowData::Bf16(xb), _) => {
             for (i, r) in rows.enumerate() {
@@ -341,6 +397,10 @@ mod tests {
             // Several weight panels of the widening kernel, the last one ragged.
             (3, 1536, 100),
             (9, 4000, 40),
+            // AMX: two tiles of rows then one, the second of a pair partly past the rows, and
+            // weight blocks of 32 with a ragged last one.
+            (40, 64, 70),
+            (20, 128, 32),
         ] {
             let skip = 2;
             let x = rng.uniform_f32((m + skip) * k, 1.0);
