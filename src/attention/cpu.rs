@@ -3,6 +3,8 @@
 //! `write_kv` scatters each token's K and V into its slot. `attend` computes, for every query
 //! token and head, softmax(q·K^T * scale) V over the token's sequence up to its own position.
 //! Queries and outputs are f32; the cache may hold f32, f16 or bf16 (converted as it is read).
+//! With bf16 weights on an AMX CPU, prefill tiles run their two products in bf16 on the matrix
+//! unit (`Geometry::tiled_amx`); the softmax and the sums stay f32.
 //! The cache layout (see `ops::cache_shape`) keeps each block's keys transposed, so the scores
 //! of a query against a block are vector multiply-adds along the block.
 
@@ -15,6 +17,7 @@ use super::BatchLayout;
 use super::fp8::{self, F8E4M3};
 use super::ops::CacheKind;
 use super::simd;
+use crate::gemm::bf16::amx_rows_by_weights;
 use crate::util::contiguous;
 
 /// Element types a KV cache can hold; the math is always f32.
@@ -175,6 +178,10 @@ struct Scratch {
     acc: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
+    /// bf16 K rows and V columns of `tiled_amx`, and its rows in the AMX unit's form.
+    k16: Vec<bf16>,
+    v16: Vec<bf16>,
+    pairs: Vec<u32>,
 }
 
 /// `v` as `n` zeros.
@@ -201,6 +208,9 @@ struct Geometry<'a, T> {
     heads: usize,
     d: usize,
     scale: f32,
+    /// Prefill tiles run `tiled_amx` (asked for, and AMX is what this process's bf16 products
+    /// run on).
+    amx: bool,
 }
 
 impl<T: Elem> Geometry<'_, T> {
@@ -319,15 +329,92 @@ impl<T: Elem> Geometry<'_, T> {
     }
 }
 
-/// Attention of `q` (`[tokens, heads, head_dim]`, f32) over caches of element type `T`.
+impl<T: Elem> Geometry<'_, T> {
+    /// [`Self::tiled`] with both products in bf16 on the AMX unit: per KV head, the sequence's
+    /// keys as bf16 rows (`[n, d]`) and its values as bf16 columns (`[d, n]`), each padded with
+    /// zeros to whole steps of 32 keys, so that `S = Q K^T` and `O = P V` are both rows times
+    /// weight rows (`gemm::bf16::amx_rows_by_weights`); `Q` (scaled) and `P` are rounded to
+    /// bf16 as the unit reads them.
+    fn tiled_amx(
+        &self,
+        t0: usize,
+        keys: &[usize],
+        table: &[u32],
+        out: &mut [f32],
+        scr: &mut Scratch,
+    ) {
+        let (d, heads, bs) = (self.d, self.heads, self.block_size);
+        let group = heads / self.kv_heads;
+        let m = keys.len();
+        let n = keys[m - 1];
+        let np = n.next_multiple_of(32);
+        for g in 0..self.kv_heads {
+            let (kf, vf) = (sized(&mut scr.k, d * bs), sized(&mut scr.v, bs * d));
+            let k16 = bf16_sized(&mut scr.k16, np * d);
+            let v16 = bf16_sized(&mut scr.v16, d * np);
+            // Keys past `n` are zeros (every other value is written below).
+            k16[n * d..].fill(bf16::ZERO);
+            for col in v16.chunks_exact_mut(np) {
+                col[n..].fill(bf16::ZERO);
+            }
+            for (b, &blk) in table.iter().enumerate() {
+                let (kb, vb) = self.block(blk, g);
+                let cnt = bs.min(n - b * bs);
+                T::to_f32_run(kb, kf);
+                T::to_f32_run(vb, vf);
+                // K is stored `[d, block_size]`, V `[block_size, d]`: both transposed here.
+                for j in 0..cnt {
+                    let row = &mut k16[(b * bs + j) * d..][..d];
+                    for (dd, x) in row.iter_mut().enumerate() {
+                        *x = bf16::from_f32(kf[dd * bs + j]);
+                    }
+                }
+                for dd in 0..d {
+                    let col = &mut v16[dd * np + b * bs..][..cnt];
+                    for (j, x) in col.iter_mut().enumerate() {
+                        *x = bf16::from_f32(vf[j * d + dd]);
+                    }
+                }
+            }
+            for h in 0..group {
+                let head = g * group + h;
+                let qf = sized(&mut scr.q, m * d);
+                for i in 0..m {
+                    let src = &self.q[((t0 + i) * heads + head) * d..][..d];
+                    for (dst, x) in qf[i * d..][..d].iter_mut().zip(src) {
+                        *dst = x * self.scale;
+                    }
+                }
+                let s = sized(&mut scr.scores, m * np);
+                amx_rows_by_weights((m, np, d), qf, k16, &mut scr.pairs, s);
+                for (i, &ni) in keys.iter().enumerate() {
+                    softmax_prefix(&mut s[i * np..][..np], ni);
+                }
+                let o = sized(&mut scr.acc, m * d);
+                amx_rows_by_weights((m, d, np), s, v16, &mut scr.pairs, o);
+                for i in 0..m {
+                    out[(i * heads + head) * d..][..d].copy_from_slice(&o[i * d..][..d]);
+                }
+            }
+        }
+    }
+}
+
+/// `v` with `n` bf16 elements of whatever it held (as [`sized`]).
+fn bf16_sized(v: &mut Vec<bf16>, n: usize) -> &mut [bf16] {
+    v.resize(n, bf16::ZERO);
+    &mut v[..n]
+}
+
+/// Attention of `q` (`[tokens, heads, head_dim]`, f32) over caches of element type `T`;
+/// `bf16_prefill` lets prefill tiles run on AMX where the bf16 products do.
 pub fn attend<T: Elem>(
     q: &[f32],
     ql: &Layout,
     (kst, kl): (&CpuStorage, &Layout),
     (vst, vl): (&CpuStorage, &Layout),
     lay: &BatchLayout,
-    heads: usize,
-    scale: f32,
+    (heads, scale, bf16_prefill): (usize, f32, bool),
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let q = contiguous(q, ql, "queries")?;
     let kc = contiguous(kst.as_slice::<T>()?, kl, "K cache")?;
@@ -358,6 +445,9 @@ pub fn attend<T: Elem>(
         heads,
         d,
         scale,
+        amx: bf16_prefill
+            && d.is_multiple_of(32)
+            && crate::gemm::bf16::Bf16Kernel::chosen() == crate::gemm::bf16::Bf16Kernel::Amx,
     };
     // Work items in token order, each owning a contiguous range of output rows.
     let mut items = Vec::new();
@@ -384,7 +474,9 @@ pub fn attend<T: Elem>(
             let keys: Vec<usize> = (t0..t0 + len).map(|t| lay.position(t) + 1).collect();
             let n = keys[len - 1];
             let table = &lay.block_tables[s * lay.max_blocks..][..n.div_ceil(block_size)];
-            if len >= GEMM_MIN_QUERIES {
+            if len >= GEMM_MIN_QUERIES && geo.amx {
+                geo.tiled_amx(t0, &keys, table, chunk, scr);
+            } else if len >= GEMM_MIN_QUERIES {
                 geo.tiled(t0, &keys, table, chunk, scr);
             } else {
                 geo.direct(t0, &keys, table, chunk, scr);

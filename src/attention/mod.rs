@@ -293,6 +293,7 @@ pub struct PagedAttention<'a> {
     meta: StepMeta,
     num_heads: usize,
     scale: f32,
+    bf16_prefill: bool,
 }
 
 impl<'a> PagedAttention<'a> {
@@ -332,7 +333,17 @@ impl<'a> PagedAttention<'a> {
             meta,
             num_heads,
             scale,
+            bf16_prefill: false,
         })
+    }
+
+    /// Lets the CPU's prefill attention run its two products (`Q K^T`, `P V`) in bf16 on the
+    /// AMX unit, where the process's bf16 products run there: for models with bf16 weights
+    /// (`--dtype bf16`), whose projections already round their rows to bf16. Decode attention
+    /// and f32 models are unchanged.
+    pub fn with_bf16_prefill(mut self, on: bool) -> Self {
+        self.bf16_prefill = on;
+        self
     }
 
     pub fn layout(&self) -> &BatchLayout {
@@ -380,6 +391,7 @@ impl<'a> PagedAttention<'a> {
                 &self.meta,
                 self.num_heads,
                 self.scale,
+                self.bf16_prefill,
             )?;
             Ok(out.to_dtype(q.dtype())?)
         })

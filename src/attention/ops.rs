@@ -127,6 +127,9 @@ impl InplaceOp2 for WriteKv {
 
 /// Attention of `q` (`[tokens, heads, head_dim]`) over the paged K/V caches. On the CPU `q`
 /// must be f32 (the output is f32); on CUDA it has the cache's dtype (so has the output).
+/// `bf16_prefill`: on the CPU, prefill tiles may run their two products in bf16 on AMX
+/// (`cpu::attend`).
+#[allow(clippy::too_many_arguments)]
 pub fn attend(
     q: &Tensor,
     k_cache: &Tensor,
@@ -135,6 +138,7 @@ pub fn attend(
     meta: &StepMeta,
     num_heads: usize,
     scale: f32,
+    bf16_prefill: bool,
 ) -> Result<Tensor> {
     Ok(q.apply_op1_no_bwd(&Attend {
         k_cache: k_cache.clone(),
@@ -143,6 +147,7 @@ pub fn attend(
         meta: meta.clone(),
         num_heads,
         scale,
+        bf16_prefill,
     })?)
 }
 
@@ -154,6 +159,7 @@ struct Attend {
     meta: StepMeta,
     num_heads: usize,
     scale: f32,
+    bf16_prefill: bool,
 }
 
 impl CustomOp1 for Attend {
@@ -171,12 +177,12 @@ impl CustomOp1 for Attend {
             candle_core::bail!("attend: the KV cache is not on the CPU");
         };
         let (k, v, lay) = ((kst, kl), (vst, vl), &*self.layout);
-        let (heads, scale) = (self.num_heads, self.scale);
+        let how = (self.num_heads, self.scale, self.bf16_prefill);
         match self.k_cache.dtype() {
-            DType::F32 => cpu::attend::<f32>(q, l, k, v, lay, heads, scale),
-            DType::F16 => cpu::attend::<f16>(q, l, k, v, lay, heads, scale),
-            DType::BF16 => cpu::attend::<bf16>(q, l, k, v, lay, heads, scale),
-            DType::F8E4M3 => cpu::attend::<F8E4M3>(q, l, k, v, lay, heads, scale),
+            DType::F32 => cpu::attend::<f32>(q, l, k, v, lay, how),
+            DType::F16 => cpu::attend::<f16>(q, l, k, v, lay, how),
+            DType::BF16 => cpu::attend::<bf16>(q, l, k, v, lay, how),
+            DType::F8E4M3 => cpu::attend::<F8E4M3>(q, l, k, v, lay, how),
             other => candle_core::bail!("attend: unsupported KV cache dtype {other:?}"),
         }
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::sampler::{SamplingParams, sample};
 use super::scheduler::{Schedule, ScheduledSeq};
@@ -103,7 +103,8 @@ pub fn profile_step(
     let ids = Tensor::from_slice(&inputs.input_ids, count, &dev)?;
     let positions = Tensor::from_slice(&inputs.positions, count, &dev)?;
     let rows = Tensor::from_slice(&inputs.sample_rows, inputs.sample_rows.len(), &dev)?;
-    let attn = PagedAttention::new(&cache, Arc::new(inputs.layout), model.dims().heads)?;
+    let attn = PagedAttention::new(&cache, Arc::new(inputs.layout), model.dims().heads)?
+        .with_bf16_prefill(model.weight_dtype() == DType::BF16);
     let hidden = model.forward(&ids, &positions, &attn)?;
     model.logits(&hidden, &rows)?;
     dev.synchronize()?;
@@ -181,7 +182,8 @@ impl ModelRunner {
         let logits = dev
             .with_context(|| {
                 crate::profile::within(timing, || -> Result<Option<Tensor>> {
-                    let attn = PagedAttention::new(&self.cache, layout, self.model.dims().heads)?;
+                    let attn = PagedAttention::new(&self.cache, layout, self.model.dims().heads)?
+                        .with_bf16_prefill(self.model.weight_dtype() == DType::BF16);
                     let hidden = self.model.forward(&ids, &positions, &attn)?;
                     if rows.dim(0)? == 0 {
                         return Ok(None);

@@ -143,16 +143,18 @@ pub unsafe fn rows_by_weights(
     // Each block's weight rows are within `w` (or the padded copy), and the caller's contract
     // bounds the pair rows and the outputs.
     unsafe {
+        // Every value is stored by `tilestored` before it is read; zeroed once per call.
+        let mut results = Results([0.0; 4 * TILE * TILE]);
         asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
         for j0 in (0..whole).step_by(W_BLOCK) {
-            block.run(w.as_ptr().add(j0 * k), j0, W_BLOCK, out);
+            block.run(w.as_ptr().add(j0 * k), (j0, W_BLOCK), &mut results, out);
         }
         if whole < n {
             // The last weight rows, fewer than a block: a zero-padded copy, so that the
             // tiles never read past `w`.
             let mut padded = vec![bf16::ZERO; W_BLOCK * k];
             padded[..(n - whole) * k].copy_from_slice(&w[whole * k..n * k]);
-            block.run(padded.as_ptr(), whole, n - whole, out);
+            block.run(padded.as_ptr(), (whole, n - whole), &mut results, out);
         }
         asm!("tilerelease", options(nostack, nomem));
     }
@@ -174,10 +176,15 @@ impl Block {
     /// # Safety
     /// As [`rows_by_weights`], with the tiles configured; `wp` points at 32 rows of `k`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn run(&self, wp: *const bf16, j0: usize, valid: usize, out: &mut [f32]) {
+    unsafe fn run(
+        &self,
+        wp: *const bf16,
+        (j0, valid): (usize, usize),
+        results: &mut Results,
+        out: &mut [f32],
+    ) {
         let (k, stride) = (self.k, self.stride);
         let (w_bytes, pair_bytes) = (k * 2, stride * 4);
-        let mut results = Results([0.0; 4 * TILE * TILE]);
         let mut t = self.rows.start;
         // SAFETY: the caller's contract: weight rows `wp .. wp + 32 * k`, pair rows `k / 2`
         // of `stride` with room for a tile from any row before `rows.end`.

@@ -326,6 +326,53 @@ pub fn rows_by_weights_bf16(
     }
 }
 
+/// `out[i * n + j] = x[i] . w[j]` for f32 rows `x` (`[m, k]`) rounded to bf16 and bf16 `w`
+/// (`[n, k]`) on the AMX unit, on the calling thread: for kernels that parallelise over their
+/// own work items (prefill attention under `--dtype bf16`). `pairs` is the caller's reusable
+/// buffer for the rows in the unit's form. Callers check [`Bf16Kernel::Amx`]'s `runs_here`
+/// first; `k` must be a multiple of 32.
+pub fn amx_rows_by_weights(
+    (m, n, k): (usize, usize, usize),
+    x: &[f32],
+    w: &[bf16],
+    pairs: &mut Vec<u32>,
+    out: &mut [f32],
+) {
+    assert!(
+        Bf16Kernel::Amx.runs_here(),
+        "amx_rows_by_weights: this CPU cannot run AMX"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            k.is_multiple_of(amx::K_STEP)
+                && x.len() >= m * k
+                && w.len() >= n * k
+                && out.len() >= m * n,
+            "amx_rows_by_weights: sizes ({m} x {k} by {n} x {k})"
+        );
+        let stride = amx::pair_stride(m);
+        let step_len = amx::K_STEP / 2 * stride;
+        if pairs.len() < k / 2 * stride {
+            pairs.resize(k / 2 * stride, 0);
+        }
+        for (step, d) in pairs
+            .chunks_exact_mut(step_len)
+            .take(k / amx::K_STEP)
+            .enumerate()
+        {
+            // SAFETY: AMX runs here (checked), which implies AVX-512 F, BW and BF16; `k` is a
+            // multiple of 32 and each chunk is one step's 16 pair rows of `stride`.
+            unsafe { amx::pair_rows(&x[..m * k], k, step, stride, d) };
+        }
+        // SAFETY: AMX runs here (checked); the pairs hold `k / 2` rows of `pair_stride(m)`,
+        // and the assert above bounds the weights and outputs.
+        unsafe { amx::rows_by_weights((n, k), (pairs, stride), 0..m, w, out) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (m, n, k, x, w, pairs, out);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,6 +475,35 @@ mod tests {
                             "{kernel:?} {m}x{k}x{n} [{r},{j}]: {g} vs {want}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// The single-threaded entry point against f64 sums of the rounded operands, reusing one
+    /// buffer of pairs across shapes.
+    #[test]
+    fn amx_rows_by_weights_matches_plain_dots() {
+        if !Bf16Kernel::Amx.runs_here() {
+            return;
+        }
+        let mut rng = Rng64::new(21);
+        let mut pairs = Vec::new();
+        for (m, n, k) in [(64, 96, 64), (3, 40, 128), (64, 64, 512), (17, 5, 32)] {
+            let x = rng.uniform_f32(m * k, 1.0);
+            let w = to_bf16(&rng.uniform_f32(n * k, 1.0));
+            let mut got = vec![f32::NAN; m * n];
+            amx_rows_by_weights((m, n, k), &x, &w, &mut pairs, &mut got);
+            for r in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|t| bf16::from_f32(x[r * k + t]).to_f64() * w[j * k + t].to_f64())
+                        .sum();
+                    let g = got[r * n + j] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                        "{m}x{k}x{n} [{r},{j}]: {g} vs {want}"
+                    );
                 }
             }
         }
