@@ -3,6 +3,8 @@
 //! - `paged/bs{8,16,32}`: our kernel over blocks scattered through the cache;
 //! - `contiguous`: the same kernel with one block per sequence (no paging indirection);
 //! - `paged/bs16/fp8`: blocks of 16 over an fp8 (E4M3) cache, half the bytes;
+//! - `paged/bs16/bf16_amx` (prefill, CPUs whose bf16 products run on AMX): the products of
+//!   attention in bf16 on the matrix unit, as `--dtype bf16` runs them;
 //! - `dense_candle`: candle's matmul, softmax, matmul over contiguous f32 K/V (queries grouped
 //!   per KV head, no repetition), the naive unpaged path.
 //!
@@ -17,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use offline_bench::attention::{BatchLayout, KvCacheSpec, PagedAttention, PagedKvCache, SeqShape};
+use offline_bench::gemm::bf16::Bf16Kernel;
 
 /// The binary's allocator, so that buffers are aligned as in a run (`heap`).
 #[global_allocator]
@@ -130,6 +133,20 @@ fn prefill(c: &mut Criterion) {
     let mut g = c.benchmark_group(format!("prefill_attention_{t}"));
     g.sample_size(20);
     bench_block_sizes(&mut g, &seqs, t);
+    if Bf16Kernel::chosen() == Bf16Kernel::Amx {
+        let (q, k, v) = (
+            randn(&[t, HEADS, HEAD_DIM]),
+            randn(&[t, KV_HEADS, HEAD_DIM]),
+            randn(&[t, KV_HEADS, HEAD_DIM]),
+        );
+        let (cache, layout) = paged(&seqs, 16, DType::F16);
+        let attn = PagedAttention::new(&cache, layout, HEADS)
+            .expect("attention")
+            .with_bf16_prefill(true);
+        g.bench_function("paged/bs16/bf16_amx", |b| {
+            b.iter(|| black_box(attn.forward(0, &q, &k, &v).expect("forward")))
+        });
+    }
     let group = HEADS / KV_HEADS;
     let dq = randn(&[KV_HEADS, group, t, HEAD_DIM]);
     let (dk, dv) = (
