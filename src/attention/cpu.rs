@@ -17,7 +17,7 @@ use super::BatchLayout;
 use super::fp8::{self, F8E4M3};
 use super::ops::CacheKind;
 use super::simd;
-use crate::gemm::bf16::amx_rows_by_weights;
+use crate::gemm::bf16::{amx_rows_by_weights, round_for_amx};
 use crate::util::contiguous;
 
 /// Element types a KV cache can hold; the math is always f32.
@@ -182,6 +182,8 @@ struct Scratch {
     k16: Vec<bf16>,
     v16: Vec<bf16>,
     pairs: Vec<u32>,
+    /// One cache block's K then V, rounded to bf16, before `tiled_amx` transposes them.
+    block16: Vec<bf16>,
 }
 
 /// `v` as `n` zeros.
@@ -327,9 +329,7 @@ impl<T: Elem> Geometry<'_, T> {
             }
         }
     }
-}
 
-impl<T: Elem> Geometry<'_, T> {
     /// [`Self::tiled`] with both products in bf16 on the AMX unit: per KV head, the sequence's
     /// keys as bf16 rows (`[n, d]`) and its values as bf16 columns (`[d, n]`), each padded with
     /// zeros to whole steps of 32 keys, so that `S = Q K^T` and `O = P V` are both rows times
@@ -350,6 +350,7 @@ impl<T: Elem> Geometry<'_, T> {
         let np = n.next_multiple_of(32);
         for g in 0..self.kv_heads {
             let (kf, vf) = (sized(&mut scr.k, d * bs), sized(&mut scr.v, bs * d));
+            bf16_sized(&mut scr.block16, 2 * d * bs);
             let k16 = bf16_sized(&mut scr.k16, np * d);
             let v16 = bf16_sized(&mut scr.v16, d * np);
             // Keys past `n` are zeros (every other value is written below).
@@ -357,22 +358,26 @@ impl<T: Elem> Geometry<'_, T> {
             for col in v16.chunks_exact_mut(np) {
                 col[n..].fill(bf16::ZERO);
             }
+            let (kr, vr) = scr.block16.split_at_mut(d * bs);
             for (b, &blk) in table.iter().enumerate() {
                 let (kb, vb) = self.block(blk, g);
                 let cnt = bs.min(n - b * bs);
+                // Whole blocks rounded at once (vector instructions), then moved: K is stored
+                // `[d, block_size]`, V `[block_size, d]`, and both are wanted transposed.
                 T::to_f32_run(kb, kf);
                 T::to_f32_run(vb, vf);
-                // K is stored `[d, block_size]`, V `[block_size, d]`: both transposed here.
+                round_for_amx(kf, kr);
+                round_for_amx(vf, vr);
                 for j in 0..cnt {
                     let row = &mut k16[(b * bs + j) * d..][..d];
                     for (dd, x) in row.iter_mut().enumerate() {
-                        *x = bf16::from_f32(kf[dd * bs + j]);
+                        *x = kr[dd * bs + j];
                     }
                 }
                 for dd in 0..d {
                     let col = &mut v16[dd * np + b * bs..][..cnt];
                     for (j, x) in col.iter_mut().enumerate() {
-                        *x = bf16::from_f32(vf[j * d + dd]);
+                        *x = vr[j * d + dd];
                     }
                 }
             }

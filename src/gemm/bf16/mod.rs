@@ -326,6 +326,19 @@ pub fn rows_by_weights_bf16(
     }
 }
 
+/// `dst[i] = bf16(src[i])`, rounded to nearest even, 32 values per instruction where AMX runs
+/// (whose CPUs have AVX-512 BF16), one by one elsewhere: for callers preparing operands of
+/// [`amx_rows_by_weights`].
+pub fn round_for_amx(src: &[f32], dst: &mut [bf16]) {
+    assert_eq!(src.len(), dst.len(), "round_for_amx: lengths");
+    let kernel = if Bf16Kernel::Amx.runs_here() {
+        Bf16Kernel::Amx
+    } else {
+        Bf16Kernel::Plain
+    };
+    round_to_bf16(kernel, src, dst);
+}
+
 /// `out[i * n + j] = x[i] . w[j]` for f32 rows `x` (`[m, k]`) rounded to bf16 and bf16 `w`
 /// (`[n, k]`) on the AMX unit, on the calling thread: for kernels that parallelise over their
 /// own work items (prefill attention under `--dtype bf16`). `pairs` is the caller's reusable
