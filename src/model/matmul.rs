@@ -1,13 +1,14 @@
 //! `x W^T`, the projections of every layer: candle's matmul, except on the CPU, where products
 //! of few f32 rows and every product with bf16 weights run our kernels (`gemm`).
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::gemm::bf16::{Bf16Kernel, Bf16Rows, rows_by_weights_bf16};
+use crate::gemm::bf16::{Bf16Kernel, Bf16Rows, rows_by_weights_bf16, rows_by_weights_bf16_uninit};
 use crate::gemm::rows_by_weights;
 
 /// Up to this many rows, [`linear`] splits the output features over the threads itself:
@@ -120,6 +121,27 @@ fn by_row_blocks(m: usize, n: usize, part: impl Fn(Range<usize>, &mut [f32]) + S
     out
 }
 
+/// [`by_row_blocks`] without zeroing the output first.
+///
+/// # Safety
+/// `part` must write every element of the block it is given (as `rows_by_weights_bf16_uninit`
+/// does): the result is read as initialised.
+unsafe fn by_row_blocks_uninit(
+    m: usize,
+    n: usize,
+    part: impl Fn(Range<usize>, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let block = row_block(m, rayon::current_num_threads());
+    let mut out = Vec::with_capacity(m * n);
+    out.spare_capacity_mut()[..m * n]
+        .par_chunks_mut(block * n)
+        .enumerate()
+        .for_each(|(b, o)| part(b * block..b * block + o.len() / n, o));
+    // SAFETY: the blocks cover the `m * n` elements, and `part` wrote every one of them.
+    unsafe { out.set_len(m * n) };
+    out
+}
+
 /// f32 rows times f32 weights by `rows_by_weights`: over the output features for few rows, over
 /// blocks of rows for many (a prefill, where `gemm::rows_by_weights_suits_many_rows`).
 struct SplitMatmul;
@@ -182,9 +204,12 @@ impl CustomOp2 for Bf16Matmul {
                 rows_by_weights_bf16(&xb, 0..m, (len, &w[a * k..]), part)
             })
         } else {
-            by_row_blocks(m, n, |rows, part| {
-                rows_by_weights_bf16(&xb, rows, (n, w), part)
-            })
+            // SAFETY: `rows_by_weights_bf16_uninit` writes every output of its rows.
+            unsafe {
+                by_row_blocks_uninit(m, n, |rows, part| {
+                    rows_by_weights_bf16_uninit(&xb, rows, (n, w), part)
+                })
+            }
         };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }

@@ -11,6 +11,7 @@
 
 use std::arch::asm;
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -117,7 +118,8 @@ const CONFIG: TileConfig = TileConfig {
 struct Results([f32; 4 * TILE * TILE]);
 
 /// `out[(r - rows.start) * n + j] = x[r] . w[j]` for `w` `[n, k]` (row-major), `x` as pair
-/// rows (`pairs`, [`pair_rows`]): tiles 0-3 hold results, 4-5 weights, 6-7 x pairs.
+/// rows (`pairs`, [`pair_rows`]): tiles 0-3 hold results, 4-5 weights, 6-7 x pairs. Every
+/// output is written (so `out` need not be initialised), nothing else of `out` is.
 ///
 /// # Safety
 /// [`usable`] and AVX-512 F must hold; `k % 32 == 0`; `pairs` holds `k / 2` pair rows of
@@ -129,7 +131,7 @@ pub unsafe fn rows_by_weights(
     (pairs, stride): (&[u32], usize),
     rows: Range<usize>,
     w: &[bf16],
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     let whole = n / W_BLOCK * W_BLOCK;
     let block = Block {
@@ -181,7 +183,7 @@ impl Block {
         wp: *const bf16,
         (j0, valid): (usize, usize),
         results: &mut Results,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
     ) {
         let (k, stride) = (self.k, self.stride);
         let (w_bytes, pair_bytes) = (k * 2, stride * 4);
@@ -269,7 +271,7 @@ impl Block {
     /// AVX-512 F; `tile` holds 256 values; `j < n`, `t < rows.end`; `out` as in
     /// [`rows_by_weights`].
     #[target_feature(enable = "avx512f")]
-    unsafe fn place(&self, tile: &[f32], j: usize, t: usize, out: &mut [f32]) {
+    unsafe fn place(&self, tile: &[f32], j: usize, t: usize, out: &mut [MaybeUninit<f32>]) {
         // SAFETY: 16 loads of 16 values within `tile`; stores only to rows before `rows.end`
         // and (masked) columns before `n`.
         unsafe {
@@ -280,7 +282,7 @@ impl Block {
             let mask: __mmask16 = if cols == TILE { !0 } else { (1u16 << cols) - 1 };
             for (i, v) in by_row.iter().enumerate().take(self.rows.end - t) {
                 let at = (t + i - self.rows.start) * self.n + j;
-                _mm512_mask_storeu_ps(out.as_mut_ptr().add(at), mask, *v);
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(at).cast::<f32>(), mask, *v);
             }
         }
     }

@@ -13,6 +13,7 @@
 //! it has once, at its first product ([`Bf16Kernel::chosen`]). Without AVX-512 the same products
 //! run as plain loops (correct, slow).
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -310,7 +311,7 @@ pub fn rows_by_weights_bf16(
             // SAFETY: `prepare` paired the rows only after checking that this CPU has `Amx`,
             // and only for `k` a multiple of 32; the pairs hold `k / 2` rows of
             // `pair_stride(x.m)`, and the assert above bounds the rows, weights and outputs.
-            unsafe { amx::rows_by_weights((n, k), (pairs, *stride), rows, w, out) };
+            unsafe { amx::rows_by_weights((n, k), (pairs, *stride), rows, w, as_uninit(out)) };
         }
         (RowData::Bf16(xb), _) => {
             for (i, r) in rows.enumerate() {
@@ -324,6 +325,42 @@ pub fn rows_by_weights_bf16(
             }
         }
     }
+}
+
+/// [`rows_by_weights_bf16`] into outputs not yet written (`out[..rows.len() * n]`, every one
+/// of which it writes): the AMX kernel stores each output once, so its products skip the
+/// zeroing of their output buffer (which, for the activations of a prefill, is a `memset` of
+/// hundreds of MB per layer); the other kernels get zeros first.
+pub fn rows_by_weights_bf16_uninit(
+    x: &Bf16Rows,
+    rows: Range<usize>,
+    (n, w): (usize, &[bf16]),
+    out: &mut [MaybeUninit<f32>],
+) {
+    let (k, m) = (x.k, rows.len());
+    assert!(
+        rows.end <= x.m && w.len() >= n * k && out.len() >= m * n,
+        "rows_by_weights_bf16_uninit: sizes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if let RowData::Pairs { pairs, stride } = &x.data {
+        // SAFETY: as in `rows_by_weights_bf16`; the kernel writes every output of the rows.
+        unsafe { amx::rows_by_weights((n, k), (pairs, *stride), rows, w, out) };
+        return;
+    }
+    let out = &mut out[..m * n];
+    out.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was just initialised; `MaybeUninit<f32>` has `f32`'s layout.
+    let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+    rows_by_weights_bf16(x, rows, (n, w), out);
+}
+
+/// `out` seen as possibly uninitialised, for kernels that only write it.
+#[cfg(target_arch = "x86_64")]
+fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and whatever is written through the
+    // result is an initialised f32, so `out` stays valid.
+    unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }
 
 /// `dst[i] = bf16(src[i])`, rounded to nearest even, 32 values per instruction where AMX runs
@@ -380,7 +417,7 @@ pub fn amx_rows_by_weights(
         }
         // SAFETY: AMX runs here (checked); the pairs hold `k / 2` rows of `pair_stride(m)`,
         // and the assert above bounds the weights and outputs.
-        unsafe { amx::rows_by_weights((n, k), (pairs, stride), 0..m, w, out) };
+        unsafe { amx::rows_by_weights((n, k), (pairs, stride), 0..m, w, as_uninit(out)) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (m, n, k, x, w, pairs, out);
