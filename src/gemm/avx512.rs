@@ -6,6 +6,7 @@
 //! as they are.
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use half::bf16;
 
@@ -126,13 +127,14 @@ fn panel<W>(k: usize) -> usize {
 ///
 /// # Safety
 /// AVX-512 F and BW must be available; `x` holds `(m - 1) * stride` values and a last row (of
-/// `stride` values for split rows, `k` otherwise), `w` `n * k`, `out` `m * n`.
+/// `stride` values for split rows, `k` otherwise), `w` `n * k`, `out` `m * n` (every one of
+/// which is written, so it need not be initialised).
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(super) unsafe fn rows_by_weights<W: Weight>(
     (m, n, k): (usize, usize, usize),
     (x, stride): (&[f32], usize),
     w: &[W],
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     let t = (k, stride, n);
     // SAFETY: the caller's contract bounds every tile's accesses.
@@ -172,7 +174,7 @@ unsafe fn tile<W: Weight, const MR: usize, const NR: usize>(
     (k, stride, n): (usize, usize, usize),
     x: &[f32],
     w: &[W],
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     (r, j): (usize, usize),
     mut pf: Prefetch,
 ) {
@@ -218,7 +220,7 @@ unsafe fn tile<W: Weight, const MR: usize, const NR: usize>(
         }
         pf.finish();
         for (i, row) in acc.iter().enumerate() {
-            let dst = out.as_mut_ptr().add((r + i) * n + j);
+            let dst = out.as_mut_ptr().add((r + i) * n + j).cast::<f32>();
             if NR == 3 {
                 let mut sums = [0f32; 4];
                 _mm_storeu_ps(sums.as_mut_ptr(), sum4([row[0], row[1], row[2], row[0]]));

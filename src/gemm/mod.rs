@@ -3,6 +3,8 @@
 //! against weight rows (`rows_by_weights`), and f32 rows against bf16 weights (`bf16`, whose rows
 //! are prepared once per product in parallel).
 
+use std::mem::MaybeUninit;
+
 /// `dst[m x n] = lhs[m x k] * rhs[k x n]` (f32, single-threaded: callers parallelise), with
 /// explicit row and column strides; bounds are checked before the unchecked kernel runs.
 pub fn gemm_f32(
@@ -69,7 +71,7 @@ pub fn rows_by_weights((m, n, k): (usize, usize, usize), x: &[f32], w: &[f32], o
     if crate::device::cpu_has_avx512_bw() {
         // SAFETY: AVX-512 F and BW are available (checked); the assert above bounds every
         // access (rows `k` apart, not padded).
-        unsafe { avx512::rows_by_weights((m, n, k), (x, k), w, out) };
+        unsafe { avx512::rows_by_weights((m, n, k), (x, k), w, as_uninit(out)) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -83,6 +85,43 @@ pub fn rows_by_weights((m, n, k): (usize, usize, usize), x: &[f32], w: &[f32], o
             out[r * n + j] = dot(&x[r * k..][..k], &w[j * k..][..k]);
         }
     }
+}
+
+/// [`rows_by_weights`] into outputs not yet written (`out[..m * n]`, every one of which it
+/// writes): the 512-bit kernel stores each output once, so prefill products skip the zeroing of
+/// their output (a `memset` of up to 100 MB per layer); the other paths get zeros first.
+pub fn rows_by_weights_uninit(
+    (m, n, k): (usize, usize, usize),
+    x: &[f32],
+    w: &[f32],
+    out: &mut [MaybeUninit<f32>],
+) {
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
+        "rows_by_weights_uninit: sizes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if crate::device::cpu_has_avx512_bw() {
+        // SAFETY: as in `rows_by_weights`; the kernel writes every output.
+        unsafe { avx512::rows_by_weights((m, n, k), (x, k), w, out) };
+        return;
+    }
+    rows_by_weights((m, n, k), x, w, zeroed(&mut out[..m * n]));
+}
+
+/// `out` seen as possibly uninitialised, for kernels that only write it.
+#[cfg(target_arch = "x86_64")]
+fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and whatever is written through the
+    // result is an initialised f32, so `out` stays valid.
+    unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// `out` filled with zeros, as the initialised slice it then is.
+fn zeroed(out: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    out.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was just initialised; `MaybeUninit<f32>` has `f32`'s layout.
+    unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// Whether `rows_by_weights` beats the `gemm` crate at many rows (a prefill, in row blocks) for

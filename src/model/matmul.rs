@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::gemm::bf16::{Bf16Kernel, Bf16Rows, rows_by_weights_bf16, rows_by_weights_bf16_uninit};
-use crate::gemm::rows_by_weights;
+use crate::gemm::{rows_by_weights, rows_by_weights_uninit};
 
 /// Up to this many rows, [`linear`] splits the output features over the threads itself:
 /// candle's matmul runs a one-row product on one thread, bound by one core's memory bandwidth
@@ -111,22 +111,13 @@ fn by_output_features(
 }
 
 /// An `[m, n]` product split over blocks of rows (see [`row_block`]), each computed by
-/// `part(rows, out)` straight into its rows of the output.
-fn by_row_blocks(m: usize, n: usize, part: impl Fn(Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
-    let block = row_block(m, rayon::current_num_threads());
-    let mut out = vec![0f32; m * n];
-    out.par_chunks_mut(block * n)
-        .enumerate()
-        .for_each(|(b, o)| part(b * block..b * block + o.len() / n, o));
-    out
-}
-
-/// [`by_row_blocks`] without zeroing the output first.
+/// `part(rows, out)` straight into its rows of the output, which is not zeroed first (for a
+/// prefill's activations that would be a `memset` of up to 100 MB per layer).
 ///
 /// # Safety
-/// `part` must write every element of the block it is given (as `rows_by_weights_bf16_uninit`
-/// does): the result is read as initialised.
-unsafe fn by_row_blocks_uninit(
+/// `part` must write every element of the block it is given (as `rows_by_weights_uninit` and
+/// `rows_by_weights_bf16_uninit` do): the result is read as initialised.
+unsafe fn by_row_blocks(
     m: usize,
     n: usize,
     part: impl Fn(Range<usize>, &mut [MaybeUninit<f32>]) + Sync,
@@ -168,9 +159,12 @@ impl CustomOp2 for SplitMatmul {
                 rows_by_weights((m, len, k), x, &w[a * k..], part)
             })
         } else {
-            by_row_blocks(m, n, |rows, part| {
-                rows_by_weights((rows.len(), n, k), &x[rows.start * k..], w, part)
-            })
+            // SAFETY: `rows_by_weights_uninit` writes every output of its rows.
+            unsafe {
+                by_row_blocks(m, n, |rows, part| {
+                    rows_by_weights_uninit((rows.len(), n, k), &x[rows.start * k..], w, part)
+                })
+            }
         };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
@@ -206,7 +200,7 @@ impl CustomOp2 for Bf16Matmul {
         } else {
             // SAFETY: `rows_by_weights_bf16_uninit` writes every output of its rows.
             unsafe {
-                by_row_blocks_uninit(m, n, |rows, part| {
+                by_row_blocks(m, n, |rows, part| {
                     rows_by_weights_bf16_uninit(&xb, rows, (n, w), part)
                 })
             }

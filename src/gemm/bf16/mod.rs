@@ -22,6 +22,9 @@ use half::bf16;
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
+use super::as_uninit;
+
+#[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
 mod dot;
@@ -348,19 +351,7 @@ pub fn rows_by_weights_bf16_uninit(
         unsafe { amx::rows_by_weights((n, k), (pairs, *stride), rows, w, out) };
         return;
     }
-    let out = &mut out[..m * n];
-    out.fill(MaybeUninit::new(0.0));
-    // SAFETY: every element was just initialised; `MaybeUninit<f32>` has `f32`'s layout.
-    let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
-    rows_by_weights_bf16(x, rows, (n, w), out);
-}
-
-/// `out` seen as possibly uninitialised, for kernels that only write it.
-#[cfg(target_arch = "x86_64")]
-fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and whatever is written through the
-    // result is an initialised f32, so `out` stays valid.
-    unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
+    rows_by_weights_bf16(x, rows, (n, w), super::zeroed(&mut out[..m * n]));
 }
 
 /// `dst[i] = bf16(src[i])`, rounded to nearest even, 32 values per instruction where AMX runs

@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
-use super::super::avx512;
+use super::super::{as_uninit, avx512};
 
 /// Values per step: one 64-byte load of bf16 weights.
 pub const STEP: usize = 32;
@@ -54,5 +54,5 @@ pub unsafe fn rows_by_weights(
     out: &mut [f32],
 ) {
     // SAFETY: the caller's contract, with rows `split_len(k)` apart.
-    unsafe { avx512::rows_by_weights((m, n, k), (x, split_len(k)), w, out) }
+    unsafe { avx512::rows_by_weights((m, n, k), (x, split_len(k)), w, as_uninit(out)) }
 }
