@@ -309,13 +309,8 @@ impl<T: Elem> Geometry<'_, T> {
             }
             for h in 0..group {
                 let head = g * group + h;
-                let qf = resized(&mut scr.q, m * d);
-                for i in 0..m {
-                    let src = &self.q[((t0 + i) * heads + head) * d..][..d];
-                    for (dst, x) in qf[i * d..][..d].iter_mut().zip(src) {
-                        *dst = x * self.scale;
-                    }
-                }
+                let qf = sized(&mut scr.q, m * d);
+                self.scaled_queries(t0, head, qf);
                 let s = resized(&mut scr.scores, m * n);
                 crate::gemm::gemm_f32((m, n, d), s, n, (qf, d, 1), (kt, n, 1));
                 for (i, &ni) in keys.iter().enumerate() {
@@ -326,6 +321,18 @@ impl<T: Elem> Geometry<'_, T> {
                 for i in 0..m {
                     out[(i * heads + head) * d..][..d].copy_from_slice(&o[i * d..][..d]);
                 }
+            }
+        }
+    }
+
+    /// The queries of head `head` from token `t0` on, times the score scale, as rows of `d`
+    /// filling `dst`.
+    fn scaled_queries(&self, t0: usize, head: usize, dst: &mut [f32]) {
+        let (d, heads) = (self.d, self.heads);
+        for (i, row) in dst.chunks_exact_mut(d).enumerate() {
+            let src = &self.q[((t0 + i) * heads + head) * d..][..d];
+            for (x, q) in row.iter_mut().zip(src) {
+                *x = q * self.scale;
             }
         }
     }
@@ -384,12 +391,7 @@ impl<T: Elem> Geometry<'_, T> {
             for h in 0..group {
                 let head = g * group + h;
                 let qf = sized(&mut scr.q, m * d);
-                for i in 0..m {
-                    let src = &self.q[((t0 + i) * heads + head) * d..][..d];
-                    for (dst, x) in qf[i * d..][..d].iter_mut().zip(src) {
-                        *dst = x * self.scale;
-                    }
-                }
+                self.scaled_queries(t0, head, qf);
                 let s = sized(&mut scr.scores, m * np);
                 amx_rows_by_weights((m, np, d), qf, k16, &mut scr.pairs, s);
                 for (i, &ni) in keys.iter().enumerate() {
