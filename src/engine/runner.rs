@@ -65,6 +65,17 @@ pub fn build_inputs(sched: &Schedule, seqs: &[Sequence], block_size: usize) -> S
 /// Runs one synthetic step of `tokens` prompt tokens spread over up to `max_seqs` sequences,
 /// through a temporary cache, so that the device's memory pool reaches the activation peak of
 /// the largest step the scheduler can build. Returns the temporary cache's bytes.
+/// A step's attention for `model`: its heads, and prefill products in bf16 where its weights
+/// are bf16 (the CPU runs them on AMX where the projections run there).
+fn attention_for<'a>(
+    model: &Llama,
+    cache: &'a PagedKvCache,
+    layout: Arc<BatchLayout>,
+) -> Result<PagedAttention<'a>> {
+    Ok(PagedAttention::new(cache, layout, model.dims().heads)?
+        .with_bf16_prefill(model.weight_dtype() == DType::BF16))
+}
+
 pub fn profile_step(
     model: &Llama,
     spec: KvCacheSpec,
@@ -103,8 +114,7 @@ pub fn profile_step(
     let ids = Tensor::from_slice(&inputs.input_ids, count, &dev)?;
     let positions = Tensor::from_slice(&inputs.positions, count, &dev)?;
     let rows = Tensor::from_slice(&inputs.sample_rows, inputs.sample_rows.len(), &dev)?;
-    let attn = PagedAttention::new(&cache, Arc::new(inputs.layout), model.dims().heads)?
-        .with_bf16_prefill(model.weight_dtype() == DType::BF16);
+    let attn = attention_for(model, &cache, Arc::new(inputs.layout))?;
     let hidden = model.forward(&ids, &positions, &attn)?;
     model.logits(&hidden, &rows)?;
     dev.synchronize()?;
@@ -182,8 +192,7 @@ impl ModelRunner {
         let logits = dev
             .with_context(|| {
                 crate::profile::within(timing, || -> Result<Option<Tensor>> {
-                    let attn = PagedAttention::new(&self.cache, layout, self.model.dims().heads)?
-                        .with_bf16_prefill(self.model.weight_dtype() == DType::BF16);
+                    let attn = attention_for(&self.model, &self.cache, layout)?;
                     let hidden = self.model.forward(&ids, &positions, &attn)?;
                     if rows.dim(0)? == 0 {
                         return Ok(None);
