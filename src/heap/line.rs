@@ -56,6 +56,15 @@ unsafe fn place(base: *mut u8) -> *mut u8 {
     }
 }
 
+/// The system's pointer that `place` stored before `ptr`.
+///
+/// # Safety
+/// `ptr` came from `line_alloc` (or `line_realloc`).
+unsafe fn system_pointer(ptr: *mut u8) -> *mut u8 {
+    // SAFETY: `place` wrote the pointer in the 8 bytes before `ptr`, 8-aligned.
+    unsafe { ptr.cast::<*mut u8>().sub(1).read() }
+}
+
 /// Where `place` puts a buffer's start: `base` is 16-aligned, so the boundary is at most 64
 /// in, and what a buffer from `line_layout` holds fits after it.
 fn line_offset(base: *mut u8) -> usize {
@@ -75,7 +84,7 @@ pub(super) unsafe fn line_realloc(ptr: *mut u8, size: usize, new_size: usize) ->
     // The kept bytes lie at the old offset (at most 64 in) and are moved to the new one (also
     // at most 64 in), both within the new buffer of `new_size` + 64 bytes.
     unsafe {
-        let base = ptr.cast::<*mut u8>().sub(1).read();
+        let base = system_pointer(ptr);
         let old_offset = ptr.offset_from(base) as usize;
         let new_base = System.realloc(base, layout, new_layout.size());
         if new_base.is_null() {
@@ -102,7 +111,7 @@ pub(super) unsafe fn line_dealloc(ptr: *mut u8, size: usize) {
     // SAFETY: `line_alloc` stored the system's pointer just before `ptr`, and got it with
     // `line_layout(size)`, which was then `Some`.
     unsafe {
-        let base = ptr.cast::<*mut u8>().sub(1).read();
+        let base = system_pointer(ptr);
         if let Some(layout) = line_layout(size) {
             System.dealloc(base, layout);
         }
