@@ -6,6 +6,8 @@
 //! attends each query causally over its sequence's cached K/V, wherever its blocks are.
 //! The same two operations run on the CPU (`cpu`) and, with the `cuda` feature, on the GPU.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;

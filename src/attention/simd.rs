@@ -1,6 +1,7 @@
 //! The two inner loops of CPU decode attention, with x86-64 AVX2/FMA intrinsics where the CPU
-//! has them (checked once at run time) and plain loops elsewhere. Written by hand because the
-//! compiler keeps neither loop's accumulators in registers on its own (measured: 3-4x slower).
+//! has them (checked once at run time), AVX-512 ones (`super::avx512`) where it has those, and
+//! plain loops elsewhere. Written by hand because the compiler keeps neither loop's accumulators
+//! in registers on its own (measured: 3-4x slower).
 //! Both serve all the query heads that share a KV head at once (grouped-query attention) and read
 //! the cache in its own element type, widened to f32 in registers (F16C for f16, a shift for
 //! bf16, a shift into an f16 for fp8): each K/V element is loaded and converted once per step,
@@ -27,6 +28,12 @@ pub trait Lanes: Copy {
     /// AVX2, FMA and F16C must be available; `p` points at eight readable elements.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen elements from `p`, as [`Lanes::load8`] for the AVX-512 loops.
+    ///
+    /// # Safety
+    /// AVX-512 F, AVX2 and F16C must be available; `p` points at sixteen readable elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Lanes for f32 {
@@ -39,6 +46,13 @@ impl Lanes for f32 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller's contract.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -53,6 +67,14 @@ impl Lanes for f16 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's contract.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
     }
 }
 
@@ -69,6 +91,17 @@ impl Lanes for bf16 {
         unsafe {
             let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract, as `load8`.
+        unsafe {
+            let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
         }
     }
 }
@@ -99,6 +132,21 @@ impl Lanes for super::fp8::F8E4M3 {
             _mm256_cvtph_ps(h)
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract, as `load8` sixteen codes at a time.
+        unsafe {
+            let w = _mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(_mm_loadu_si128(p.cast())));
+            let h = _mm256_and_si256(
+                _mm256_srai_epi16::<1>(w),
+                _mm256_set1_epi16(0xbfffu16 as i16),
+            );
+            _mm512_cvtph_ps(h)
+        }
+    }
 }
 
 /// Scores of the query heads that share one KV head against one block of keys:
@@ -110,28 +158,48 @@ pub fn group_scores<T: Lanes>(
     d: usize,
     kt: &[T],
     scale: f32,
+    out: (&mut [f32], usize, usize),
+) {
+    group_scores_on(Isa::best(), q, d, kt, scale, out);
+}
+
+/// [`group_scores`] with the loops of `isa` (or plain ones where its kernels do not fit).
+fn group_scores_on<T: Lanes>(
+    isa: Isa,
+    q: &[f32],
+    d: usize,
+    kt: &[T],
+    scale: f32,
     (out, stride, bs): (&mut [f32], usize, usize),
 ) {
     let g = q.len() / d;
     assert!(d > 0 && q.len() == g * d && kt.len() >= d * bs && bs <= stride);
     assert!(g == 0 || out.len() >= (g - 1) * stride + bs);
     #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(8)
-        && bs.is_multiple_of(8)
-        && (8..=32).contains(&bs)
-        && simd_ok()
-        && !T::any_lost_nan(&kt[..d * bs])
-    {
-        // At most 8 accumulators of 8 lanes per call (of 16 registers), so heads go in runs.
-        let most = 8 / (bs / 8);
-        for h0 in (0..g).step_by(most) {
-            let n = most.min(g - h0);
-            let (q, out) = (&q[h0 * d..][..n * d], &mut out[h0 * stride..]);
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked); the asserts above bound every
-            // access; d is a multiple of 8, so of every unroll.
-            unsafe { x86::scores_dispatch(q, d, kt, scale * T::UNIT, out, stride, bs, n) };
+    if isa != Isa::Plain && d.is_multiple_of(8) && !T::any_lost_nan(&kt[..d * bs]) {
+        if isa == Isa::Avx512 && super::avx512::scores_fit(d, bs) {
+            for h0 in (0..g).step_by(8) {
+                let n = 8.min(g - h0);
+                let (q, out) = (&q[h0 * d..][..n * d], &mut out[h0 * stride..]);
+                // SAFETY: `isa` is only Avx512 where the CPU has it; the asserts above bound
+                // every access, and `scores_fit` the block's shape.
+                unsafe { super::avx512::scores(q, d, kt, scale * T::UNIT, out, stride, bs, n) };
+            }
+            return;
         }
-        return;
+        if bs.is_multiple_of(8) && (8..=32).contains(&bs) {
+            // At most 8 accumulators of 8 lanes per call (of 16 registers), so heads go in
+            // runs.
+            let most = 8 / (bs / 8);
+            for h0 in (0..g).step_by(most) {
+                let n = most.min(g - h0);
+                let (q, out) = (&q[h0 * d..][..n * d], &mut out[h0 * stride..]);
+                // SAFETY: the CPU has AVX2, FMA and F16C (`isa` is not Plain); the asserts
+                // above bound every access; d is a multiple of 8, so of every unroll.
+                unsafe { x86::scores_dispatch(q, d, kt, scale * T::UNIT, out, stride, bs, n) };
+            }
+            return;
+        }
     }
     for h in 0..g {
         let o = &mut out[h * stride..][..bs];
@@ -149,6 +217,17 @@ pub fn group_scores<T: Lanes>(
 /// `acc[h * d + c] += sum_j p[h * stride + j] * v[j * d + c]` for `j < m`. Each V row is read
 /// and widened once for all the heads.
 pub fn group_weighted_rows<T: Lanes>(
+    p: (&[f32], usize, usize),
+    v: &[T],
+    acc: &mut [f32],
+    d: usize,
+) {
+    group_weighted_rows_on(Isa::best(), p, v, acc, d);
+}
+
+/// [`group_weighted_rows`] with the loops of `isa` (or plain ones where its kernels do not fit).
+fn group_weighted_rows_on<T: Lanes>(
+    isa: Isa,
     (p, stride, m): (&[f32], usize, usize),
     v: &[T],
     acc: &mut [f32],
@@ -158,13 +237,21 @@ pub fn group_weighted_rows<T: Lanes>(
     assert!(d > 0 && acc.len() == g * d && v.len() >= m * d && m <= stride);
     assert!(g == 0 || p.len() >= (g - 1) * stride + m);
     #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(8) && simd_ok() && !T::any_lost_nan(&v[..m * d]) {
+    if isa != Isa::Plain && d.is_multiple_of(8) && !T::any_lost_nan(&v[..m * d]) {
+        let wide = isa == Isa::Avx512 && super::avx512::weighted_fits(d);
         for h0 in (0..g).step_by(8) {
             let n = 8.min(g - h0);
             let (p, acc) = (&p[h0 * stride..], &mut acc[h0 * d..][..n * d]);
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked); the asserts above bound every
-            // access; d is a multiple of 8.
-            unsafe { x86::weighted_dispatch(p, stride, m, v, acc, d, n) };
+            // SAFETY: `isa` is only Avx512 where the CPU has it (then `weighted_fits`), and
+            // otherwise not Plain where it has AVX2, FMA and F16C; the asserts above bound
+            // every access; d is a multiple of 8.
+            unsafe {
+                if wide {
+                    super::avx512::weighted(p, stride, m, v, acc, d, n);
+                } else {
+                    x86::weighted_dispatch(p, stride, m, v, acc, d, n);
+                }
+            }
         }
         return;
     }
@@ -195,9 +282,41 @@ pub fn widen<T: Lanes>(src: &[T], dst: &mut [f32]) {
     }
 }
 
+/// Which loops decode attention runs: the best this CPU has, or (in tests) each of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Isa {
+    Plain,
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// AVX-512 F besides (`super::avx512`).
+    Avx512,
+}
+
+impl Isa {
+    /// The widest loops this CPU runs (its checks are cached).
+    fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if super::avx512::available() {
+            return Isa::Avx512;
+        } else if simd_ok() {
+            return Isa::Avx2;
+        }
+        Isa::Plain
+    }
+
+    /// Every one this CPU runs, for the tests to compare.
+    #[cfg(test)]
+    fn all_here() -> Vec<Isa> {
+        [Isa::Plain, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&i| i <= Isa::best())
+            .collect()
+    }
+}
+
 /// AVX2, FMA and F16C (every x86-64 CPU with AVX2 in practice); both checks are cached.
 #[cfg(target_arch = "x86_64")]
-fn simd_ok() -> bool {
+pub(super) fn simd_ok() -> bool {
     crate::device::cpu_has_avx2_fma() && is_x86_feature_detected!("f16c")
 }
 
@@ -419,39 +538,24 @@ mod tests {
         (0..n).map(|_| rng.next_f64() as f32 - 0.5).collect()
     }
 
-    /// Both kernels against plain loops over the same (already rounded) cache values, for
-    /// every group size up to 9 (more than one run of heads), blocks of 8 to 32 keys and
-    /// odd ones, head sizes with and without a vector path; the outputs between the heads'
-    /// rows must stay untouched.
+    /// Both kernels of every instruction set this CPU has against plain loops over the same
+    /// (already rounded) cache values, for every group size up to 9 (more than one run of
+    /// heads), blocks of 8 to 32 keys and odd ones, head sizes with and without each vector
+    /// path (48 and 80: one 512-bit register of columns per pass); the outputs between the
+    /// heads' rows must stay untouched.
     fn check<T: Lanes>(cast: fn(f32) -> T) {
         let mut rng = Rng64::new(5);
-        for d in [64usize, 128, 40, 12] {
+        for d in [64usize, 128, 80, 48, 40, 12] {
             for bs in [8usize, 16, 24, 32, 5] {
                 for g in 1..=9 {
                     let q = rand(g * d, &mut rng);
                     let kt: Vec<T> = rand(d * bs, &mut rng).into_iter().map(cast).collect();
                     let stride = bs + 3;
-                    let mut got = vec![f32::NAN; g * stride];
-                    group_scores(&q, d, &kt, 0.5, (&mut got, stride, bs));
-                    for h in 0..g {
-                        for l in 0..bs {
-                            let want: f32 = (0..d)
-                                .map(|i| q[h * d + i] * kt[i * bs + l].to_f32())
-                                .sum::<f32>()
-                                * 0.5;
-                            let x = got[h * stride + l];
-                            assert!(
-                                (x - want).abs() < 1e-4,
-                                "{d} {bs} {g} {h} {l}: {x} vs {want}"
-                            );
-                        }
-                        assert!(got[h * stride + bs..][..3].iter().all(|x| x.is_nan()));
-                    }
                     let m = bs.min(11);
                     let p = rand(g * stride, &mut rng);
                     let v: Vec<T> = rand(m * d, &mut rng).into_iter().map(cast).collect();
-                    let mut acc = rand(g * d, &mut rng);
-                    let mut want = acc.clone();
+                    let acc0 = rand(g * d, &mut rng);
+                    let mut want = acc0.clone();
                     for h in 0..g {
                         for j in 0..m {
                             for i in 0..d {
@@ -459,9 +563,31 @@ mod tests {
                             }
                         }
                     }
-                    group_weighted_rows((&p, stride, m), &v, &mut acc, d);
-                    for (i, (x, w)) in acc.iter().zip(&want).enumerate() {
-                        assert!((x - w).abs() < 1e-4, "{d} {bs} {g} [{i}]: {x} vs {w}");
+                    for isa in Isa::all_here() {
+                        let mut got = vec![f32::NAN; g * stride];
+                        group_scores_on(isa, &q, d, &kt, 0.5, (&mut got, stride, bs));
+                        for h in 0..g {
+                            for l in 0..bs {
+                                let want: f32 = (0..d)
+                                    .map(|i| q[h * d + i] * kt[i * bs + l].to_f32())
+                                    .sum::<f32>()
+                                    * 0.5;
+                                let x = got[h * stride + l];
+                                assert!(
+                                    (x - want).abs() < 1e-4,
+                                    "{isa:?} {d} {bs} {g} {h} {l}: {x} vs {want}"
+                                );
+                            }
+                            assert!(got[h * stride + bs..][..3].iter().all(|x| x.is_nan()));
+                        }
+                        let mut acc = acc0.clone();
+                        group_weighted_rows_on(isa, (&p, stride, m), &v, &mut acc, d);
+                        for (i, (x, w)) in acc.iter().zip(&want).enumerate() {
+                            assert!(
+                                (x - w).abs() < 1e-4,
+                                "{isa:?} {d} {bs} {g} [{i}]: {x} vs {w}"
+                            );
+                        }
                     }
                 }
             }
@@ -522,7 +648,8 @@ mod tests {
         }
     }
 
-    /// The vector widening of every E4M3 code but NaN against the scalar decoding.
+    /// The vector widening of every E4M3 code but NaN against the scalar decoding, eight and
+    /// (where the CPU has AVX-512) sixteen at a time.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn fp8_lanes_widen_every_code() {
@@ -530,16 +657,32 @@ mod tests {
             return;
         }
         let codes: Vec<F8E4M3> = (0..=255u8).map(F8E4M3::from_bits).collect();
-        for chunk in codes.chunks(8) {
-            let mut got = [0f32; 8];
-            // SAFETY: AVX2, FMA and F16C checked; the chunk holds 8 codes.
+        let wide = Isa::best() == Isa::Avx512;
+        for chunk in codes.chunks(16) {
+            let mut got = [0f32; 16];
+            // SAFETY: AVX2, FMA and F16C checked (AVX-512 where `wide`); the chunk holds 16
+            // codes, `got` room for 16 values.
             unsafe {
-                std::arch::x86_64::_mm256_storeu_ps(got.as_mut_ptr(), F8E4M3::load8(chunk.as_ptr()))
-            };
-            for (x, c) in got.iter().zip(chunk) {
+                use std::arch::x86_64::*;
+                let p = chunk.as_ptr();
+                _mm256_storeu_ps(got.as_mut_ptr(), F8E4M3::load8(p));
+                _mm256_storeu_ps(got.as_mut_ptr().add(8), F8E4M3::load8(p.add(8)));
+            }
+            let mut got16 = got;
+            if wide {
+                // SAFETY: as above.
+                unsafe {
+                    std::arch::x86_64::_mm512_storeu_ps(
+                        got16.as_mut_ptr(),
+                        F8E4M3::load16(chunk.as_ptr()),
+                    )
+                };
+            }
+            for ((x, y), c) in got.iter().zip(&got16).zip(chunk) {
                 if !fp8::is_nan_bits(c.to_bits()) {
                     let want = c.to_f32() / F8E4M3::UNIT;
                     assert_eq!(x.to_bits(), want.to_bits(), "{:#04x}", c.to_bits());
+                    assert_eq!(y.to_bits(), want.to_bits(), "{:#04x} (16)", c.to_bits());
                 }
             }
         }
