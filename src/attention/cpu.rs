@@ -151,9 +151,10 @@ fn softmax_prefix(row: &mut [f32], n: usize) {
 }
 
 /// How far ahead (in cache blocks) decode attention prefetches. Measured (2 cores, SmolLM2's
-/// shape, 960 sequences x 512 tokens, 377 MB of f16 K/V): none 54-62 ms, 1 to 8 blocks ahead
-/// alike at 44-51 ms; in the model at 32 x 512, 48-53 -> 38 ms per decode step.
-const PREFETCH_BLOCKS: usize = 4;
+/// shape, 960 sequences x 512 tokens, 377 MB of f16 K/V): on the AMD EPYC none 54-62 ms, 1 to 8
+/// blocks ahead alike at 44-51 ms (whole blocks); on the Xeon, one KV head's part of a block at
+/// a time, 1 or 2 ahead 14-18 ms, 4 ahead 15-16, whole blocks 4 ahead 22-23, none 24-25.
+const PREFETCH_BLOCKS: usize = 2;
 
 /// A hint to load the cache lines of `s` into L2 (none off x86-64); L1 (`T0`) measured the
 /// same.
@@ -231,19 +232,23 @@ impl<T: Elem> Geometry<'_, T> {
         (&k[g * len..][..len], &v[g * len..][..len])
     }
 
-    /// Asks for the block [`PREFETCH_BLOCKS`] ahead of position `at` in the order [`direct`]
-    /// reads them (K of every block of `table`, then V of every block) to be loaded: the blocks
-    /// of a paged cache are scattered, too short (a few KiB) for the hardware prefetcher to
-    /// follow, and decode attention reads each of them once from memory.
+    /// Asks for KV head `g`'s part of the block [`PREFETCH_BLOCKS`] ahead of position `at` in
+    /// the order [`direct`] reads them (K of every block of `table`, then V of every block) to
+    /// be loaded: the blocks of a paged cache are scattered, too short (a few KiB) for the
+    /// hardware prefetcher to follow, and decode attention reads each of them once from memory.
+    /// One KV head's part (2 KiB for SmolLM2) at a time, just before the kernel that reads
+    /// the same part of the block in hand: a whole block's lines at once (6 KiB) stall on the
+    /// core's few outstanding misses and leave it idle (measured on the Xeon: 22-23 against
+    /// 14-18 ms, see [`PREFETCH_BLOCKS`]).
     ///
     /// [`direct`]: Self::direct
     #[inline]
-    fn prefetch_ahead(&self, table: &[u32], at: usize) {
+    fn prefetch_ahead(&self, table: &[u32], at: usize, g: usize) {
         let (nb, at) = (table.len(), at + PREFETCH_BLOCKS);
         if at < nb {
-            prefetch(self.whole_block(table[at]).0);
+            prefetch(self.block(table[at], g).0);
         } else if at < 2 * nb {
-            prefetch(self.whole_block(table[at - nb]).1);
+            prefetch(self.block(table[at - nb], g).1);
         }
     }
 
@@ -262,8 +267,8 @@ impl<T: Elem> Geometry<'_, T> {
             // Each block writes its scores, and the softmax zeroes the masked tail.
             let scores = sized(&mut scr.scores, heads * padded);
             for (b, &blk) in table.iter().enumerate() {
-                self.prefetch_ahead(table, b);
                 for g in 0..self.kv_heads {
+                    self.prefetch_ahead(table, b, g);
                     let (kt, _) = self.block(blk, g);
                     let s = &mut scores[g * group * padded + b * bs..];
                     let qg = &q[g * group * d..][..group * d];
@@ -276,9 +281,9 @@ impl<T: Elem> Geometry<'_, T> {
             let acc = &mut out[i * heads * d..][..heads * d];
             acc.fill(0.0);
             for (b, &blk) in table.iter().enumerate() {
-                self.prefetch_ahead(table, table.len() + b);
                 let m = bs.min(n - b * bs);
                 for g in 0..self.kv_heads {
+                    self.prefetch_ahead(table, table.len() + b, g);
                     let v = &self.block(blk, g).1[..m * d];
                     let p = &scores[g * group * padded + b * bs..];
                     let a = &mut acc[g * group * d..][..group * d];
