@@ -27,6 +27,30 @@ pub fn sample_row(logits: &[f32], p: &SamplingParams, u: f32) -> u32 {
     last as u32
 }
 
+/// The index of the first largest logit, as candle's `argmax` (what greedy runs on CUDA)
+/// chooses it: a NaN is never larger, and a NaN first logit wins. The maximum is found 16
+/// lanes at a time (vectorised; candle's loop is one comparison after another), then its first
+/// position.
+pub fn argmax(row: &[f32]) -> u32 {
+    let Some(first) = row.first() else {
+        return 0;
+    };
+    if first.is_nan() {
+        return 0;
+    }
+    let larger = |m: f32, x: f32| if x > m { x } else { m };
+    let chunks = row.chunks_exact(16);
+    let tail = chunks.remainder().iter().copied().fold(*first, larger);
+    let mut lanes = [*first; 16];
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = larger(*m, x);
+        }
+    }
+    let max = lanes.into_iter().fold(tail, larger);
+    row.iter().position(|&x| x == max).unwrap_or(0) as u32
+}
+
 /// How far `u` lies from the share of the kept mass that `id` covers, as a fraction of the
 /// kept mass: 0 when `sample_row` could have drawn `id` (another device's draw from the same
 /// logits, summed in another order), infinite when `id` is not kept at all.
@@ -131,6 +155,36 @@ mod tests {
     fn uniforms(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = Rng64::new(seed);
         (0..n).map(|_| rng.next_f64() as f32).collect()
+    }
+
+    /// candle's argmax over the same row, which the CUDA path keeps.
+    fn candle_argmax(row: &[f32]) -> u32 {
+        let t = candle_core::Tensor::new(row, &candle_core::Device::Cpu).unwrap();
+        t.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+    }
+
+    #[test]
+    fn argmax_is_candles() {
+        let mut rng = Rng64::new(8);
+        for len in [1usize, 5, 16, 17, 49_152, 50_001] {
+            let mut row: Vec<f32> = rng.uniform_f32(len, 4.0);
+            assert_eq!(argmax(&row), candle_argmax(&row), "{len}");
+            // Ties: the first of them, in the vector part and in the tail.
+            let top = row.len() - 1;
+            row[top] = 9.0;
+            row[len / 3] = 9.0;
+            assert_eq!(argmax(&row), candle_argmax(&row), "{len} tied");
+            // NaN never wins but first; infinities compare as numbers.
+            row[len / 2] = f32::NAN;
+            row[len / 4] = f32::NEG_INFINITY;
+            assert_eq!(argmax(&row), candle_argmax(&row), "{len} NaN");
+            row[0] = f32::NAN;
+            assert_eq!(argmax(&row), 0, "{len} NaN first");
+            row[len - 1] = f32::INFINITY;
+            assert_eq!(argmax(&row), candle_argmax(&row), "{len} inf");
+        }
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), 0);
+        assert_eq!(argmax(&[]), 0);
     }
 
     #[test]
