@@ -14,17 +14,27 @@ use super::SamplingParams;
 pub fn sample_row(logits: &[f32], p: &SamplingParams, u: f32) -> u32 {
     let kept = Kept::new(logits, p);
     let target = u as f64 * kept.total;
-    let mut acc = 0.0;
-    let mut last = 0;
-    for (i, w) in kept.iter() {
-        acc += w as f64;
-        last = i;
-        if target < acc {
-            return i as u32;
+    let mut before = 0.0;
+    for (b, &sum) in kept.sums.iter().enumerate() {
+        if target < before + sum {
+            // In this block, one kept token after another; its last kept token where rounding
+            // leaves `target` past their running sum.
+            let mut last = None;
+            for (i, w) in kept.block(b) {
+                before += w as f64;
+                last = Some(i);
+                if target < before {
+                    return i as u32;
+                }
+            }
+            if let Some(i) = last {
+                return i as u32;
+            }
         }
+        before += sum;
     }
     // `u * total` rounded up to the total: the last kept token.
-    last as u32
+    kept.last().unwrap_or(0) as u32
 }
 
 /// The index of the first largest logit, as candle's `argmax` (what greedy runs on CUDA)
@@ -38,17 +48,35 @@ pub fn argmax(row: &[f32]) -> u32 {
     if first.is_nan() {
         return 0;
     }
+    let max = largest(row, *first);
+    row.iter().position(|&x| x == max).unwrap_or(0) as u32
+}
+
+/// The largest of `from` and the numbers of `row` (NaN never is), 16 lanes at a time.
+fn largest(row: &[f32], from: f32) -> f32 {
     let larger = |m: f32, x: f32| if x > m { x } else { m };
     let chunks = row.chunks_exact(16);
-    let tail = chunks.remainder().iter().copied().fold(*first, larger);
-    let mut lanes = [*first; 16];
+    let tail = chunks.remainder().iter().copied().fold(from, larger);
+    let mut lanes = [from; 16];
     for c in chunks {
         for (m, &x) in lanes.iter_mut().zip(c) {
             *m = larger(*m, x);
         }
     }
-    let max = lanes.into_iter().fold(tail, larger);
-    row.iter().position(|&x| x == max).unwrap_or(0) as u32
+    lanes.into_iter().fold(tail, larger)
+}
+
+/// The sum of `w`, 16 lanes at a time.
+fn lane_sum(w: &[f32]) -> f32 {
+    let chunks = w.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    let mut lanes = [0f32; 16];
+    for c in chunks {
+        for (s, &x) in lanes.iter_mut().zip(c) {
+            *s += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// How far `u` lies from the share of the kept mass that `id` covers, as a fraction of the
@@ -56,8 +84,13 @@ pub fn argmax(row: &[f32]) -> u32 {
 /// logits, summed in another order), infinite when `id` is not kept at all.
 pub fn draw_error(logits: &[f32], p: &SamplingParams, u: f32, id: u32) -> f64 {
     let kept = Kept::new(logits, p);
-    let mut before = 0.0;
-    for (i, w) in kept.iter() {
+    let b = id as usize / BLOCK;
+    if b >= kept.sums.len() {
+        return f64::INFINITY;
+    }
+    // The mass before `id` summed as `sample_row` sums it: whole blocks, then one by one.
+    let mut before: f64 = kept.sums[..b].iter().sum();
+    for (i, w) in kept.block(b) {
         if i == id as usize {
             let target = u as f64 * kept.total;
             let after = before + w as f64;
@@ -73,38 +106,59 @@ pub fn draw_error(logits: &[f32], p: &SamplingParams, u: f32, id: u32) -> f64 {
     f64::INFINITY
 }
 
+/// Tokens per block of [`Kept`]'s sums: the draw finds its block from the sums, then walks
+/// at most this many tokens one by one.
+const BLOCK: usize = 256;
+
 /// The tokens top-k and top-p leave, with their weights.
 struct Kept<'a> {
     logits: &'a [f32],
+    /// `exp((logit - max) / temperature)` of kept tokens, 0 for the others.
     weights: Vec<f32>,
     threshold: f32,
+    /// The kept weights of each [`BLOCK`] of tokens, summed 16 lanes at a time.
+    sums: Vec<f64>,
     total: f64,
 }
 
 impl<'a> Kept<'a> {
+    /// Every pass over the row vectorises (a vocabulary of 49152 took 0.17 ms with the
+    /// standard library's `exp` and a running f64 sum, one token after another).
     fn new(logits: &'a [f32], p: &SamplingParams) -> Self {
         let inv_t = 1.0 / p.temperature;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let weights: Vec<f32> = logits.iter().map(|&l| ((l - max) * inv_t).exp()).collect();
+        let max = largest(logits, f32::NEG_INFINITY);
+        let mut weights: Vec<f32> = logits
+            .iter()
+            .map(|&l| crate::fastmath::exp((l - max) * inv_t))
+            .collect();
         let threshold = keep_threshold(logits, &weights, p);
-        let mut kept = Self {
+        for (w, &l) in weights.iter_mut().zip(logits) {
+            // Written so that a NaN logit is dropped too.
+            *w = if l >= threshold { *w } else { 0.0 };
+        }
+        let sums: Vec<f64> = weights.chunks(BLOCK).map(|c| lane_sum(c) as f64).collect();
+        let total = sums.iter().sum();
+        Self {
             logits,
             weights,
             threshold,
-            total: 0.0,
-        };
-        kept.total = kept.iter().map(|(_, w)| w as f64).sum();
-        kept
+            sums,
+            total,
+        }
     }
 
-    /// `(index, weight)` of the kept tokens, in index order.
-    fn iter(&self) -> impl Iterator<Item = (usize, f32)> + '_ {
-        self.logits
-            .iter()
-            .zip(&self.weights)
-            .enumerate()
-            .filter(|(_, (l, _))| **l >= self.threshold)
-            .map(|(i, (_, &w))| (i, w))
+    /// `(index, weight)` of the kept tokens of block `b`, in index order.
+    fn block(&self, b: usize) -> impl Iterator<Item = (usize, f32)> + '_ {
+        let start = b * BLOCK;
+        let end = (start + BLOCK).min(self.logits.len());
+        (start..end)
+            .filter(|&i| self.logits[i] >= self.threshold)
+            .map(|i| (i, self.weights[i]))
+    }
+
+    /// The last kept token.
+    fn last(&self) -> Option<usize> {
+        self.logits.iter().rposition(|&l| l >= self.threshold)
     }
 }
 
