@@ -1,4 +1,5 @@
-//! CPU paged attention kernels, parallel over query tiles (rayon).
+//! CPU paged attention kernels, parallel over query tiles (rayon), and over parts of long
+//! decode contexts where a step has few of them (`split`; the decode path is in `decode`).
 //!
 //! `write_kv` scatters each token's K and V into its slot. `attend` computes, for every query
 //! token and head, softmax(q·K^T * scale) V over the token's sequence up to its own position.
@@ -16,9 +17,11 @@ use rayon::prelude::*;
 use super::BatchLayout;
 use super::fp8::{self, F8E4M3};
 use super::ops::CacheKind;
-use super::simd;
+use super::{simd, split};
 use crate::gemm::bf16::{amx_rows_by_weights, round_for_amx};
 use crate::util::contiguous;
+
+mod decode;
 
 /// Element types a KV cache can hold; the math is always f32.
 pub trait Elem: candle_core::WithDType + simd::Lanes + Copy + Send + Sync {
@@ -116,9 +119,17 @@ const TILE: usize = 64;
 /// block, as memory bandwidth is what bounds them.
 const GEMM_MIN_QUERIES: usize = 8;
 
-/// In-place softmax of `row[..n]`; entries from `n` on become 0 (causally masked). Written as
-/// separate lane-parallel passes (max, exp, sum, scale) so each one vectorises.
+/// In-place softmax of `row[..n]`; entries from `n` on become 0 (causally masked).
 fn softmax_prefix(row: &mut [f32], n: usize) {
+    let (_, sum) = exp_prefix(row, n);
+    let inv = 1.0 / sum;
+    row[..n].iter_mut().for_each(|x| *x *= inv);
+}
+
+/// `row[..n]` replaced by `exp(x - max)` and the entries from `n` on by 0 (causally masked);
+/// returns `(max, sum of the exponentials)`. Written as separate lane-parallel passes (max,
+/// exp, sum) so each one vectorises.
+fn exp_prefix(row: &mut [f32], n: usize) -> (f32, f32) {
     let (head, tail) = row.split_at_mut(n);
     let mut lanes = [f32::NEG_INFINITY; 8];
     let chunks = head.chunks_exact(8);
@@ -145,30 +156,8 @@ fn softmax_prefix(row: &mut [f32], n: usize) {
         }
     }
     sum += sums.iter().sum::<f32>();
-    let inv = 1.0 / sum;
-    head.iter_mut().for_each(|x| *x *= inv);
     tail.fill(0.0);
-}
-
-/// How far ahead (in cache blocks) decode attention prefetches. Measured (2 cores, SmolLM2's
-/// shape, 960 sequences x 512 tokens, 377 MB of f16 K/V): on the AMD EPYC none 54-62 ms, 1 to 8
-/// blocks ahead alike at 44-51 ms (whole blocks); on the Xeon, one KV head's part of a block at
-/// a time, 1 or 2 ahead 14-18 ms, 4 ahead 15-16, whole blocks 4 ahead 22-23, none 24-25.
-const PREFETCH_BLOCKS: usize = 2;
-
-/// A hint to load the cache lines of `s` into L2 (none off x86-64); L1 (`T0`) measured the
-/// same.
-#[inline]
-fn prefetch<T>(s: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-        let p = s.as_ptr().cast::<i8>();
-        for off in (0..std::mem::size_of_val(s)).step_by(64) {
-            // SAFETY: a prefetch never faults, and the address is inside `s`.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.add(off)) };
-        }
-    }
+    (max, sum)
 }
 
 /// Reusable per-thread buffers.
@@ -185,6 +174,8 @@ struct Scratch {
     pairs: Vec<u32>,
     /// One cache block's K then V, rounded to bf16, before `tiled_amx` transposes them.
     block16: Vec<bf16>,
+    /// `direct`'s per-head (max score, sum of exponentials).
+    ml: Vec<(f32, f32)>,
 }
 
 /// `v` as `n` zeros.
@@ -230,67 +221,6 @@ impl<T: Elem> Geometry<'_, T> {
         let len = self.d * self.block_size;
         let (k, v) = self.whole_block(blk);
         (&k[g * len..][..len], &v[g * len..][..len])
-    }
-
-    /// Asks for KV head `g`'s part of the block [`PREFETCH_BLOCKS`] ahead of position `at` in
-    /// the order [`direct`] reads them (K of every block of `table`, then V of every block) to
-    /// be loaded: the blocks of a paged cache are scattered, too short (a few KiB) for the
-    /// hardware prefetcher to follow, and decode attention reads each of them once from memory.
-    /// One KV head's part (2 KiB for SmolLM2) at a time, just before the kernel that reads
-    /// the same part of the block in hand: a whole block's lines at once (6 KiB) stall on the
-    /// core's few outstanding misses and leave it idle (measured on the Xeon: 22-23 against
-    /// 14-18 ms, see [`PREFETCH_BLOCKS`]).
-    ///
-    /// [`direct`]: Self::direct
-    #[inline]
-    fn prefetch_ahead(&self, table: &[u32], at: usize, g: usize) {
-        let (nb, at) = (table.len(), at + PREFETCH_BLOCKS);
-        if at < nb {
-            prefetch(self.block(table[at], g).0);
-        } else if at < 2 * nb {
-            prefetch(self.block(table[at - nb], g).1);
-        }
-    }
-
-    /// Few queries (decode): per query, the scores of every head against each block's keys
-    /// (the block's transposed K makes them vector multiply-adds along the block), softmax,
-    /// then the weighted sum of V rows, all reading the cache in place, each block's K (then V)
-    /// of every KV head at once, a contiguous run. `keys[i]` is the number of keys query `i`
-    /// sees.
-    fn direct(&self, t0: usize, keys: &[usize], table: &[u32], out: &mut [f32], scr: &mut Scratch) {
-        let (d, heads, bs) = (self.d, self.heads, self.block_size);
-        let group = heads / self.kv_heads;
-        for (i, &n) in keys.iter().enumerate() {
-            let q = &self.q[(t0 + i) * heads * d..][..heads * d];
-            let table = &table[..n.div_ceil(bs)];
-            let padded = table.len() * bs;
-            // Each block writes its scores, and the softmax zeroes the masked tail.
-            let scores = sized(&mut scr.scores, heads * padded);
-            for (b, &blk) in table.iter().enumerate() {
-                for g in 0..self.kv_heads {
-                    self.prefetch_ahead(table, b, g);
-                    let (kt, _) = self.block(blk, g);
-                    let s = &mut scores[g * group * padded + b * bs..];
-                    let qg = &q[g * group * d..][..group * d];
-                    simd::group_scores(qg, d, kt, self.scale, (s, padded, bs));
-                }
-            }
-            for h in 0..heads {
-                softmax_prefix(&mut scores[h * padded..][..padded], n);
-            }
-            let acc = &mut out[i * heads * d..][..heads * d];
-            acc.fill(0.0);
-            for (b, &blk) in table.iter().enumerate() {
-                let m = bs.min(n - b * bs);
-                for g in 0..self.kv_heads {
-                    self.prefetch_ahead(table, table.len() + b, g);
-                    let v = &self.block(blk, g).1[..m * d];
-                    let p = &scores[g * group * padded + b * bs..];
-                    let a = &mut acc[g * group * d..][..group * d];
-                    simd::group_weighted_rows((p, padded, m), v, a, d);
-                }
-            }
-        }
     }
 
     /// Many queries (prefill): per KV head, gather the sequence's K (as `K^T`, `[d, n]`) and V
@@ -412,6 +342,25 @@ impl<T: Elem> Geometry<'_, T> {
     }
 }
 
+/// One work item of [`attend`]: a tile of one sequence's queries, or one part of a decode
+/// query's context (`split`).
+enum Work<'a> {
+    Tile {
+        s: usize,
+        t0: usize,
+        len: usize,
+        out: &'a mut [f32],
+    },
+    Part {
+        s: usize,
+        t: usize,
+        blocks: std::ops::Range<usize>,
+        keys: usize,
+        ml: &'a mut [(f32, f32)],
+        acc: &'a mut [f32],
+    },
+}
+
 /// `v` with `n` bf16 elements of whatever it held (as [`sized`]).
 fn bf16_sized(v: &mut Vec<bf16>, n: usize) -> &mut [bf16] {
     v.resize(n, bf16::ZERO);
@@ -461,39 +410,97 @@ pub fn attend<T: Elem>(
             && d.is_multiple_of(32)
             && crate::gemm::bf16::Bf16Kernel::chosen() == crate::gemm::bf16::Bf16Kernel::Amx,
     };
-    // Work items in token order, each owning a contiguous range of output rows.
-    let mut items = Vec::new();
+    // Tiles in token order, each owning a contiguous range of output rows.
+    let mut tiles = Vec::new();
     for s in 0..lay.num_seqs() {
         let (a, b) = (lay.query_start[s] as usize, lay.query_start[s + 1] as usize);
         let mut t = a;
         while t < b {
             let len = TILE.min(b - t);
-            items.push((s, t, len));
+            tiles.push((s, t, len));
             t += len;
         }
     }
+    // Decode tiles of one query cut into parts over their context where the step has too
+    // few tiles for the threads (`split`).
+    let threads = rayon::current_num_threads();
+    let parts: Vec<usize> = tiles
+        .iter()
+        .map(|&(_, t, len)| match len {
+            1 => split::parts(lay.position(t) + 1, tiles.len(), threads),
+            _ => 1,
+        })
+        .collect();
+    let split_parts: usize = parts.iter().filter(|&&p| p > 1).sum();
+    let mut ml = vec![(0f32, 0f32); split_parts * heads];
+    let mut acc = vec![0f32; split_parts * heads * d];
+    let (mut ml_rest, mut acc_rest) = (ml.as_mut_slice(), acc.as_mut_slice());
     let mut out = vec![0f32; tokens * heads * d];
-    let mut chunks = Vec::with_capacity(items.len());
     let mut rest = out.as_mut_slice();
-    for &(_, _, len) in &items {
+    let (mut work, mut merges) = (Vec::new(), Vec::new());
+    for (&(s, t0, len), &p) in tiles.iter().zip(&parts) {
         let (chunk, tail) = rest.split_at_mut(len * heads * d);
-        chunks.push(chunk);
         rest = tail;
+        if p == 1 {
+            work.push(Work::Tile {
+                s,
+                t0,
+                len,
+                out: chunk,
+            });
+            continue;
+        }
+        let (m, tail) = std::mem::take(&mut ml_rest).split_at_mut(p * heads);
+        ml_rest = tail;
+        let (a, tail) = std::mem::take(&mut acc_rest).split_at_mut(p * heads * d);
+        acc_rest = tail;
+        merges.push((chunk, p));
+        let n = lay.position(t0) + 1;
+        let nb = n.div_ceil(block_size);
+        let ranges = split::ranges(nb, p);
+        for ((blocks, ml), acc) in ranges.zip(m.chunks_mut(heads)).zip(a.chunks_mut(heads * d)) {
+            let keys = n.min(blocks.end * block_size) - blocks.start * block_size;
+            work.push(Work::Part {
+                s,
+                t: t0,
+                blocks,
+                keys,
+                ml,
+                acc,
+            });
+        }
     }
-    items.into_par_iter().zip(chunks).for_each_init(
-        Scratch::default,
-        |scr, ((s, t0, len), chunk)| {
-            let keys: Vec<usize> = (t0..t0 + len).map(|t| lay.position(t) + 1).collect();
-            let n = keys[len - 1];
-            let table = &lay.block_tables[s * lay.max_blocks..][..n.div_ceil(block_size)];
-            if len >= GEMM_MIN_QUERIES && geo.amx {
-                geo.tiled_amx(t0, &keys, table, chunk, scr);
-            } else if len >= GEMM_MIN_QUERIES {
-                geo.tiled(t0, &keys, table, chunk, scr);
-            } else {
-                geo.direct(t0, &keys, table, chunk, scr);
+    work.into_par_iter()
+        .for_each_init(Scratch::default, |scr, w| match w {
+            Work::Tile { s, t0, len, out } => {
+                let keys: Vec<usize> = (t0..t0 + len).map(|t| lay.position(t) + 1).collect();
+                let n = keys[len - 1];
+                let table = &lay.block_tables[s * lay.max_blocks..][..n.div_ceil(block_size)];
+                if len >= GEMM_MIN_QUERIES && geo.amx {
+                    geo.tiled_amx(t0, &keys, table, out, scr);
+                } else if len >= GEMM_MIN_QUERIES {
+                    geo.tiled(t0, &keys, table, out, scr);
+                } else {
+                    geo.direct(t0, &keys, table, out, scr);
+                }
             }
-        },
-    );
+            Work::Part {
+                s,
+                t,
+                blocks,
+                keys,
+                ml,
+                acc,
+            } => {
+                let table = &lay.block_tables[s * lay.max_blocks..][blocks];
+                geo.direct_part(t, keys, table, acc, ml, scr);
+            }
+        });
+    let (mut ml, mut acc) = (ml.as_slice(), acc.as_slice());
+    for (out, p) in merges {
+        let (m, a) = (ml.split_at(p * heads), acc.split_at(p * heads * d));
+        split::merge(m.0, a.0, (heads, d), out);
+        (ml, acc) = (m.1, a.1);
+    }
     Ok((CpuStorage::F32(out), ql.shape().clone()))
 }

@@ -16,6 +16,7 @@ pub mod launch;
 mod ops;
 pub mod plan;
 mod simd;
+mod split;
 
 pub use ops::{CacheKind, StepMeta};
 

@@ -231,6 +231,31 @@ fn long_prefill_spans_many_tiles() {
     check(&cases, 16, 6, 2, (DType::F32, DType::F32));
 }
 
+/// Decode queries over long contexts in a step of few of them: their contexts are cut into
+/// parts over the threads and merged (`split`), with ragged blocks at both ends of a part,
+/// beside a short decode query and a prefill chunk that are not.
+#[test]
+fn long_decode_contexts_split_over_the_threads() {
+    let one = vec![SeqShape {
+        ctx: 1500,
+        queries: 1,
+    }];
+    check(&one, 16, 6, 2, (DType::F32, DType::F32));
+    check(&one, 3, 4, 4, (DType::F32, DType::F16));
+    let few = vec![
+        SeqShape {
+            ctx: 700,
+            queries: 1,
+        },
+        SeqShape { ctx: 9, queries: 1 },
+        SeqShape {
+            ctx: 530,
+            queries: 10,
+        },
+    ];
+    check(&few, 16, 6, 2, (DType::F32, DType::F32));
+}
+
 /// Prefill tiles with both products in bf16 on AMX (where this CPU runs its bf16 products
 /// there): Q, K, the probabilities and V rounded to bf16 move each output by well under the
 /// half-precision tolerance; unwritten (poisoned) slots would not.
