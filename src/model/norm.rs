@@ -3,6 +3,8 @@
 //! rows instead of two (candle's add, then its norm). Every layer has two of them, so on the GPU
 //! this halves those launches and the reads of the residual stream.
 
+use std::mem::MaybeUninit;
+
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
@@ -11,23 +13,16 @@ use rayon::prelude::*;
 
 use crate::launch::{Arg, Launch};
 
-/// `(x + delta, rms_norm(x + delta) * w)` for the forward pass: the fused kernel on CUDA;
-/// on the CPU candle's add, then its norm, which measured faster in the model: SmolLM2 bf16,
-/// 32 x 512 prefill, all 122 calls, 720-744 ms against 771-777 for the fused op (three
-/// alternating pairs, 2026-12-04, glibc set to keep freed memory so that neither paid page
-/// faults; with glibc's defaults the fused op's one `[2, rows, n]` output was mapped and
-/// page-faulted afresh on every call: 1.0 s against 0.84). It zero-fills that output first.
+/// `(x + delta, rms_norm(x + delta) * w)` for the forward pass: the fused kernel on both
+/// devices. On the CPU it once lost to candle's add then norm (2026-12-04: 771-777 against
+/// 720-744 ms over a 32 x 512 prefill's 122 calls) while it zero-filled its output first; written
+/// into memory not zeroed first it halves them (2026-12-06, docs/cpu-performance.md).
 pub fn residual_rms_norm(
     x: &Tensor,
     delta: &Tensor,
     w: &Tensor,
     eps: f32,
 ) -> Result<(Tensor, Tensor)> {
-    if x.device().is_cpu() {
-        let sum = (x + delta)?;
-        let norm = candle_nn::ops::rms_norm(&sum, w, eps)?;
-        return Ok((sum, norm));
-    }
     add_rms_norm(x, delta, w, eps)
 }
 
@@ -101,6 +96,8 @@ fn sum_squares<T: Copy>(v: &[T], to: impl Fn(T) -> f32) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// The CPU kernel: both halves of the `[2, rows, n]` output written once, row by row over the
+/// threads, into memory not zeroed first.
 fn cpu_rows<T: WithDType>(
     (x, d, w): (&[T], &[T], &[T]),
     n: usize,
@@ -109,21 +106,25 @@ fn cpu_rows<T: WithDType>(
     from: impl Fn(f32) -> T + Sync,
 ) -> Vec<T> {
     let rows = x.len() / n;
-    let mut out = vec![T::zero(); 2 * rows * n];
-    let (sums, norms) = out.split_at_mut(rows * n);
+    let mut out: Vec<T> = Vec::with_capacity(2 * rows * n);
+    let (sums, norms) = out.spare_capacity_mut()[..2 * rows * n].split_at_mut(rows * n);
     sums.par_chunks_mut(n)
         .zip(norms.par_chunks_mut(n))
         .zip(x.par_chunks(n).zip(d.par_chunks(n)))
         .with_min_len(8)
         .for_each(|((s, o), (xr, dr))| {
             for ((s, &a), &b) in s.iter_mut().zip(xr).zip(dr) {
-                *s = from(to(a) + to(b));
+                s.write(from(to(a) + to(b)));
             }
+            // SAFETY: every element of `s` was just written; `MaybeUninit<T>` has `T`'s layout.
+            let s = unsafe { &*(s as *const [MaybeUninit<T>] as *const [T]) };
             let inv = 1.0 / (sum_squares(s, &to) / n as f32 + eps).sqrt();
-            for ((o, &s), &g) in o.iter_mut().zip(s.iter()).zip(w) {
-                *o = from(to(s) * inv * to(g));
+            for ((o, &s), &g) in o.iter_mut().zip(s).zip(w) {
+                o.write(from(to(s) * inv * to(g)));
             }
         });
+    // SAFETY: the loop above wrote every element of both halves (`rows` chunks of `n` each).
+    unsafe { out.set_len(2 * rows * n) };
     out
 }
 
