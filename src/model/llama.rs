@@ -317,8 +317,8 @@ impl Llama {
                 .index_select(input_ids, 0)?
                 .to_dtype(self.dtype)?)
         })?;
-        // Each residual add goes with the norm that follows it (`residual_rms_norm`, one kernel on
-        // CUDA), except after the last layer, whose norm runs only on the sampled rows (`logits`).
+        // Each residual add goes with the norm that follows it (`residual_rms_norm`, one kernel),
+        // except after the last layer, whose norm runs only on the sampled rows (`logits`).
         let mut h = match self.layers.first() {
             Some(layer) => timed(Kernel::RmsNorm, || {
                 Ok(rms_norm(&x, &layer.attn_norm, d.eps)?)
