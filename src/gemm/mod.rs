@@ -111,10 +111,10 @@ pub fn rows_by_weights_uninit(
 
 /// `out` seen as possibly uninitialised, for kernels that only write it.
 #[cfg(target_arch = "x86_64")]
-fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and whatever is written through the
-    // result is an initialised f32, so `out` stays valid.
-    unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
+fn as_uninit<T: Copy>(out: &mut [T]) -> &mut [MaybeUninit<T>] {
+    // SAFETY: `MaybeUninit<T>` has `T`'s layout, and whatever is written through the result is
+    // an initialised `T`, so `out` stays valid.
+    unsafe { &mut *(out as *mut [T] as *mut [MaybeUninit<T>]) }
 }
 
 /// `out` filled with zeros, as the initialised slice it then is.

@@ -70,13 +70,20 @@ pub fn pair_stride(m: usize) -> usize {
 
 /// Fills the 16 pair rows of one step (`step * 32` to `step * 32 + 32` of `k`) from the f32
 /// rows `x` (`[m, k]`): `dst[p * stride + t]` holds `x[t][step * 32 + 2p]` rounded to bf16 in
-/// its low half and `x[t][step * 32 + 2p + 1]` in its high half.
+/// its low half and `x[t][step * 32 + 2p + 1]` in its high half; from `t = m` to the stride,
+/// zeros. So it writes every element of `dst[..16 * stride]`, which need not hold anything yet.
 ///
 /// # Safety
 /// AVX-512 F, BW and BF16 must be available; `k % 32 == 0`, `step < k / 32`, `x.len() ==
-/// m * k`, `dst.len() >= 15 * stride + m`.
+/// m * k`, `m <= stride`, `dst.len() >= 16 * stride`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub unsafe fn pair_rows(x: &[f32], k: usize, step: usize, stride: usize, dst: &mut [u32]) {
+pub unsafe fn pair_rows(
+    x: &[f32],
+    k: usize,
+    step: usize,
+    stride: usize,
+    dst: &mut [MaybeUninit<u32>],
+) {
     let m = x.len() / k;
     let offsets = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -92,6 +99,9 @@ pub unsafe fn pair_rows(x: &[f32], k: usize, step: usize, stride: usize, dst: &m
             let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
             _mm512_i32scatter_epi32::<4>(dst.as_mut_ptr().add(t) as *mut i32, offsets, pairs);
         }
+    }
+    for p in 0..16 {
+        dst[p * stride + m..(p + 1) * stride].fill(MaybeUninit::new(0));
     }
 }
 

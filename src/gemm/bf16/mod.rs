@@ -222,14 +222,17 @@ impl Bf16Rows {
             }
             #[cfg(target_arch = "x86_64")]
             Bf16Kernel::Amx if k.is_multiple_of(amx::K_STEP) => {
-                let stride = amx::pair_stride(m);
-                let mut pairs = vec![0u32; k / 2 * stride];
-                pairs
+                let (stride, len) = (amx::pair_stride(m), k / 2 * amx::pair_stride(m));
+                let mut pairs: Vec<u32> = Vec::with_capacity(len);
+                pairs.spare_capacity_mut()[..len]
                     .par_chunks_mut(amx::K_STEP / 2 * stride)
                     .enumerate()
                     // SAFETY: `Amx` runs here (checked above), so AVX-512 F, BW and BF16 are
                     // present; `k` is a multiple of 32, each chunk is one step's 16 pair rows.
                     .for_each(|(step, d)| unsafe { amx::pair_rows(x, k, step, stride, d) });
+                // SAFETY: `pair_rows` wrote every element of its chunk, and the chunks (`k / 32`
+                // of 16 pair rows) cover the `len` elements.
+                unsafe { pairs.set_len(len) };
                 RowData::Pairs { pairs, stride }
             }
             _ => {
@@ -400,6 +403,7 @@ pub fn amx_rows_by_weights(
         for (step, d) in pairs
             .chunks_exact_mut(step_len)
             .take(k / amx::K_STEP)
+            .map(as_uninit)
             .enumerate()
         {
             // SAFETY: AMX runs here (checked), which implies AVX-512 F, BW and BF16; `k` is a
