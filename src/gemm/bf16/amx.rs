@@ -72,10 +72,12 @@ pub fn pair_stride(m: usize) -> usize {
 /// rows `x` (`[m, k]`): `dst[p * stride + t]` holds `x[t][step * 32 + 2p]` rounded to bf16 in
 /// its low half and `x[t][step * 32 + 2p + 1]` in its high half; from `t = m` to the stride,
 /// zeros. So it writes every element of `dst[..16 * stride]`, which need not hold anything yet.
+/// Sixteen rows at a time, transposed in registers, so that every store is a whole line of 16
+/// rows (a scatter per row was 8% of a bf16 prefill).
 ///
 /// # Safety
 /// AVX-512 F, BW and BF16 must be available; `k % 32 == 0`, `step < k / 32`, `x.len() ==
-/// m * k`, `m <= stride`, `dst.len() >= 16 * stride`.
+/// m * k`, `m <= stride`, `stride` a multiple of 16, `dst.len() >= 16 * stride`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn pair_rows(
     x: &[f32],
@@ -85,23 +87,28 @@ pub unsafe fn pair_rows(
     dst: &mut [MaybeUninit<u32>],
 ) {
     let m = x.len() / k;
-    let offsets = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(stride as i32),
-    );
-    // SAFETY: row `t` reads its 32 values of the step within `x`; the scatter writes
-    // `dst[p * stride + t]` for p < 16, within `dst` by the caller's contract.
+    let covered = m.next_multiple_of(TILE);
+    // SAFETY: rows `t0 .. t0 + 16` below `m` read their 32 values of the step within `x`; the
+    // stores write `dst[p * stride + t0 ..][..16]` for p < 16, t0 + 16 <= covered <= stride.
     unsafe {
-        for t in 0..m {
-            let src = x.as_ptr().add(t * k + step * K_STEP);
-            let lo = _mm512_loadu_ps(src);
-            let hi = _mm512_loadu_ps(src.add(16));
-            let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-            _mm512_i32scatter_epi32::<4>(dst.as_mut_ptr().add(t) as *mut i32, offsets, pairs);
+        for t0 in (0..m).step_by(TILE) {
+            // Row i's 16 pairs (zeros past the last row), then pair p's values of the 16 rows.
+            let by_pair = transpose(std::array::from_fn(|i| {
+                if t0 + i >= m {
+                    return _mm512_setzero_ps();
+                }
+                let src = x.as_ptr().add((t0 + i) * k + step * K_STEP);
+                let (lo, hi) = (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)));
+                std::mem::transmute::<__m512bh, __m512>(_mm512_cvtne2ps_pbh(hi, lo))
+            }));
+            for (p, v) in by_pair.iter().enumerate() {
+                let at = dst.as_mut_ptr().add(p * stride + t0);
+                _mm512_storeu_ps(at.cast::<f32>(), *v);
+            }
         }
     }
     for p in 0..16 {
-        dst[p * stride + m..(p + 1) * stride].fill(MaybeUninit::new(0));
+        dst[p * stride + covered..(p + 1) * stride].fill(MaybeUninit::new(0));
     }
 }
 
