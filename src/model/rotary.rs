@@ -99,8 +99,11 @@ impl SplitRotate {
         } = self.0;
         let (qs, ks) = (heads * d, kv_heads * d);
         let row = qs + 2 * ks;
-        let mut out = vec![T::zero(); tokens * (qs + 2 * ks)];
-        let (q_out, rest) = out.split_at_mut(tokens * qs);
+        assert_eq!(qkv.len(), tokens * row, "split_rotate: qkv rows");
+        // Written once, not zeroed first (a prefill's q, k and v are up to 63 MB per layer).
+        let len = tokens * (qs + 2 * ks);
+        let mut out: Vec<T> = Vec::with_capacity(len);
+        let (q_out, rest) = out.spare_capacity_mut()[..len].split_at_mut(tokens * qs);
         let (k_out, v_out) = rest.split_at_mut(tokens * ks);
         let n = TOKENS_PER_ITEM;
         q_out
@@ -125,14 +128,20 @@ impl SplitRotate {
                     }
                     rotate_heads(&src, &mut dst, &c, &s, d);
                     for (o, &x) in q_out[t * qs..][..qs].iter_mut().zip(&dst[..qs]) {
-                        *o = from_f32(x);
+                        o.write(from_f32(x));
                     }
                     for (o, &x) in k_out[t * ks..][..ks].iter_mut().zip(&dst[qs..]) {
-                        *o = from_f32(x);
+                        o.write(from_f32(x));
                     }
-                    v_out[t * ks..][..ks].copy_from_slice(&qkv[t * row + qs + ks..][..ks]);
+                    let v = &qkv[t * row + qs + ks..][..ks];
+                    for (o, &x) in v_out[t * ks..][..ks].iter_mut().zip(v) {
+                        o.write(x);
+                    }
                 }
             });
+        // SAFETY: the chunks of q, k and v cover their `tokens` rows, and each item wrote every
+        // row of its chunks (`qkv` holds `tokens` rows of `row`).
+        unsafe { out.set_len(len) };
         out
     }
 }
