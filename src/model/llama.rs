@@ -28,6 +28,17 @@ impl Linear {
         })
     }
 
+    /// Whether [`Linear::silu_mul`] runs for `x` (`matmul::gate_up_silu_fuses`, and no bias).
+    pub fn fuses_silu_mul(&self, x: &Tensor) -> Result<bool> {
+        Ok(self.b.is_none() && super::matmul::gate_up_silu_fuses(x, &self.w)?)
+    }
+
+    /// `silu(gate) * up` of this gate/up projection (`[2h, in]`, gate rows first) in one op,
+    /// where [`Linear::fuses_silu_mul`].
+    pub fn silu_mul(&self, x: &Tensor) -> Result<Tensor> {
+        super::matmul::gate_up_silu(x, &self.w)
+    }
+
     /// Several projections of the same input fused into one (rows stacked): one GEMM instead
     /// of several smaller ones.
     fn fused(parts: Vec<Linear>) -> Result<Self> {
@@ -337,8 +348,13 @@ impl Llama {
             (x, h) = timed(Kernel::RmsNorm, || {
                 residual_rms_norm(&x, &a, &layer.mlp_norm, d.eps)
             })?;
-            let gu = timed(Kernel::GemmGateUp, || layer.gate_up.forward(&h))?;
-            let act = timed(Kernel::Activation, || super::ops::silu_mul(&gu))?;
+            let act = if layer.gate_up.fuses_silu_mul(&h)? {
+                // The activation's time is then in gate/up's.
+                timed(Kernel::GemmGateUp, || layer.gate_up.silu_mul(&h))?
+            } else {
+                let gu = timed(Kernel::GemmGateUp, || layer.gate_up.forward(&h))?;
+                timed(Kernel::Activation, || super::ops::silu_mul(&gu))?
+            };
             let down = timed(Kernel::GemmDown, || layer.down.forward(&act))?;
             match self.layers.get(i + 1) {
                 Some(next) => {

@@ -8,7 +8,10 @@ use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::gemm::bf16::{Bf16Kernel, Bf16Rows, rows_by_weights_bf16, rows_by_weights_bf16_uninit};
+use crate::gemm::bf16::{
+    Bf16Kernel, Bf16Rows, rows_by_weights_bf16, rows_by_weights_bf16_silu_uninit,
+    rows_by_weights_bf16_uninit, silu_fits,
+};
 use crate::gemm::{rows_by_weights, rows_by_weights_uninit};
 
 /// Up to this many rows, [`linear`] splits the output features over the threads itself:
@@ -47,6 +50,28 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         }
     }
     Ok(x.matmul(&w.t()?)?)
+}
+
+/// Whether [`gate_up_silu`] runs for rows `x` and a gate/up matrix `w`: on the CPU, bf16
+/// weights whose products run on AMX, more than [`ROW_BLOCK`] rows (a prefill), `in` and the
+/// weight rows multiples of 32.
+pub fn gate_up_silu_fuses(x: &Tensor, w: &Tensor) -> Result<bool> {
+    Ok(x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::BF16
+        && Bf16Kernel::chosen() == Bf16Kernel::Amx
+        && x.rank() == 2
+        && x.dim(0)? > ROW_BLOCK
+        && x.dim(1)? % 32 == 0
+        && w.dim(0)? % 32 == 0)
+}
+
+/// `silu(x W_gate^T) * (x W_up^T)` for a gate/up matrix `W` (`[2h, in]`, the gate rows first)
+/// in one op, where [`gate_up_silu_fuses`]: it never writes the `[rows, 2h]` products, which
+/// SiLU x mul would read back (measured: docs/cpu-performance.md). Bit for bit the values of
+/// `linear` then `ops::silu_mul` on the same kernel.
+pub fn gate_up_silu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.apply_op2_no_bwd(w, &Bf16SiluMatmul)?)
 }
 
 /// The contiguous operands of `x W^T` on the CPU, and its `(m, n, k)`.
@@ -209,6 +234,41 @@ impl CustomOp2 for Bf16Matmul {
     }
 }
 
+/// [`gate_up_silu`]'s op: f32 rows, bf16 gate/up weights, over blocks of rows on AMX.
+struct Bf16SiluMatmul;
+
+impl CustomOp2 for Bf16SiluMatmul {
+    fn name(&self) -> &'static str {
+        "bf16-gate-up-silu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::BF16(w)) = (xs, ws) else {
+            candle_core::bail!("gate_up_silu: f32 rows and bf16 weights only");
+        };
+        let Operands { x, w, mnk } = operands("gate_up_silu", (x, xl), (w, wl))?;
+        let (m, n, k) = mnk;
+        let xb = Bf16Rows::prepare(Bf16Kernel::chosen(), x, k);
+        if !n.is_multiple_of(2) || !silu_fits(&xb, n / 2) {
+            candle_core::bail!("gate_up_silu: {m}x{k} by ({n}x{k})^T does not fuse here");
+        }
+        let h = n / 2;
+        // SAFETY: `rows_by_weights_bf16_silu_uninit` writes every output of its rows.
+        let out = unsafe {
+            by_row_blocks(m, h, |rows, part| {
+                rows_by_weights_bf16_silu_uninit(&xb, rows, (h, w), part)
+            })
+        };
+        Ok((CpuStorage::F32(out), Shape::from((m, h))))
+    }
+}
+
 /// Rows per task for `m` rows over `threads`: at most [`ROW_BLOCK`], in a number of
 /// blocks that the threads share evenly.
 fn row_block(m: usize, threads: usize) -> usize {
@@ -273,6 +333,33 @@ mod tests {
             assert_eq!(got.dtype(), DType::F32);
             let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(err < 1e-3, "{m}x{k}x{n}: {err}");
+        }
+        Ok(())
+    }
+
+    /// The fused gate/up product and activation against `linear` then `silu_mul`, bit for bit,
+    /// over rows in several blocks, where the CPU runs it (bf16 products on AMX).
+    #[test]
+    fn gate_up_silu_matches_product_then_activation() -> Result<()> {
+        let mut rng = Rng64::new(4);
+        let x = uniform(&mut rng, (130, 64), 1.0)?;
+        let w = uniform(&mut rng, (96, 64), 0.5)?.to_dtype(DType::BF16)?;
+        if !gate_up_silu_fuses(&x, &w)? {
+            assert!(Bf16Kernel::chosen() != Bf16Kernel::Amx);
+            return Ok(());
+        }
+        // Few rows, odd weight rows or f32 weights do not fuse.
+        assert!(!gate_up_silu_fuses(&x.narrow(0, 0, 64)?, &w)?);
+        assert!(!gate_up_silu_fuses(&x, &w.narrow(0, 0, 80)?)?);
+        assert!(!gate_up_silu_fuses(&x, &w.to_dtype(DType::F32)?)?);
+        let got = gate_up_silu(&x, &w)?;
+        let want = crate::model::ops::silu_mul(&linear(&x, &w)?)?;
+        assert_eq!(got.dims(), &[130, 48]);
+        let (got, want) = (got.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+            for (j, (a, b)) in g.iter().zip(w).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "[{r}][{j}]");
+            }
         }
         Ok(())
     }

@@ -157,6 +157,8 @@ pub unsafe fn rows_by_weights(
         pairs: pairs.as_ptr(),
         stride,
         rows,
+        second: TILE * k,
+        silu: false,
     };
     // SAFETY: AMX is usable (caller); the tiles are configured before use and released after.
     // Each block's weight rows are within `w` (or the padded copy), and the caller's contract
@@ -179,13 +181,57 @@ pub unsafe fn rows_by_weights(
     }
 }
 
+/// `out[(r - rows.start) * h + j] = silu(x[r] . w[j]) * (x[r] . w[h + j])` for a gate/up
+/// matrix `w` (`[2h, k]`: the gate rows, then the up rows), as [`rows_by_weights`] followed by
+/// SiLU x mul, without writing the `[rows, 2h]` products (a prefill's gate/up output is
+/// 100-200 MB a layer, read back by the activation): each block takes 16 gate rows and the 16
+/// up rows of the same features as its two weight tiles.
+///
+/// # Safety
+/// As [`rows_by_weights`] with `n = 2h`, and `h % 16 == 0`; `out.len() >= rows.len() * h`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn rows_by_weights_silu(
+    (h, k): (usize, usize),
+    (pairs, stride): (&[u32], usize),
+    rows: Range<usize>,
+    w: &[bf16],
+    out: &mut [MaybeUninit<f32>],
+) {
+    let block = Block {
+        k,
+        n: h,
+        pairs: pairs.as_ptr(),
+        stride,
+        rows,
+        second: h * k,
+        silu: true,
+    };
+    // SAFETY: as in `rows_by_weights`; block `j0` reads gate rows `j0 .. j0 + 16` and up rows
+    // `h + j0 .. h + j0 + 16`, within `w` as `h` is a multiple of 16.
+    unsafe {
+        let mut results = Results([0.0; 4 * TILE * TILE]);
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+        for j0 in (0..h).step_by(TILE) {
+            block.run(w.as_ptr().add(j0 * k), (j0, TILE), &mut results, out);
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
 /// What every block of 32 weight rows shares.
 struct Block {
     k: usize,
+    /// Output columns (the row stride of `out`).
     n: usize,
     pairs: *const u32,
     stride: usize,
     rows: Range<usize>,
+    /// Elements from the first weight tile's rows to the second's: 16 rows on (a block of 32
+    /// consecutive rows), or the up half of a gate/up matrix (`silu`).
+    second: usize,
+    /// The second tile holds the up rows of the first's gate rows: the block writes
+    /// `silu(gate) * up` (16 columns) instead of both products.
+    silu: bool,
 }
 
 impl Block {
@@ -219,7 +265,7 @@ impl Block {
                 );
                 for step in 0..k / K_STEP {
                     let w0 = wp.add(step * K_STEP);
-                    let w1 = w0.add(TILE * k);
+                    let w1 = w0.add(self.second);
                     let x0 = self.pairs.add(step * TILE * stride + t);
                     if two {
                         asm!(
@@ -268,12 +314,28 @@ impl Block {
                     b = in(reg) TILE * 4,
                     options(nostack)
                 );
-                for (tile, (dj, dt)) in [(0, 0), (0, TILE), (TILE, 0), (TILE, TILE)]
-                    .into_iter()
-                    .enumerate()
-                {
-                    if dj < valid && t + dt < self.rows.end {
-                        self.place(&results.0[tile * TILE * TILE..], j0 + dj, t + dt, out);
+                if self.silu {
+                    // Tiles 0 and 1 hold the gate products of the two x tiles, 2 and 3 the up
+                    // ones of the same features.
+                    for (g, dt) in [(0, 0), (1, TILE)] {
+                        if t + dt < self.rows.end {
+                            let (gate, up) = results.0.split_at_mut(2 * TILE * TILE);
+                            let gate = &mut gate[g * TILE * TILE..][..TILE * TILE];
+                            let up = &up[g * TILE * TILE..][..TILE * TILE];
+                            for (x, &u) in gate.iter_mut().zip(up) {
+                                *x = crate::fastmath::silu(*x) * u;
+                            }
+                            self.place(gate, j0, t + dt, out);
+                        }
+                    }
+                } else {
+                    for (tile, (dj, dt)) in [(0, 0), (0, TILE), (TILE, 0), (TILE, TILE)]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        if dj < valid && t + dt < self.rows.end {
+                            self.place(&results.0[tile * TILE * TILE..], j0 + dj, t + dt, out);
+                        }
                     }
                 }
                 t += 2 * TILE;

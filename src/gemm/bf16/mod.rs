@@ -268,6 +268,36 @@ impl Bf16Rows {
     }
 }
 
+/// Whether [`rows_by_weights_bf16_silu_uninit`] runs for `x` and a gate/up matrix of `2h` rows:
+/// rows paired for AMX, and `h` a multiple of 16.
+pub fn silu_fits(x: &Bf16Rows, h: usize) -> bool {
+    matches!(x.data, RowData::Pairs { .. }) && h.is_multiple_of(16)
+}
+
+/// `out[i * h + j] = silu(x[rows.start + i] . w[j]) * (x[rows.start + i] . w[h + j])` for a
+/// gate/up matrix `w` (`[2h, k]`, gate rows first), into outputs not yet written (every one of
+/// the `rows.len() * h` is): the product and the MLP's activation in one pass, on AMX
+/// (`amx::rows_by_weights_silu`), where [`silu_fits`].
+pub fn rows_by_weights_bf16_silu_uninit(
+    x: &Bf16Rows,
+    rows: Range<usize>,
+    (h, w): (usize, &[bf16]),
+    out: &mut [MaybeUninit<f32>],
+) {
+    let (k, m) = (x.k, rows.len());
+    assert!(
+        silu_fits(x, h) && rows.end <= x.m && w.len() >= 2 * h * k && out.len() >= m * h,
+        "rows_by_weights_bf16_silu_uninit: sizes or rows not paired for AMX"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if let RowData::Pairs { pairs, stride } = &x.data {
+        // SAFETY: `prepare` paired the rows only after checking that this CPU has `Amx`, and
+        // only for `k` a multiple of 32; `h` is a multiple of 16 and the assert above bounds
+        // the rows, the `2h` weight rows and the outputs.
+        unsafe { amx::rows_by_weights_silu((h, k), (pairs, *stride), rows, w, out) };
+    }
+}
+
 /// `dst[i] = bf16(src[i])`, rounded to nearest even (as `vcvtne2ps2bf16` does; subnormal inputs
 /// there become zero, which no activation of a model at work is).
 fn round_to_bf16(kernel: Bf16Kernel, src: &[f32], dst: &mut [bf16]) {
@@ -520,6 +550,37 @@ mod tests {
                             "{kernel:?} {m}x{k}x{n} [{r},{j}]: {g} vs {want}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// The gate/up product fused with SiLU x mul equals the product, then the activation, bit
+    /// for bit on the same kernel: rows in one tile and in several, the last partly past the
+    /// rows, a sub-range of the rows, one and several blocks of 16 features.
+    #[test]
+    fn silu_product_equals_product_then_activation() {
+        if !Bf16Kernel::Amx.runs_here() {
+            return;
+        }
+        let mut rng = Rng64::new(23);
+        for (m, h, k) in [(40, 32, 64), (17, 16, 96), (100, 48, 32)] {
+            let x = rng.uniform_f32(m * k, 1.0);
+            let w = to_bf16(&rng.uniform_f32(2 * h * k, 1.0));
+            let xb = Bf16Rows::prepare(Bf16Kernel::Amx, &x, k);
+            assert!(silu_fits(&xb, h) && !silu_fits(&xb, h + 8));
+            let mut both = vec![f32::NAN; m * 2 * h];
+            rows_by_weights_bf16(&xb, 0..m, (2 * h, &w), &mut both);
+            let rows = 3..m;
+            let mut got = vec![MaybeUninit::new(f32::NAN); rows.len() * h];
+            rows_by_weights_bf16_silu_uninit(&xb, rows.clone(), (h, &w), &mut got);
+            for (i, r) in rows.enumerate() {
+                for j in 0..h {
+                    let (g, u) = (both[r * 2 * h + j], both[r * 2 * h + h + j]);
+                    let want = crate::fastmath::silu(g) * u;
+                    // SAFETY: initialised above.
+                    let x = unsafe { got[i * h + j].assume_init() };
+                    assert_eq!(x.to_bits(), want.to_bits(), "{m} x {h} x {k}: [{r}][{j}]");
                 }
             }
         }
