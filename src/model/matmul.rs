@@ -159,7 +159,8 @@ unsafe fn by_row_blocks(
 }
 
 /// f32 rows times f32 weights by `rows_by_weights`: over the output features for few rows, over
-/// blocks of rows for many (a prefill, where `gemm::rows_by_weights_suits_many_rows`).
+/// blocks of rows for many (a prefill, where `gemm::rows_by_weights_suits_many_rows`), then
+/// against weights packed once per product where the CPU has AVX-512 (`gemm::packed`).
 struct SplitMatmul;
 
 impl CustomOp2 for SplitMatmul {
@@ -183,6 +184,14 @@ impl CustomOp2 for SplitMatmul {
             by_output_features((m, n), 1, |a, len, part| {
                 rows_by_weights((m, len, k), x, &w[a * k..], part)
             })
+        } else if let Some(packed) = crate::gemm::pack_for_many_rows(w, n, k) {
+            // SAFETY: `rows_by_packed_uninit` writes every output of its rows.
+            unsafe {
+                by_row_blocks(m, n, |rows, part| {
+                    let x = &x[rows.start * k..];
+                    crate::gemm::rows_by_packed_uninit((rows.len(), n, k), x, &packed, part)
+                })
+            }
         } else {
             // SAFETY: `rows_by_weights_uninit` writes every output of its rows.
             unsafe {
