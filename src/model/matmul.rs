@@ -102,6 +102,27 @@ fn operands<'a, T>(
     })
 }
 
+/// f32 rows prepared for the chosen bf16 kernel, the bf16 weights, and `(m, n, k)`: what both
+/// bf16 ops start from.
+struct Bf16Operands<'a> {
+    xb: Bf16Rows,
+    w: &'a [half::bf16],
+    mnk: (usize, usize, usize),
+}
+
+fn bf16_operands<'a>(
+    op: &str,
+    (xs, xl): (&'a CpuStorage, &Layout),
+    (ws, wl): (&'a CpuStorage, &Layout),
+) -> candle_core::Result<Bf16Operands<'a>> {
+    let (CpuStorage::F32(x), CpuStorage::BF16(w)) = (xs, ws) else {
+        candle_core::bail!("{op}: f32 rows and bf16 weights only");
+    };
+    let Operands { x, w, mnk } = operands(op, (x, xl), (w, wl))?;
+    let xb = Bf16Rows::prepare(Bf16Kernel::chosen(), x, mnk.2);
+    Ok(Bf16Operands { xb, w, mnk })
+}
+
 /// An `[m, n]` product split over its output features: chunks of contiguous weight rows (a
 /// multiple of `whole`, the kernel's block of weight rows), enough for every thread, each
 /// computed by `part(first, len, out)` into its own `[m, len]` buffer, then placed.
@@ -221,12 +242,8 @@ impl CustomOp2 for Bf16Matmul {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::BF16(w)) = (xs, ws) else {
-            candle_core::bail!("bf16_matmul: f32 rows and bf16 weights only");
-        };
-        let Operands { x, w, mnk } = operands("bf16_matmul", (x, xl), (w, wl))?;
+        let Bf16Operands { xb, w, mnk } = bf16_operands("bf16_matmul", (xs, xl), (ws, wl))?;
         let (m, n, k) = mnk;
-        let xb = Bf16Rows::prepare(Bf16Kernel::chosen(), x, k);
         let out = if m <= ROW_BLOCK {
             by_output_features((m, n), xb.weight_block(), |a, len, part| {
                 rows_by_weights_bf16(&xb, 0..m, (len, &w[a * k..]), part)
@@ -258,12 +275,8 @@ impl CustomOp2 for Bf16SiluMatmul {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::BF16(w)) = (xs, ws) else {
-            candle_core::bail!("gate_up_silu: f32 rows and bf16 weights only");
-        };
-        let Operands { x, w, mnk } = operands("gate_up_silu", (x, xl), (w, wl))?;
+        let Bf16Operands { xb, w, mnk } = bf16_operands("gate_up_silu", (xs, xl), (ws, wl))?;
         let (m, n, k) = mnk;
-        let xb = Bf16Rows::prepare(Bf16Kernel::chosen(), x, k);
         if !n.is_multiple_of(2) || !silu_fits(&xb, n / 2) {
             candle_core::bail!("gate_up_silu: {m}x{k} by ({n}x{k})^T does not fuse here");
         }
