@@ -426,9 +426,13 @@ pub fn attend<T: Elem>(
     let threads = rayon::current_num_threads();
     let parts: Vec<usize> = tiles
         .iter()
-        .map(|&(_, t, len)| match len {
-            1 => split::parts(lay.position(t) + 1, tiles.len(), threads),
-            _ => 1,
+        .map(|&(_, t, len)| {
+            let n = lay.position(t) + 1;
+            match len {
+                // No more parts than blocks (which may be longer than a part).
+                1 => split::parts(n, tiles.len(), threads).min(n.div_ceil(block_size)),
+                _ => 1,
+            }
         })
         .collect();
     let split_parts: usize = parts.iter().filter(|&&p| p > 1).sum();

@@ -242,6 +242,8 @@ fn long_decode_contexts_split_over_the_threads() {
     }];
     check(&one, 16, 6, 2, (DType::F32, DType::F32));
     check(&one, 3, 4, 4, (DType::F32, DType::F16));
+    // Blocks longer than a part: never more parts than blocks.
+    check(&one, 512, 6, 2, (DType::F32, DType::F32));
     let few = vec![
         SeqShape {
             ctx: 700,
