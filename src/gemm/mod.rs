@@ -136,7 +136,7 @@ pub fn rows_by_packed_uninit(
         assert!(
             crate::device::cpu_has_avx512_bw()
                 && x.len() >= m * k
-                && packed.len() >= n.div_ceil(packed::PANEL) * packed::PANEL * k
+                && packed.len() >= n.div_ceil(PANEL) * PANEL * k
                 && out.len() >= m * n,
             "rows_by_packed_uninit: sizes, or weights not packed here"
         );
@@ -149,6 +149,25 @@ pub fn rows_by_packed_uninit(
         unreachable!("rows_by_packed_uninit: no packed weights off x86-64");
     }
 }
+
+/// [`rows_by_packed_uninit`] into initialised outputs (which it overwrites).
+pub fn rows_by_packed(
+    (m, n, k): (usize, usize, usize),
+    x: &[f32],
+    packed: &[f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    rows_by_packed_uninit((m, n, k), x, packed, as_uninit(out));
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, n, k, x, packed, out);
+        unreachable!("rows_by_packed: no packed weights off x86-64");
+    }
+}
+
+/// Output features per panel of packed weights.
+pub const PANEL: usize = 32;
 
 /// `out` seen as possibly uninitialised, for kernels that only write it.
 #[cfg(target_arch = "x86_64")]

@@ -10,8 +10,8 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-/// Output features per panel: two 512-bit registers.
-pub const PANEL: usize = 32;
+// Output features per panel: two 512-bit registers.
+use super::PANEL;
 
 /// Rows per register tile.
 const ROWS: usize = 12;
@@ -51,13 +51,20 @@ pub unsafe fn rows_by_packed(
     packed: &[f32],
     out: &mut [MaybeUninit<f32>],
 ) {
-    for p in 0..n.div_ceil(PANEL) {
+    let panels = n.div_ceil(PANEL);
+    for p in 0..panels {
         let panel = &packed[p * k * PANEL..][..k * PANEL];
         let cols = (n - p * PANEL).min(PANEL);
         let mut r = 0;
         while r < m {
             let rows = (m - r).min(ROWS);
-            let at = (r, p * PANEL, cols);
+            // The first tile of a panel asks for the next panel, a step's two lines at a time.
+            let next = if r == 0 && p + 1 < panels {
+                packed[(p + 1) * k * PANEL..].as_ptr()
+            } else {
+                std::ptr::null()
+            };
+            let at = (r, p * PANEL, cols, next);
             // SAFETY: rows `r .. r + rows` of `x` and of `out` exist (caller), the panel holds
             // `k` steps of 32.
             unsafe {
@@ -88,7 +95,7 @@ pub unsafe fn rows_by_packed(
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn tile<const R: usize>(
-    (r, j, cols): (usize, usize, usize),
+    (r, j, cols, next): (usize, usize, usize, *const f32),
     (n, k): (usize, usize),
     x: &[f32],
     panel: &[f32],
@@ -100,6 +107,11 @@ unsafe fn tile<const R: usize>(
         let (xp, wp) = (x.as_ptr().add(r * k), panel.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for kk in 0..k {
+            if !next.is_null() {
+                let at = next.add(kk * PANEL).cast::<i8>();
+                _mm_prefetch::<_MM_HINT_T1>(at);
+                _mm_prefetch::<_MM_HINT_T1>(at.add(64));
+            }
             let w0 = _mm512_loadu_ps(wp.add(kk * PANEL));
             let w1 = _mm512_loadu_ps(wp.add(kk * PANEL + 16));
             for (i, a) in acc.iter_mut().enumerate() {

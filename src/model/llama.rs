@@ -17,11 +17,18 @@ use crate::profile::{Kernel, timed};
 pub struct Linear {
     w: Tensor,
     b: Option<Tensor>,
+    /// `Some((out, in))` where `w` holds the weights packed into panels of 32 output features
+    /// (`gemm::pack_for_many_rows`, f32 on AVX-512 CPUs: `Linear::into_panels`), `None` where
+    /// it holds them as rows.
+    panels: Option<(usize, usize)>,
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = super::matmul::linear(x, &self.w)?;
+        let y = match self.panels {
+            Some(nk) => super::matmul::linear_panels(x, &self.w, nk)?,
+            None => super::matmul::linear(x, &self.w)?,
+        };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -30,7 +37,9 @@ impl Linear {
 
     /// Whether [`Linear::silu_mul`] runs for `x` (`matmul::gate_up_silu_fuses`, and no bias).
     pub fn fuses_silu_mul(&self, x: &Tensor) -> Result<bool> {
-        Ok(self.b.is_none() && super::matmul::gate_up_silu_fuses(x, &self.w)?)
+        Ok(self.b.is_none()
+            && self.panels.is_none()
+            && super::matmul::gate_up_silu_fuses(x, &self.w)?)
     }
 
     /// `silu(gate) * up` of this gate/up projection (`[2h, in]`, gate rows first) in one op,
@@ -50,7 +59,29 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { w, b })
+        Ok(Self { w, b, panels: None })
+    }
+
+    /// The same projection with f32 weights on the CPU packed into panels where the CPU runs
+    /// the packed kernel (`gemm::pack_for_many_rows`: AVX-512), which then serves every row
+    /// count; unchanged elsewhere. The rows are not kept: the panels hold the same values.
+    fn into_panels(self) -> Result<Self> {
+        if self.panels.is_some() || !self.w.device().is_cpu() || self.w.dtype() != DType::F32 {
+            return Ok(self);
+        }
+        let (n, k) = self.w.dims2()?;
+        let rows = self.w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(match crate::gemm::pack_for_many_rows(&rows, n, k) {
+            Some(packed) => {
+                let len = packed.len();
+                Self {
+                    w: Tensor::from_vec(packed, len, &Device::Cpu)?,
+                    b: self.b,
+                    panels: Some((n, k)),
+                }
+            }
+            None => self,
+        })
     }
 }
 
@@ -69,7 +100,7 @@ impl Loader<'_> {
         } else {
             None
         };
-        Ok(Linear { w, b })
+        Ok(Linear { w, b, panels: None })
     }
 
     /// A bias or a norm's weight.
@@ -243,14 +274,19 @@ impl Llama {
             let inter = dims.intermediate;
             layers.push(Layer {
                 attn_norm: ld.vector(&format!("{p}.input_layernorm.weight"), h)?,
-                qkv,
-                o: ld.linear(&format!("{attn}.o_proj"), h, q_size, false)?,
+                qkv: qkv.into_panels()?,
+                o: ld
+                    .linear(&format!("{attn}.o_proj"), h, q_size, false)?
+                    .into_panels()?,
                 mlp_norm: ld.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 gate_up: Linear::fused(vec![
                     ld.linear(&format!("{mlp}.gate_proj"), inter, h, false)?,
                     ld.linear(&format!("{mlp}.up_proj"), inter, h, false)?,
-                ])?,
-                down: ld.linear(&format!("{mlp}.down_proj"), h, inter, false)?,
+                ])?
+                .into_panels()?,
+                down: ld
+                    .linear(&format!("{mlp}.down_proj"), h, inter, false)?
+                    .into_panels()?,
             });
             on_layer(i);
         }

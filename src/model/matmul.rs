@@ -12,7 +12,9 @@ use crate::gemm::bf16::{
     Bf16Kernel, Bf16Rows, rows_by_weights_bf16, rows_by_weights_bf16_silu_uninit,
     rows_by_weights_bf16_uninit, silu_fits,
 };
-use crate::gemm::{rows_by_weights, rows_by_weights_uninit};
+use crate::gemm::{
+    PANEL, rows_by_packed, rows_by_packed_uninit, rows_by_weights, rows_by_weights_uninit,
+};
 
 /// Up to this many rows, [`linear`] splits the output features over the threads itself:
 /// candle's matmul runs a one-row product on one thread, bound by one core's memory bandwidth
@@ -72,6 +74,64 @@ pub fn gate_up_silu_fuses(x: &Tensor, w: &Tensor) -> Result<bool> {
 /// `linear` then `ops::silu_mul` on the same kernel.
 pub fn gate_up_silu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.apply_op2_no_bwd(w, &Bf16SiluMatmul)?)
+}
+
+/// `x W^T` for f32 rows `x` and the weights of an `[n, k]` matrix packed into panels
+/// (`gemm::pack_for_many_rows`, which `Linear` does at load on AVX-512 CPUs): over the panels
+/// for up to [`SPLIT_MAX_ROWS`] rows, over blocks of rows beyond.
+pub fn linear_panels(x: &Tensor, panels: &Tensor, (n, k): (usize, usize)) -> Result<Tensor> {
+    Ok(x.apply_op2_no_bwd(panels, &PanelMatmul { n, k })?)
+}
+
+/// [`linear_panels`]' op.
+struct PanelMatmul {
+    n: usize,
+    k: usize,
+}
+
+impl CustomOp2 for PanelMatmul {
+    fn name(&self) -> &'static str {
+        "panel-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(p)) = (xs, ps) else {
+            candle_core::bail!("panel_matmul: f32 rows and panels only");
+        };
+        let (Some((xa, xb)), Some((pa, pb))) = (xl.contiguous_offsets(), pl.contiguous_offsets())
+        else {
+            candle_core::bail!("panel_matmul: inputs must be contiguous");
+        };
+        let (x, p) = (&x[xa..xb], &p[pa..pb]);
+        let (n, k) = (self.n, self.k);
+        let (m, k2) = xl.shape().dims2()?;
+        if k2 != k || p.len() < n.div_ceil(PANEL) * PANEL * k {
+            candle_core::bail!(
+                "panel_matmul: {m}x{k2} by {n}x{k} in {} panel values",
+                p.len()
+            );
+        }
+        let out = if m <= SPLIT_MAX_ROWS {
+            by_output_features((m, n), PANEL, |a, len, part| {
+                rows_by_packed((m, len, k), x, &p[a * k..], part)
+            })
+        } else {
+            // SAFETY: `rows_by_packed_uninit` writes every output of its rows.
+            unsafe {
+                by_row_blocks(m, n, |rows, part| {
+                    let x = &x[rows.start * k..];
+                    rows_by_packed_uninit((rows.len(), n, k), x, p, part)
+                })
+            }
+        };
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
 }
 
 /// The contiguous operands of `x W^T` on the CPU, and its `(m, n, k)`.
@@ -210,7 +270,7 @@ impl CustomOp2 for SplitMatmul {
             unsafe {
                 by_row_blocks(m, n, |rows, part| {
                     let x = &x[rows.start * k..];
-                    crate::gemm::rows_by_packed_uninit((rows.len(), n, k), x, &packed, part)
+                    rows_by_packed_uninit((rows.len(), n, k), x, &packed, part)
                 })
             }
         } else {
@@ -383,6 +443,39 @@ mod tests {
                 assert_eq!(a.to_bits(), b.to_bits(), "[{r}][{j}]");
             }
         }
+        Ok(())
+    }
+
+    /// Weights packed into panels give `linear`'s products, over the panels (few rows) and
+    /// over blocks of rows (many), with a ragged last panel; a shape that does not match the
+    /// panels is an error.
+    #[test]
+    fn panels_match_rows() -> Result<()> {
+        let mut rng = Rng64::new(8);
+        let (n, k) = (70, 48);
+        let w = uniform(&mut rng, (n, k), 0.5)?;
+        let rows = w.flatten_all()?.to_vec1::<f32>()?;
+        let Some(packed) = crate::gemm::pack_for_many_rows(&rows, n, k) else {
+            return Ok(());
+        };
+        let len = packed.len();
+        let panels = Tensor::from_vec(packed, len, &Device::Cpu)?;
+        for m in [1, 7, 64, 130] {
+            let x = uniform(&mut rng, (m, k), 1.0)?;
+            let got = linear_panels(&x, &panels, (n, k))?.to_vec2::<f32>()?;
+            let want = linear(&x, &w)?.to_vec2::<f32>()?;
+            for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                for (j, (a, b)) in g.iter().zip(w).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{m} [{r}][{j}]: {a} vs {b}"
+                    );
+                }
+            }
+        }
+        let x = uniform(&mut rng, (3, k + 1), 1.0)?;
+        assert!(linear_panels(&x, &panels, (n, k)).is_err());
+        assert!(linear_panels(&x.narrow(1, 0, k)?, &panels, (n + 40, k)).is_err());
         Ok(())
     }
 
