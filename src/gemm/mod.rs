@@ -110,9 +110,10 @@ pub fn rows_by_weights_uninit(
 }
 
 /// `w` (`[n, k]`) packed for [`rows_by_packed_uninit`], where the CPU runs that kernel
-/// (AVX-512); `None` elsewhere. For products of many rows: the packing reads and writes the
-/// weights once (on the Intel Xeon of 2026-12-06 the f32 products of a 32 x 512 prefill took
-/// 17% less time so than with [`rows_by_weights_uninit`]; docs/cpu-performance.md).
+/// (AVX-512); `None` elsewhere. Once at load for the model's projections, or per product of
+/// many rows, where reading and writing the weights once more is a few percent (on the Intel
+/// Xeon of 2026-12-06 the f32 products of a 32 x 512 prefill took 17% less time so than with
+/// [`rows_by_weights_uninit`]; docs/cpu-performance.md).
 pub fn pack_for_many_rows(w: &[f32], n: usize, k: usize) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     if crate::device::cpu_has_avx512_bw() {

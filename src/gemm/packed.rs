@@ -1,9 +1,11 @@
-//! f32 products of many rows (a prefill) over weights packed once per product into panels of
-//! 32 output features (`[k][32]` each): the outer-product form, each row value broadcast
-//! against the panel's two registers of a step, 12 rows x 32 features of accumulators (24 of
-//! the 32 registers), no horizontal sums at the end, and two 64-byte loads per 24 FMAs where the
-//! dot form (`avx512`) loads 22 per 48. Packing reads and writes the weights once per product,
-//! a few percent of a product of hundreds of rows, too much for the few rows of a decode step.
+//! f32 products against weights packed into panels of 32 output features (`[k][32]` each):
+//! the outer-product form, each row value broadcast against the panel's two registers of a step,
+//! 12 rows x 32 features of accumulators (24 of the 32 registers), no horizontal sums at the end,
+//! and two 64-byte loads per 24 FMAs where the dot form (`avx512`) loads 22 per 48. The model
+//! packs its f32 projections once at load (`Linear::into_panels`); `linear` packs per product
+//! for rows of many rows against weights kept as rows (the LM head). The first tile of each
+//! panel prefetches the next one: decode steps stream the weights from memory, and without it
+//! they were 15-25% slower than the dot form (docs/cpu-performance.md).
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
