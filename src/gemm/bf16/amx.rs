@@ -157,28 +157,39 @@ pub unsafe fn rows_by_weights(
         pairs: pairs.as_ptr(),
         stride,
         rows,
-        second: TILE * k,
         silu: false,
     };
-    // SAFETY: AMX is usable (caller); the tiles are configured before use and released after.
-    // Each block's weight rows are within `w` (or the padded copy), and the caller's contract
-    // bounds the pair rows and the outputs.
+    // SAFETY: AMX is usable (caller). Each block's weight rows are within `w` (or the padded
+    // copy), and the caller's contract bounds the pair rows and the outputs.
     unsafe {
-        // Every value is stored by `tilestored` before it is read; zeroed once per call.
-        let mut results = Results([0.0; 4 * TILE * TILE]);
-        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
-        for j0 in (0..whole).step_by(W_BLOCK) {
-            block.run(w.as_ptr().add(j0 * k), (j0, W_BLOCK), &mut results, out);
-        }
-        if whole < n {
-            // The last weight rows, fewer than a block: a zero-padded copy, so that the
-            // tiles never read past `w`.
-            let mut padded = vec![bf16::ZERO; W_BLOCK * k];
-            padded[..(n - whole) * k].copy_from_slice(&w[whole * k..n * k]);
-            block.run(padded.as_ptr(), (whole, n - whole), &mut results, out);
-        }
-        asm!("tilerelease", options(nostack, nomem));
+        on_tiles(|results| {
+            for j0 in (0..whole).step_by(W_BLOCK) {
+                block.run(w.as_ptr().add(j0 * k), (j0, W_BLOCK), results, out);
+            }
+            if whole < n {
+                // The last weight rows, fewer than a block: a zero-padded copy, so that the
+                // tiles never read past `w`.
+                let mut padded = vec![bf16::ZERO; W_BLOCK * k];
+                padded[..(n - whole) * k].copy_from_slice(&w[whole * k..n * k]);
+                block.run(padded.as_ptr(), (whole, n - whole), results, out);
+            }
+        })
     }
+}
+
+/// Runs `f` with the tiles configured and a buffer for four result tiles, and releases the
+/// tiles after: what every AMX product does around its blocks.
+///
+/// # Safety
+/// [`usable`] must hold.
+unsafe fn on_tiles(f: impl FnOnce(&mut Results)) {
+    // Every value is stored by `tilestored` before it is read; zeroed once per call.
+    let mut results = Results([0.0; 4 * TILE * TILE]);
+    // SAFETY: AMX is usable (caller); the configuration is a valid palette-1 layout.
+    unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+    f(&mut results);
+    // SAFETY: as above; releasing configured tiles.
+    unsafe { asm!("tilerelease", options(nostack, nomem)) };
 }
 
 /// `out[(r - rows.start) * h + j] = silu(x[r] . w[j]) * (x[r] . w[h + j])` for a gate/up
@@ -203,18 +214,16 @@ pub unsafe fn rows_by_weights_silu(
         pairs: pairs.as_ptr(),
         stride,
         rows,
-        second: h * k,
         silu: true,
     };
     // SAFETY: as in `rows_by_weights`; block `j0` reads gate rows `j0 .. j0 + 16` and up rows
     // `h + j0 .. h + j0 + 16`, within `w` as `h` is a multiple of 16.
     unsafe {
-        let mut results = Results([0.0; 4 * TILE * TILE]);
-        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
-        for j0 in (0..h).step_by(TILE) {
-            block.run(w.as_ptr().add(j0 * k), (j0, TILE), &mut results, out);
-        }
-        asm!("tilerelease", options(nostack, nomem));
+        on_tiles(|results| {
+            for j0 in (0..h).step_by(TILE) {
+                block.run(w.as_ptr().add(j0 * k), (j0, TILE), results, out);
+            }
+        })
     }
 }
 
@@ -226,11 +235,9 @@ struct Block {
     pairs: *const u32,
     stride: usize,
     rows: Range<usize>,
-    /// Elements from the first weight tile's rows to the second's: 16 rows on (a block of 32
-    /// consecutive rows), or the up half of a gate/up matrix (`silu`).
-    second: usize,
-    /// The second tile holds the up rows of the first's gate rows: the block writes
-    /// `silu(gate) * up` (16 columns) instead of both products.
+    /// The second weight tile holds the up rows of the first's gate rows (`n` rows on, in a
+    /// gate/up matrix of `2n`): the block writes `silu(gate) * up` (16 columns) instead of both
+    /// products. Otherwise the two tiles are 32 consecutive weight rows.
     silu: bool,
 }
 
@@ -250,6 +257,8 @@ impl Block {
     ) {
         let (k, stride) = (self.k, self.stride);
         let (w_bytes, pair_bytes) = (k * 2, stride * 4);
+        // From the first weight tile's rows to the second's.
+        let second = if self.silu { self.n * k } else { TILE * k };
         let mut t = self.rows.start;
         // SAFETY: the caller's contract: weight rows `wp .. wp + 32 * k`, pair rows `k / 2`
         // of `stride` with room for a tile from any row before `rows.end`.
@@ -265,7 +274,7 @@ impl Block {
                 );
                 for step in 0..k / K_STEP {
                     let w0 = wp.add(step * K_STEP);
-                    let w1 = w0.add(self.second);
+                    let w1 = w0.add(second);
                     let x0 = self.pairs.add(step * TILE * stride + t);
                     if two {
                         asm!(
