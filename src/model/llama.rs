@@ -35,6 +35,18 @@ impl Linear {
         })
     }
 
+    /// A bias-free projection `w` (`[out, in]`) laid out as the model lays out its layers'
+    /// (packed into panels where [`Linear::into_panels`] packs them), so that a calibration
+    /// times the kernels the model runs.
+    pub fn projection(w: Tensor) -> Result<Self> {
+        Self {
+            w,
+            b: None,
+            panels: None,
+        }
+        .into_panels()
+    }
+
     /// Whether [`Linear::silu_mul`] runs for `x` (`matmul::gate_up_silu_fuses`, and no bias).
     pub fn fuses_silu_mul(&self, x: &Tensor) -> Result<bool> {
         Ok(self.b.is_none()

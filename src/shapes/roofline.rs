@@ -1,5 +1,5 @@
-//! The roofline of a shape: the device's own peaks, measured (a large GEMM through the model's
-//! matmul path, a large copy), and the FLOPs and bytes each phase of a shape must at least
+//! The roofline of a shape: the device's own peaks, measured (a large GEMM through the kernels
+//! of the model's projections, weights laid out as the model lays them out; a large copy), and the FLOPs and bytes each phase of a shape must at least
 //! process, which together give the fastest time the device could possibly do it in.
 
 use std::time::Instant;
@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::Shape;
-use crate::model::llama::Dims;
+use crate::model::llama::{Dims, Linear};
 
 /// The device's measured peaks (the best of several repetitions).
 #[derive(Clone, Debug, Serialize)]
@@ -42,8 +42,9 @@ pub fn calibrate(device: &Device, dtype: DType) -> Result<Peaks> {
     let act = crate::model::activation_dtype(dtype, device);
     let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(act)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let b = Linear::projection(b)?;
     let gemm_time = best_of(if device.is_cpu() { 3 } else { 10 }, || {
-        crate::model::matmul::linear(&a, &b)?;
+        b.forward(&a)?;
         device.synchronize()?;
         Ok(())
     })?;
