@@ -9,12 +9,9 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::gemm::bf16::{
-    Bf16Kernel, Bf16Rows, rows_by_weights_bf16, rows_by_weights_bf16_silu_uninit,
-    rows_by_weights_bf16_uninit, silu_fits,
+    Bf16Kernel, Bf16Rows, rows_by_weights_bf16_silu_uninit, rows_by_weights_bf16_uninit, silu_fits,
 };
-use crate::gemm::{
-    PANEL, rows_by_packed, rows_by_packed_uninit, rows_by_weights, rows_by_weights_uninit,
-};
+use crate::gemm::{PANEL, rows_by_packed_uninit, rows_by_weights_uninit};
 
 /// Up to this many rows, [`linear`] splits the output features over the threads itself:
 /// candle's matmul runs a one-row product on one thread, bound by one core's memory bandwidth
@@ -118,9 +115,12 @@ impl CustomOp2 for PanelMatmul {
             );
         }
         let out = if m <= SPLIT_MAX_ROWS {
-            by_output_features((m, n), PANEL, |a, len, part| {
-                rows_by_packed((m, len, k), x, &p[a * k..], part)
-            })
+            // SAFETY: `rows_by_packed_uninit` writes every output of its block.
+            unsafe {
+                by_output_features((m, n), PANEL, |a, len, part| {
+                    rows_by_packed_uninit((m, len, k), x, &p[a * k..], part)
+                })
+            }
         } else {
             // SAFETY: `rows_by_packed_uninit` writes every output of its rows.
             unsafe {
@@ -185,35 +185,60 @@ fn bf16_operands<'a>(
 
 /// An `[m, n]` product split over its output features: chunks of contiguous weight rows (a
 /// multiple of `whole`, the kernel's block of weight rows), enough for every thread, each
-/// computed by `part(first, len, out)` into its own `[m, len]` buffer, then placed.
-fn by_output_features(
+/// computed by `part(first, len, out)` into its own `[m, len]` buffer (not zeroed first), which
+/// the same task then places into its columns of the output while it is still in cache. Before,
+/// both buffers were zeroed and one thread placed every part after the others had finished.
+///
+/// # Safety
+/// `part` must write every element of the `[m, len]` block it is given (as the `_uninit`
+/// kernels do): the result is read as initialised.
+unsafe fn by_output_features(
     (m, n): (usize, usize),
     whole: usize,
-    part: impl Fn(usize, usize, &mut [f32]) + Sync,
+    part: impl Fn(usize, usize, &mut [MaybeUninit<f32>]) + Sync,
 ) -> Vec<f32> {
     let chunk = n
         .div_ceil(4 * rayon::current_num_threads())
         .max(16)
         .next_multiple_of(whole);
-    let parts: Vec<(usize, Vec<f32>)> = (0..n)
+    let mut out = Vec::with_capacity(m * n);
+    let dst = Columns(out.spare_capacity_mut().as_mut_ptr());
+    (0..n)
         .step_by(chunk)
         .collect::<Vec<_>>()
         .into_par_iter()
-        .map(|a| {
+        .for_each(|a| {
             let len = chunk.min(n - a);
-            let mut buf = vec![0f32; m * len];
-            part(a, len, &mut buf);
-            (a, buf)
-        })
-        .collect();
-    let mut out = vec![0f32; m * n];
-    for (a, buf) in parts {
-        let len = buf.len() / m;
-        for (r, row) in buf.chunks_exact(len).enumerate() {
-            out[r * n + a..][..len].copy_from_slice(row);
-        }
-    }
+            let mut buf: Vec<f32> = Vec::with_capacity(m * len);
+            let block = &mut buf.spare_capacity_mut()[..m * len];
+            part(a, len, block);
+            for (r, row) in block.chunks_exact(len).enumerate() {
+                // SAFETY: columns `a .. a + len` of row `r` lie inside the output's `m * n`
+                // capacity and belong to this task alone.
+                unsafe { dst.place(r * n + a, row) };
+            }
+        });
+    // SAFETY: the chunks cover the `n` columns of every row, and `part` wrote every value
+    // placed.
+    unsafe { out.set_len(m * n) };
     out
+}
+
+/// The output of [`by_output_features`], shared by its tasks, each writing its own columns.
+struct Columns(*mut MaybeUninit<f32>);
+
+// SAFETY: the tasks write disjoint elements (`by_output_features`), and the output outlives them.
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// Copies `values` to elements `at ..`.
+    ///
+    /// # Safety
+    /// Those elements must exist and no other thread may touch them meanwhile.
+    unsafe fn place(&self, at: usize, values: &[MaybeUninit<f32>]) {
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(at), values.len()) }
+    }
 }
 
 /// An `[m, n]` product split over blocks of rows (see [`row_block`]), each computed by
@@ -262,9 +287,12 @@ impl CustomOp2 for SplitMatmul {
         let Operands { x, w, mnk } = operands("split_matmul", (x, xl), (w, wl))?;
         let (m, n, k) = mnk;
         let out = if m <= SPLIT_MAX_ROWS {
-            by_output_features((m, n), 1, |a, len, part| {
-                rows_by_weights((m, len, k), x, &w[a * k..], part)
-            })
+            // SAFETY: `rows_by_weights_uninit` writes every output of its block.
+            unsafe {
+                by_output_features((m, n), 1, |a, len, part| {
+                    rows_by_weights_uninit((m, len, k), x, &w[a * k..], part)
+                })
+            }
         } else if let Some(packed) = crate::gemm::pack_for_many_rows(w, n, k) {
             // SAFETY: `rows_by_packed_uninit` writes every output of its rows.
             unsafe {
@@ -305,9 +333,12 @@ impl CustomOp2 for Bf16Matmul {
         let Bf16Operands { xb, w, mnk } = bf16_operands("bf16_matmul", (xs, xl), (ws, wl))?;
         let (m, n, k) = mnk;
         let out = if m <= ROW_BLOCK {
-            by_output_features((m, n), xb.weight_block(), |a, len, part| {
-                rows_by_weights_bf16(&xb, 0..m, (len, &w[a * k..]), part)
-            })
+            // SAFETY: `rows_by_weights_bf16_uninit` writes every output of its block.
+            unsafe {
+                by_output_features((m, n), xb.weight_block(), |a, len, part| {
+                    rows_by_weights_bf16_uninit(&xb, 0..m, (len, &w[a * k..]), part)
+                })
+            }
         } else {
             // SAFETY: `rows_by_weights_bf16_uninit` writes every output of its rows.
             unsafe {
