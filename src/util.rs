@@ -145,6 +145,52 @@ pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// A buffer written by several tasks at once, each to elements no other task touches (the
+/// columns of a product's parts, a range of a cache's dimensions): what `&mut` cannot say
+/// across rayon's tasks.
+pub struct Disjoint<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _buf: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: the tasks write disjoint elements (each user's contract), `T` may move between
+// threads, and the borrow keeps the buffer alive and otherwise untouched meanwhile.
+unsafe impl<T: Send> Sync for Disjoint<'_, T> {}
+
+impl<'a, T: Copy> Disjoint<'a, T> {
+    pub fn new(buf: &'a mut [T]) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _buf: std::marker::PhantomData,
+        }
+    }
+
+    /// Copies `values` to elements `at ..`, which must exist (checked).
+    ///
+    /// # Safety
+    /// No other thread may read or write those elements meanwhile.
+    pub unsafe fn write(&self, at: usize, values: &[T]) {
+        assert!(
+            at + values.len() <= self.len,
+            "Disjoint::write: past the end"
+        );
+        // SAFETY: inside the buffer (asserted); no other thread touches them (the caller).
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(at), values.len()) }
+    }
+
+    /// Sets element `at`, which must exist (checked).
+    ///
+    /// # Safety
+    /// As [`Disjoint::write`].
+    pub unsafe fn set(&self, at: usize, value: T) {
+        assert!(at < self.len, "Disjoint::set: past the end");
+        // SAFETY: as in `write`.
+        unsafe { self.ptr.add(at).write(value) }
+    }
+}
+
 /// The elements of a CPU custom op's operand `s` laid out as `l`, which must be contiguous
 /// (`what` names the operand in the error).
 pub fn contiguous<'a, T>(

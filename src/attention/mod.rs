@@ -367,15 +367,23 @@ impl<'a> PagedAttention<'a> {
             (false, DType::F8E4M3) => q.dtype(),
             (false, other) => other,
         };
-        // What write_kv takes: the cache's type, or the compute type when it encodes to fp8.
-        let written = if kv_dtype == DType::F8E4M3 {
-            compute
-        } else {
-            kv_dtype
-        };
         timed(Kernel::ReshapeAndCache, || {
-            let k = k.to_dtype(written)?.contiguous()?;
-            let v = v.to_dtype(written)?.contiguous()?;
+            // What write_kv takes: on the CPU the f32 views as they are (it converts as it
+            // writes); on CUDA contiguous values of the cache's type, or of the compute type
+            // when it encodes to fp8.
+            let (k, v) = if q.device().is_cpu() {
+                (k.to_dtype(compute)?, v.to_dtype(compute)?)
+            } else {
+                let written = if kv_dtype == DType::F8E4M3 {
+                    compute
+                } else {
+                    kv_dtype
+                };
+                (
+                    k.to_dtype(written)?.contiguous()?,
+                    v.to_dtype(written)?.contiguous()?,
+                )
+            };
             ops::write_kv(kc, CacheKind::Keys, &k, &self.layout, &self.meta)?;
             ops::write_kv(vc, CacheKind::Values, &v, &self.layout, &self.meta)
         })?;

@@ -2,7 +2,6 @@
 //! `write_kv` (the step's K or V into their cache slots, in place) and `attend` (attention of
 //! the step's queries over the cache). The CPU kernels are in `cpu`, the CUDA launches in `cuda`.
 
-use std::convert::identity;
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -48,9 +47,9 @@ pub struct StepMeta {
     pub plan: Option<Arc<DevicePlan>>,
 }
 
-/// Writes `src` (`[tokens, kv_heads, head_dim]`) into `cache` at the layout's slots. `src` has
-/// the cache's dtype, but for an fp8 cache: f32 on the CPU, the queries' dtype on CUDA (the
-/// kernels encode as they write).
+/// Writes `src` (`[tokens, kv_heads, head_dim]`) into `cache` at the layout's slots, converting
+/// as it writes: `src` is f32 on the CPU (each token's values contiguous, tokens any distance
+/// apart), on CUDA contiguous and of the cache's dtype, or the queries' for an fp8 cache.
 pub fn write_kv(
     cache: &Tensor,
     kind: CacheKind,
@@ -91,13 +90,13 @@ impl InplaceOp2 for WriteKv {
         let (kind, lay) = (self.kind, &*self.layout);
         match (s1, s2) {
             (CpuStorage::F32(c), CpuStorage::F32(s)) => {
-                cpu::write_kv(kind, lay, c, l1, (s, l2), identity)
+                cpu::write_kv(kind, lay, c, l1, (s, l2), cpu::copy_f32)
             }
-            (CpuStorage::F16(c), CpuStorage::F16(s)) => {
-                cpu::write_kv(kind, lay, c, l1, (s, l2), identity)
+            (CpuStorage::F16(c), CpuStorage::F32(s)) => {
+                cpu::write_kv(kind, lay, c, l1, (s, l2), cpu::to_f16)
             }
-            (CpuStorage::BF16(c), CpuStorage::BF16(s)) => {
-                cpu::write_kv(kind, lay, c, l1, (s, l2), identity)
+            (CpuStorage::BF16(c), CpuStorage::F32(s)) => {
+                cpu::write_kv(kind, lay, c, l1, (s, l2), cpu::to_bf16)
             }
             (CpuStorage::F8E4M3(c), CpuStorage::F32(s)) => {
                 cpu::write_kv(kind, lay, c, l1, (s, l2), cpu::to_fp8)

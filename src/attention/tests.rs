@@ -84,7 +84,8 @@ fn check_with(
             .unwrap()
     };
     let full = Arc::new(full);
-    let as_kv = |t: Tensor| t.to_dtype(kv_dtype).unwrap();
+    // The CPU's write_kv takes f32 and converts to the cache's type as it writes.
+    let as_kv = |t: Tensor| t.to_dtype(DType::F32).unwrap();
     ops::write_kv(
         &cache.k[0],
         CacheKind::Keys,
@@ -292,4 +293,103 @@ fn layout_positions_and_validation() {
     let mut bad = lay.clone();
     bad.context_lens[2] = 0;
     assert!(bad.validate(20, 16).is_err());
+}
+
+/// `write_kv` on the CPU: f32 views with tokens further apart than their values (the K and V
+/// parts of a fused QKV output), into every cache type, a head dimension that is not a whole
+/// number of a task's dimensions, few tokens (one thread) and many (over the threads): each
+/// slot's values are the inputs converted as candle converts them, every other slot untouched.
+#[test]
+fn write_kv_converts_strided_rows_into_their_slots() {
+    let (kv_heads, d, bs) = (3, 40, 16);
+    let f8 = |x: f32| super::fp8::F8E4M3::from_bits(super::fp8::encode(x)).to_f32();
+    let rounds: [(DType, &dyn Fn(f32) -> f32); 4] = [
+        (DType::F32, &|x| x),
+        (DType::F16, &|x| half::f16::from_f32(x).to_f32()),
+        (DType::BF16, &|x| half::bf16::from_f32(x).to_f32()),
+        (DType::F8E4M3, &f8),
+    ];
+    for (kv_dtype, round) in rounds {
+        for seqs in [
+            vec![
+                SeqShape {
+                    ctx: 300,
+                    queries: 1,
+                },
+                SeqShape {
+                    ctx: 37,
+                    queries: 1,
+                },
+            ],
+            vec![
+                SeqShape { ctx: 5, queries: 1 },
+                SeqShape {
+                    ctx: 20,
+                    queries: 1,
+                },
+            ],
+        ] {
+            let blocks = SeqShape::blocks(&seqs, bs) + 2;
+            let spec = KvCacheSpec::one_layer(kv_heads, d, bs, kv_dtype);
+            let cache = PagedKvCache::new(spec, blocks, &Device::Cpu).unwrap();
+            cache.fill(100.0).unwrap();
+            let lay = Arc::new(BatchLayout::scattered(&seqs, bs, blocks, 5, false));
+            let tokens = lay.num_tokens();
+            let mut rng = Rng64::new(tokens as u64);
+            // Two query heads, then K, then V, per token.
+            let fused = Tensor::from_vec(
+                random(&mut rng, tokens * 8 * d),
+                (tokens, 8, d),
+                &Device::Cpu,
+            )
+            .unwrap();
+            for (kind, c, first) in [
+                (CacheKind::Keys, &cache.k[0], 2),
+                (CacheKind::Values, &cache.v[0], 5),
+            ] {
+                let src = fused.narrow(1, first, kv_heads).unwrap();
+                assert!(!src.is_contiguous());
+                ops::write_kv(c, kind, &src, &lay, &StepMeta::default()).unwrap();
+                let got: Vec<f32> = c
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let values: Vec<f32> = src.flatten_all().unwrap().to_vec1().unwrap();
+                let mut want = vec![round(100.0); got.len()];
+                for (t, &slot) in lay.slot_mapping.iter().enumerate() {
+                    let (blk, off) = (slot as usize / bs, slot as usize % bs);
+                    for g in 0..kv_heads {
+                        for i in 0..d {
+                            let base = (blk * kv_heads + g) * d * bs;
+                            let at = match kind {
+                                CacheKind::Keys => base + i * bs + off,
+                                CacheKind::Values => base + off * d + i,
+                            };
+                            want[at] = round(values[(t * kv_heads + g) * d + i]);
+                        }
+                    }
+                }
+                assert_eq!(got, want, "{kv_dtype:?} {kind:?}, {tokens} tokens");
+            }
+        }
+    }
+    // A slot past the cache is an error, not a write out of bounds.
+    let spec = KvCacheSpec::one_layer(1, 16, 4, DType::F32);
+    let cache = PagedKvCache::new(spec, 2, &Device::Cpu).unwrap();
+    let lay = Arc::new(BatchLayout {
+        slot_mapping: vec![8],
+        ..Default::default()
+    });
+    let src = Tensor::zeros((1, 1, 16), DType::F32, &Device::Cpu).unwrap();
+    let err = ops::write_kv(
+        &cache.k[0],
+        CacheKind::Keys,
+        &src,
+        &lay,
+        &StepMeta::default(),
+    );
+    assert!(err.is_err());
 }

@@ -8,6 +8,8 @@ use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::util::Disjoint;
+
 use crate::gemm::bf16::{
     Bf16Kernel, Bf16Rows, rows_by_weights_bf16_silu_uninit, rows_by_weights_bf16_uninit, silu_fits,
 };
@@ -202,7 +204,7 @@ unsafe fn by_output_features(
         .max(16)
         .next_multiple_of(whole);
     let mut out = Vec::with_capacity(m * n);
-    let dst = Columns(out.spare_capacity_mut().as_mut_ptr());
+    let dst = Disjoint::new(&mut out.spare_capacity_mut()[..m * n]);
     (0..n)
         .step_by(chunk)
         .collect::<Vec<_>>()
@@ -213,32 +215,14 @@ unsafe fn by_output_features(
             let block = &mut buf.spare_capacity_mut()[..m * len];
             part(a, len, block);
             for (r, row) in block.chunks_exact(len).enumerate() {
-                // SAFETY: columns `a .. a + len` of row `r` lie inside the output's `m * n`
-                // capacity and belong to this task alone.
-                unsafe { dst.place(r * n + a, row) };
+                // SAFETY: columns `a .. a + len` of row `r` belong to this task alone.
+                unsafe { dst.write(r * n + a, row) };
             }
         });
     // SAFETY: the chunks cover the `n` columns of every row, and `part` wrote every value
     // placed.
     unsafe { out.set_len(m * n) };
     out
-}
-
-/// The output of [`by_output_features`], shared by its tasks, each writing its own columns.
-struct Columns(*mut MaybeUninit<f32>);
-
-// SAFETY: the tasks write disjoint elements (`by_output_features`), and the output outlives them.
-unsafe impl Sync for Columns {}
-
-impl Columns {
-    /// Copies `values` to elements `at ..`.
-    ///
-    /// # Safety
-    /// Those elements must exist and no other thread may touch them meanwhile.
-    unsafe fn place(&self, at: usize, values: &[MaybeUninit<f32>]) {
-        // SAFETY: the caller's contract.
-        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(at), values.len()) }
-    }
 }
 
 /// An `[m, n]` product split over blocks of rows (see [`row_block`]), each computed by
