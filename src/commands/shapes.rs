@@ -81,7 +81,7 @@ pub fn run(args: &ShapesArgs) -> Result<()> {
     println!("{title}");
     println!("{}", peaks_line(&peaks));
     println!(
-        "PP: prefill of the whole batch ({} warm-up, median of {} iterations); TG: one decode step of the batch; floor: its least bytes at the copy peak (mem) or FLOPs at the GEMM peak (com), whichever is slower",
+        "PP: prefill of the whole batch ({} warm-up, median of {} iterations); TG: one decode step of the batch; floor: its least bytes at the memory peak (mem) or FLOPs at the GEMM peak (com), whichever is slower",
         args.warmup, args.iters
     );
     print!("{}", table(&reports, &peaks));

@@ -63,7 +63,7 @@ pub struct ShapeReport {
     /// Whether the decode floor comes from the bandwidth (`memory`) or the GEMM peak
     /// (`compute`); `none` without decode steps.
     pub decode_step_bound: &'static str,
-    /// Achieved bytes/s of a median decode step as a share of the measured copy bandwidth.
+    /// Achieved bytes/s of a median decode step as a share of the measured memory bandwidth.
     pub decode_bandwidth_util: f64,
     /// All tokens (prompt and generated) over prefill plus decode.
     pub total_tokens_per_s: f64,
@@ -150,11 +150,11 @@ fn flops_unit(peaks: &Peaks) -> (f64, &'static str) {
 pub fn peaks_line(peaks: &Peaks) -> String {
     let (scale, unit) = flops_unit(peaks);
     format!(
-        "Device peaks (measured, best of several): GEMM {} {:.1} {unit}; copy {} {:.1} GB/s",
+        "Device peaks (measured, best of several): GEMM {} {:.1} {unit}; memory {:.1} GB/s ({})",
         peaks.gemm,
         peaks.gemm_flops / scale,
-        peaks.copy,
-        peaks.copy_bytes / 1e9
+        peaks.copy_bytes / 1e9,
+        peaks.copy
     )
 }
 
@@ -203,6 +203,12 @@ pub fn table(reports: &[ShapeReport], peaks: &Peaks) -> String {
             r.decode_bandwidth_util * peaks.copy_bytes / 1e9,
             100.0 * r.decode_bandwidth_util,
             r.total_tokens_per_s,
+        );
+    }
+    if reports.iter().any(|r| r.decode_bandwidth_util > 1.0) {
+        out.push_str(
+            "%bw above 100: the floor counts every byte from memory, and the caches served some \
+             (weights or K/V that fit in the last-level cache)\n",
         );
     }
     out
@@ -387,6 +393,13 @@ mod tests {
         assert_eq!(pk.kernels_ms["embedding"], 1.0);
         // The table, the kernel table and the CSV carry the shape.
         assert!(table(std::slice::from_ref(&r), &peaks()).contains("100.0"));
+        // Above the bandwidth floor, the table says why that can be.
+        let mut fast = r.clone();
+        for (util, note) in [(1.2, true), (0.5, false)] {
+            fast.decode_bandwidth_util = util;
+            let t = table(std::slice::from_ref(&fast), &peaks());
+            assert_eq!(t.contains("%bw above 100"), note);
+        }
         assert!(kernel_table(&r).unwrap().contains("embedding"));
         let csv = csv(&[r]);
         let lines: Vec<&str> = csv.lines().collect();
