@@ -3,9 +3,9 @@
 //! 12 rows x 32 features of accumulators (24 of the 32 registers), no horizontal sums at the end,
 //! and two 64-byte loads per 24 FMAs where the dot form (`avx512`) loads 22 per 48. The model
 //! packs its f32 projections once at load (`Linear::into_panels`); `linear` packs per product
-//! for rows of many rows against weights kept as rows (the LM head). The first tile of each
-//! panel prefetches the next one: decode steps stream the weights from memory, and without it
-//! they were 15-25% slower than the dot form (docs/cpu-performance.md).
+//! for rows of many rows against weights kept as rows (the LM head). The tiles of each panel
+//! prefetch the next one, each its share: decode steps stream the weights from memory, and
+//! without it they were 15-25% slower than the dot form (docs/cpu-performance.md).
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -54,17 +54,27 @@ pub unsafe fn rows_by_packed(
     out: &mut [MaybeUninit<f32>],
 ) {
     let panels = n.div_ceil(PANEL);
+    // Each tile of a panel asks for its share of the next panel's steps, one step's two lines
+    // every `tiles` steps of its own: the first tile asking for the whole panel, two lines per
+    // step, kept more requests in flight than the core has line-fill buffers (that tile
+    // stalled, the others left memory idle): gate/up at 32 and 64 rows 15-16% slower.
+    let tiles = m.div_ceil(ROWS);
+    let share = k.div_ceil(tiles.max(1));
     for p in 0..panels {
         let panel = &packed[p * k * PANEL..][..k * PANEL];
         let cols = (n - p * PANEL).min(PANEL);
         let mut r = 0;
         while r < m {
             let rows = (m - r).min(ROWS);
-            // The first tile of a panel asks for the next panel, a step's two lines at a time.
-            let next = if r == 0 && p + 1 < panels {
-                packed[(p + 1) * k * PANEL..].as_ptr()
+            let first = r / ROWS * share;
+            let next = if p + 1 < panels && first < k {
+                Next {
+                    at: packed[(p + 1) * k * PANEL + first * PANEL..].as_ptr(),
+                    steps: share.min(k - first),
+                    every: tiles,
+                }
             } else {
-                std::ptr::null()
+                Next::NONE
             };
             let at = (r, p * PANEL, cols, next);
             // SAFETY: rows `r .. r + rows` of `x` and of `out` exist (caller), the panel holds
@@ -90,6 +100,23 @@ pub unsafe fn rows_by_packed(
     }
 }
 
+/// The part of the next panel a tile prefetches: `steps` steps from `at`, one step's two lines
+/// every `every` steps of its own.
+#[derive(Clone, Copy)]
+struct Next {
+    at: *const f32,
+    steps: usize,
+    every: usize,
+}
+
+impl Next {
+    const NONE: Next = Next {
+        at: std::ptr::null(),
+        steps: 0,
+        every: 1,
+    };
+}
+
 /// Rows `r .. r + R` against one panel (features `j .. j + cols`).
 ///
 /// # Safety
@@ -97,7 +124,7 @@ pub unsafe fn rows_by_packed(
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn tile<const R: usize>(
-    (r, j, cols, next): (usize, usize, usize, *const f32),
+    (r, j, cols, next): (usize, usize, usize, Next),
     (n, k): (usize, usize),
     x: &[f32],
     panel: &[f32],
@@ -108,11 +135,17 @@ unsafe fn tile<const R: usize>(
     unsafe {
         let (xp, wp) = (x.as_ptr().add(r * k), panel.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let (mut asked, mut wait) = (0, 0);
         for kk in 0..k {
-            if !next.is_null() {
-                let at = next.add(kk * PANEL).cast::<i8>();
-                _mm_prefetch::<_MM_HINT_T1>(at);
-                _mm_prefetch::<_MM_HINT_T1>(at.add(64));
+            if asked < next.steps {
+                if wait == 0 {
+                    let at = next.at.add(asked * PANEL).cast::<i8>();
+                    _mm_prefetch::<_MM_HINT_T1>(at);
+                    _mm_prefetch::<_MM_HINT_T1>(at.add(64));
+                    asked += 1;
+                    wait = next.every;
+                }
+                wait -= 1;
             }
             let w0 = _mm512_loadu_ps(wp.add(kk * PANEL));
             let w1 = _mm512_loadu_ps(wp.add(kk * PANEL + 16));
