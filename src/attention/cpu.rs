@@ -22,7 +22,10 @@ use crate::gemm::bf16::{amx_rows_by_weights, round_for_amx};
 use crate::util::contiguous;
 
 mod decode;
+mod work;
 mod write;
+
+use work::{Plan, Work};
 
 pub use write::{copy_f32, to_bf16, to_f16, to_fp8, write_kv};
 
@@ -55,10 +58,6 @@ impl Elem for F8E4M3 {
         simd::widen(src, dst);
     }
 }
-
-/// Queries per work item: a sequence's queries are cut into tiles so that one long prompt still
-/// spreads over every core.
-const TILE: usize = 64;
 
 /// From this many queries on, a tile runs as GEMMs over its sequence's K/V gathered into
 /// contiguous rows (compute-bound: prefill); fewer queries (decode) read K/V in place, block by
@@ -288,25 +287,6 @@ impl<T: Elem> Geometry<'_, T> {
     }
 }
 
-/// One work item of [`attend`]: a tile of one sequence's queries, or one part of a decode
-/// query's context (`split`).
-enum Work<'a> {
-    Tile {
-        s: usize,
-        t0: usize,
-        len: usize,
-        out: &'a mut [f32],
-    },
-    Part {
-        s: usize,
-        t: usize,
-        blocks: std::ops::Range<usize>,
-        keys: usize,
-        ml: &'a mut [(f32, f32)],
-        acc: &'a mut [f32],
-    },
-}
-
 /// `v` with `n` bf16 elements of whatever it held (as [`sized`]).
 fn bf16_sized(v: &mut Vec<bf16>, n: usize) -> &mut [bf16] {
     v.resize(n, bf16::ZERO);
@@ -356,70 +336,10 @@ pub fn attend<T: Elem>(
             && d.is_multiple_of(32)
             && crate::gemm::bf16::Bf16Kernel::chosen() == crate::gemm::bf16::Bf16Kernel::Amx,
     };
-    // Tiles in token order, each owning a contiguous range of output rows.
-    let mut tiles = Vec::new();
-    for s in 0..lay.num_seqs() {
-        let (a, b) = (lay.query_start[s] as usize, lay.query_start[s + 1] as usize);
-        let mut t = a;
-        while t < b {
-            let len = TILE.min(b - t);
-            tiles.push((s, t, len));
-            t += len;
-        }
-    }
-    // Decode tiles of one query cut into parts over their context where the step has too
-    // few tiles for the threads (`split`).
-    let threads = rayon::current_num_threads();
-    let parts: Vec<usize> = tiles
-        .iter()
-        .map(|&(_, t, len)| {
-            let n = lay.position(t) + 1;
-            match len {
-                // No more parts than blocks (which may be longer than a part).
-                1 => split::parts(n, tiles.len(), threads).min(n.div_ceil(block_size)),
-                _ => 1,
-            }
-        })
-        .collect();
-    let split_parts: usize = parts.iter().filter(|&&p| p > 1).sum();
-    let mut ml = vec![(0f32, 0f32); split_parts * heads];
-    let mut acc = vec![0f32; split_parts * heads * d];
-    let (mut ml_rest, mut acc_rest) = (ml.as_mut_slice(), acc.as_mut_slice());
+    let plan = Plan::new(lay, block_size);
+    let (mut ml, mut acc) = plan.part_buffers(heads, d);
     let mut out = vec![0f32; tokens * heads * d];
-    let mut rest = out.as_mut_slice();
-    let (mut work, mut merges) = (Vec::new(), Vec::new());
-    for (&(s, t0, len), &p) in tiles.iter().zip(&parts) {
-        let (chunk, tail) = rest.split_at_mut(len * heads * d);
-        rest = tail;
-        if p == 1 {
-            work.push(Work::Tile {
-                s,
-                t0,
-                len,
-                out: chunk,
-            });
-            continue;
-        }
-        let (m, tail) = std::mem::take(&mut ml_rest).split_at_mut(p * heads);
-        ml_rest = tail;
-        let (a, tail) = std::mem::take(&mut acc_rest).split_at_mut(p * heads * d);
-        acc_rest = tail;
-        merges.push((chunk, p));
-        let n = lay.position(t0) + 1;
-        let nb = n.div_ceil(block_size);
-        let ranges = split::ranges(nb, p);
-        for ((blocks, ml), acc) in ranges.zip(m.chunks_mut(heads)).zip(a.chunks_mut(heads * d)) {
-            let keys = n.min(blocks.end * block_size) - blocks.start * block_size;
-            work.push(Work::Part {
-                s,
-                t: t0,
-                blocks,
-                keys,
-                ml,
-                acc,
-            });
-        }
-    }
+    let (work, merges) = plan.items((heads, d, block_size), &mut out, &mut ml, &mut acc);
     work.into_par_iter()
         .for_each_init(Scratch::default, |scr, w| match w {
             Work::Tile { s, t0, len, out } => {
