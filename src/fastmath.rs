@@ -20,13 +20,19 @@ pub fn exp(x: f32) -> f32 {
     let t = x * LOG2E + ROUNDER;
     let n = t - ROUNDER;
     let r = x - n * LN2_HI - n * LN2_LO;
-    // Taylor series of e^r to degree 7 on |r| <= ln2 / 2 (truncation error < 1e-8).
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // Taylor series of e^r to degree 7 on |r| <= ln2 / 2 (truncation error < 1e-8), by
+    // Horner's rule.
+    let p = [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ]
+    .iter()
+    .fold(1.0 / 5040.0, |acc, &c| mul_add(acc, r, c));
     // t's bits are ROUNDER's plus n (|n| <= 127), so 2^n's exponent field is their difference
     // plus the bias.
     let two_n = (t
@@ -35,6 +41,17 @@ pub fn exp(x: f32) -> f32 {
         .wrapping_add(127))
         << 23;
     f32::from_bits(two_n) * p
+}
+
+/// `a * b + c`, fused where the target has FMA (one instruction, one rounding), as two
+/// operations elsewhere (`f32::mul_add` would call the C library's `fmaf` there).
+#[inline(always)]
+fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+    if cfg!(target_feature = "fma") {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
 }
 
 /// SiLU, `x * sigmoid(x)`.

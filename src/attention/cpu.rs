@@ -85,7 +85,11 @@ fn exp_prefix(row: &mut [f32], n: usize) -> (f32, f32) {
         .fold(f32::NEG_INFINITY, f32::max);
     for c in chunks {
         for l in 0..8 {
-            lanes[l] = lanes[l].max(c[l]);
+            // A compare and select (NaN never wins, as with `f32::max`): `f32::max` also
+            // orders a NaN lane, an extra compare and blend per vector.
+            if c[l] > lanes[l] {
+                lanes[l] = c[l];
+            }
         }
     }
     max = lanes.iter().copied().fold(max, f32::max);
