@@ -296,9 +296,9 @@ fn layout_positions_and_validation() {
 }
 
 /// `write_kv` on the CPU: f32 views with tokens further apart than their values (the K and V
-/// parts of a fused QKV output), into every cache type, a head dimension that is not a whole
-/// number of a task's dimensions, few tokens (one thread) and many (over the threads): each
-/// slot's values are the inputs converted as candle converts them, every other slot untouched.
+/// parts of a fused QKV output), into every cache type, few tokens (one task) and many (tasks
+/// over the threads, each owning whole blocks): each slot's values are the inputs converted as
+/// candle converts them, every other slot untouched.
 #[test]
 fn write_kv_converts_strided_rows_into_their_slots() {
     let (kv_heads, d, bs) = (3, 40, 16);
