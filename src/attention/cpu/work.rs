@@ -4,14 +4,14 @@
 
 use std::ops::Range;
 
-use super::super::BatchLayout;
-use super::super::split;
+use crate::attention::BatchLayout;
+use crate::attention::split;
 
 /// Queries per work item: a sequence's queries are cut into tiles so that one long prompt still
 /// spreads over every core.
 const TILE: usize = 64;
 
-/// One work item of [`attend`]: a tile of one sequence's queries, or one part of a decode
+/// One work item of [`super::attend`]: a tile of one sequence's queries, or one part of a decode
 /// query's context (`split`).
 pub(super) enum Work<'a> {
     Tile {
