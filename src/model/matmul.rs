@@ -116,21 +116,12 @@ impl CustomOp2 for PanelMatmul {
                 p.len()
             );
         }
-        let out = if m <= SPLIT_MAX_ROWS {
-            // SAFETY: `rows_by_packed_uninit` writes every output of its block.
-            unsafe {
-                by_output_features((m, n), PANEL, |a, len, part| {
-                    rows_by_packed_uninit((m, len, k), x, &p[a * k..], part)
-                })
-            }
-        } else {
-            // SAFETY: `rows_by_packed_uninit` writes every output of its rows.
-            unsafe {
-                by_row_blocks(m, n, |rows, part| {
-                    let x = &x[rows.start * k..];
-                    rows_by_packed_uninit((rows.len(), n, k), x, p, part)
-                })
-            }
+        // SAFETY: `rows_by_packed_uninit` writes every output of its block.
+        let out = unsafe {
+            split_product((m, n), m <= SPLIT_MAX_ROWS, PANEL, |rows, cols, part| {
+                let (x, p) = (&x[rows.start * k..], &p[cols.start * k..]);
+                rows_by_packed_uninit((rows.len(), cols.len(), k), x, p, part)
+            })
         };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
@@ -183,6 +174,28 @@ fn bf16_operands<'a>(
     let Operands { x, w, mnk } = operands(op, (x, xl), (w, wl))?;
     let xb = Bf16Rows::prepare(Bf16Kernel::chosen(), x, mnk.2);
     Ok(Bf16Operands { xb, w, mnk })
+}
+
+/// An `[m, n]` product split over its output features for `few` rows, over blocks of rows
+/// otherwise: `block(rows, features, out)` computes the outputs of those rows and features into
+/// `out` (`[rows, features]`), features in chunks that are multiples of `whole`.
+///
+/// # Safety
+/// `block` must write every element of the block it is given.
+unsafe fn split_product(
+    (m, n): (usize, usize),
+    few: bool,
+    whole: usize,
+    block: impl Fn(Range<usize>, Range<usize>, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        if few {
+            by_output_features((m, n), whole, |a, len, part| block(0..m, a..a + len, part))
+        } else {
+            by_row_blocks(m, n, |rows, part| block(rows, 0..n, part))
+        }
+    }
 }
 
 /// An `[m, n]` product split over its output features: chunks of contiguous weight rows (a
@@ -270,27 +283,24 @@ impl CustomOp2 for SplitMatmul {
         };
         let Operands { x, w, mnk } = operands("split_matmul", (x, xl), (w, wl))?;
         let (m, n, k) = mnk;
-        let out = if m <= SPLIT_MAX_ROWS {
-            // SAFETY: `rows_by_weights_uninit` writes every output of its block.
-            unsafe {
-                by_output_features((m, n), 1, |a, len, part| {
-                    rows_by_weights_uninit((m, len, k), x, &w[a * k..], part)
-                })
-            }
-        } else if let Some(packed) = crate::gemm::pack_for_many_rows(w, n, k) {
-            // SAFETY: `rows_by_packed_uninit` writes every output of its rows.
-            unsafe {
-                by_row_blocks(m, n, |rows, part| {
-                    let x = &x[rows.start * k..];
-                    rows_by_packed_uninit((rows.len(), n, k), x, &packed, part)
-                })
-            }
+        let few = m <= SPLIT_MAX_ROWS;
+        let packed = if few {
+            None
         } else {
-            // SAFETY: `rows_by_weights_uninit` writes every output of its rows.
-            unsafe {
-                by_row_blocks(m, n, |rows, part| {
-                    rows_by_weights_uninit((rows.len(), n, k), &x[rows.start * k..], w, part)
-                })
+            crate::gemm::pack_for_many_rows(w, n, k)
+        };
+        // SAFETY: `rows_by_packed_uninit` and `rows_by_weights_uninit` write every output of
+        // their block.
+        let out = unsafe {
+            match &packed {
+                Some(p) => split_product((m, n), few, PANEL, |rows, cols, part| {
+                    let (x, p) = (&x[rows.start * k..], &p[cols.start * k..]);
+                    rows_by_packed_uninit((rows.len(), cols.len(), k), x, p, part)
+                }),
+                None => split_product((m, n), few, 1, |rows, cols, part| {
+                    let (x, w) = (&x[rows.start * k..], &w[cols.start * k..]);
+                    rows_by_weights_uninit((rows.len(), cols.len(), k), x, w, part)
+                }),
             }
         };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
@@ -316,20 +326,16 @@ impl CustomOp2 for Bf16Matmul {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let Bf16Operands { xb, w, mnk } = bf16_operands("bf16_matmul", (xs, xl), (ws, wl))?;
         let (m, n, k) = mnk;
-        let out = if m <= ROW_BLOCK {
-            // SAFETY: `rows_by_weights_bf16_uninit` writes every output of its block.
-            unsafe {
-                by_output_features((m, n), xb.weight_block(), |a, len, part| {
-                    rows_by_weights_bf16_uninit(&xb, 0..m, (len, &w[a * k..]), part)
-                })
-            }
-        } else {
-            // SAFETY: `rows_by_weights_bf16_uninit` writes every output of its rows.
-            unsafe {
-                by_row_blocks(m, n, |rows, part| {
-                    rows_by_weights_bf16_uninit(&xb, rows, (n, w), part)
-                })
-            }
+        // SAFETY: `rows_by_weights_bf16_uninit` writes every output of its block.
+        let out = unsafe {
+            split_product(
+                (m, n),
+                m <= ROW_BLOCK,
+                xb.weight_block(),
+                |rows, cols, part| {
+                    rows_by_weights_bf16_uninit(&xb, rows, (cols.len(), &w[cols.start * k..]), part)
+                },
+            )
         };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
