@@ -10,6 +10,8 @@
 #   bash .gpu/run.sh shapes               #  split the steps over two calls if need be)
 #   SKIP_CHECK=1 bash .gpu/run.sh chat-fp8  # the chat workload over an fp8 KV cache (not in
 #                                         #  the default steps)
+#   SHAPES_ARGS="--batch-sizes 1,8 --iters 1" bash .gpu/run.sh self-check shapes  # a smaller sweep
+#   STEP_TIMEOUT=200 bash .gpu/run.sh     # stop any one step after 200 s and go on to the next
 # The timed steps run only after a passing self-check in the same call, unless SKIP_CHECK=1
 # (for a later call after one that passed).
 set -uo pipefail
@@ -35,13 +37,15 @@ gunzip -c "$here/llama3-tokenizer.json.gz" > "$work/tokenizer.json"
 echo "commit $(cat "$here/commit.txt"), date $(date -u +%Y-%m-%d)" | tee "$out/run.txt"
 
 stamp "steps: $steps"
+# `timeout 0` never stops the step.
+limit=${STEP_TIMEOUT:-0}
 if want self-check; then
   stamp self-check
-  if ! "$bin" self-check --device cuda 2>&1 | tee "$out/self-check.txt"; then
+  if ! timeout "$limit" "$bin" self-check --device cuda 2>&1 | tee "$out/self-check.txt"; then
     stamp "self-check failed: no timing (see $out/self-check.txt)"
     exit 1
   fi
-  "$bin" generate --quiet --device cuda --model llama-3-8b --load-format dummy \
+  timeout "$limit" "$bin" generate --quiet --device cuda --model llama-3-8b --load-format dummy \
     --tokenizer "$work/tokenizer.json" --prompt "The capital of France is" --max-tokens 8 \
     2>&1 | tee "$out/generate.txt"
 elif [ "${SKIP_CHECK:-0}" != 1 ]; then
@@ -57,7 +61,7 @@ for run in chat sharegpt chat-fp8; do
   ds=${run%-fp8}
   kv=auto
   [ "$run" = "$ds" ] || kv=fp8
-  "$bin" throughput --device cuda --model llama-3-8b --load-format dummy \
+  timeout "$limit" "$bin" throughput --device cuda --model llama-3-8b --load-format dummy \
     --temperature 1 --top-p 1 --kv-cache-dtype "$kv" \
     --workload "$here/$ds-llama3-1000.json" --output-json "$out/$run.json" \
     2>&1 | tee "$out/$run.txt" || status=1
@@ -67,8 +71,9 @@ done
 # kernel timed with CUDA events, against the device's measured GEMM and copy peaks.
 if want shapes; then
   stamp shapes
-  "$bin" shapes --device cuda --model llama-3-8b --load-format dummy \
-    --batch-sizes 1,8,32,128 --input-lens 128,512,2048 --output-lens 128 \
+  # shellcheck disable=SC2086 # SHAPES_ARGS is a list of flags
+  timeout "$limit" "$bin" shapes --device cuda --model llama-3-8b --load-format dummy \
+    ${SHAPES_ARGS:---batch-sizes 1,8,32,128 --input-lens 128,512,2048 --output-lens 128} \
     --output-dir "$out/shapes" 2>&1 | tee "$out/shapes.txt" || status=1
 fi
 stamp done
