@@ -113,9 +113,9 @@ fn shapes_with_bf16_weights_on_the_cpu() {
     let out_dir = dir.path().join("bf16");
     let gguf = common::smollm_gguf().display().to_string();
     let out_str = out_dir.display().to_string();
+    // Not quiet: each shape's line goes to stderr as it finishes.
     let args = [
         "shapes",
-        "--quiet",
         "--model",
         &gguf,
         "--dtype",
@@ -136,6 +136,10 @@ fn shapes_with_bf16_weights_on_the_cpu() {
     ];
     let (code, stdout, stderr) = common::run(&args, &[]);
     assert_eq!(code, 0, "shapes failed: {stderr}");
+    assert!(
+        stderr.contains("batch 2 x input 8 + output 2: PP "),
+        "{stderr}"
+    );
     assert!(
         stdout.contains("(gguf, bf16, KV cache f16) on cpu"),
         "{stdout}"

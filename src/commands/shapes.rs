@@ -10,7 +10,7 @@ use super::Setup;
 use crate::cli::ShapesArgs;
 use crate::progress::Progress;
 use crate::shapes::bench::{BenchOptions, CacheRoom, run_shape};
-use crate::shapes::output::{ShapeReport, csv, kernel_table, peaks_line, table};
+use crate::shapes::output::{ShapeReport, csv, kernel_table, peaks_line, shape_line, table};
 use crate::shapes::roofline::{ModelCosts, calibrate};
 use crate::shapes::{check_limits, grid, parse_sizes, plot};
 use crate::util::write_atomic;
@@ -64,7 +64,9 @@ pub fn run(args: &ShapesArgs) -> Result<()> {
     for s in &shapes {
         bar.set_message(s.to_string());
         let run = run_shape(runner, &room, s, &opts)?;
-        reports.push(ShapeReport::new(&run, &costs, &peaks));
+        let report = ShapeReport::new(&run, &costs, &peaks);
+        bar.suspend(|| progress.info(shape_line(&report)));
+        reports.push(report);
         bar.inc(1);
     }
     bar.finish_and_clear();

@@ -214,6 +214,22 @@ pub fn table(reports: &[ShapeReport], peaks: &Peaks) -> String {
     out
 }
 
+/// One shape's headline figures as a status line, printed as each shape finishes: a sweep cut
+/// short (a time limit on a lent GPU, an interrupt) still leaves the shapes it measured.
+pub fn shape_line(r: &ShapeReport) -> String {
+    format!(
+        "{}: PP {:.3} s ({:.1} tok/s, {:.1}% of the GEMM peak), TG p50 {:.2} ms p90 {:.2} ms ({:.1} tok/s, {:.0}% of the memory peak)",
+        r.shape,
+        r.prefill_s,
+        r.prompt_tokens_per_s,
+        100.0 * r.prefill_compute_util,
+        r.decode_step_p50_ms,
+        r.decode_step_p90_ms,
+        r.decode_tokens_per_s,
+        100.0 * r.decode_bandwidth_util,
+    )
+}
+
 /// The per-kernel table of one shape: milliseconds and share of each phase's wall time.
 pub fn kernel_table(r: &ShapeReport) -> Option<String> {
     let p = r.prefill_kernels.as_ref()?;
@@ -401,6 +417,14 @@ mod tests {
             assert_eq!(t.contains("%bw above 100"), note);
         }
         assert!(kernel_table(&r).unwrap().contains("embedding"));
+        let line = shape_line(&r);
+        for part in [
+            "batch 2 x input 10 + output 3: ",
+            "PP 0.200 s (100.0 tok/s",
+            "TG p50 15.00 ms",
+        ] {
+            assert!(line.contains(part), "{line}");
+        }
         let csv = csv(&[r]);
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines.len(), 2);
