@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CUDA binary on this machine (no GPU needed), packs what a GPU host needs into
-# .gpu/ (under 64 MiB: the binary and the Llama-3 tokenizer gzipped, sampled workloads,
-# gpu/host-run.sh),
+# .gpu/ (under 64 MiB: the binary, the CUDA criterion bench and the Llama-3 tokenizer gzipped,
+# sampled workloads, gpu/host-run.sh),
 # and prints the command the GPU host runs. The host needs the NVIDIA driver and CUDA 13.0
 # libraries, but neither Rust, the dataset, the tokenizer's source nor the model weights
 # (llama-3-8b runs with --load-format dummy).
@@ -25,12 +25,25 @@ export RUSTFLAGS="-C target-cpu=x86-64-v3"
 # shellcheck source=gpu/cuda-toolchain.sh
 source gpu/cuda-toolchain.sh
 export CARGO_TARGET_DIR=target/cuda
-cargo build --release --features cuda
+# The binary and the CUDA criterion bench in one build (the bench's dev-dependencies change the
+# features of crates both use, so building them apart would compile candle twice).
+artifacts=$(cargo build --release --features cuda --bin offline-bench --bench attention \
+  --message-format=json-render-diagnostics)
 bin=target/cuda/release/offline-bench
+bench=$(python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "attention" \
+            and m.get("executable"):
+        print(m["executable"])' <<<"$artifacts")
+[ -n "$bench" ] || { echo "error: cargo named no executable for the attention bench" >&2; exit 1; }
 
 # Compressed: the binary's embedded PTX text shrinks 4x; run.sh unpacks on the host.
 strip -o .gpu/offline-bench "$bin"
 gzip -9 -f .gpu/offline-bench
+strip -o .gpu/bench-attention "$bench"
+gzip -9 -f .gpu/bench-attention
 gzip -9 -c assets/llama3-tokenizer/tokenizer.json > .gpu/llama3-tokenizer.json.gz
 cp gpu/host-run.sh .gpu/run.sh
 git rev-parse HEAD > .gpu/commit.txt
