@@ -277,12 +277,12 @@ impl<T: Elem> Geometry<'_, T> {
                 let qf = sized(&mut scr.q, m * d);
                 self.scaled_queries(t0, head, qf);
                 let s = sized(&mut scr.scores, m * np);
-                amx_rows_by_weights((m, np, d), qf, k16, &mut scr.pairs, s);
+                amx_rows_by_weights((m, np, d), qf, (k16, d), &mut scr.pairs, s);
                 for (i, &ni) in keys.iter().enumerate() {
                     softmax_prefix(&mut s[i * np..][..np], ni);
                 }
                 let o = sized(&mut scr.acc, m * d);
-                amx_rows_by_weights((m, d, np), s, v16, &mut scr.pairs, o);
+                amx_rows_by_weights((m, d, np), s, (v16, np), &mut scr.pairs, o);
                 for i in 0..m {
                     out[(i * heads + head) * d..][..d].copy_from_slice(&o[i * d..][..d]);
                 }

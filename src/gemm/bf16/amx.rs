@@ -134,25 +134,27 @@ const CONFIG: TileConfig = TileConfig {
 #[repr(C, align(64))]
 struct Results([f32; 4 * TILE * TILE]);
 
-/// `out[(r - rows.start) * n + j] = x[r] . w[j]` for `w` `[n, k]` (row-major), `x` as pair
+/// `out[(r - rows.start) * n + j] = x[r] . w[j]` for `w` `[n, k]` with rows `ldw` apart
+/// (`ldw >= k`: the first keys of longer rows, for prefill attention's values), `x` as pair
 /// rows (`pairs`, [`pair_rows`]): tiles 0-3 hold results, 4-5 weights, 6-7 x pairs. Every
 /// output is written (so `out` need not be initialised), nothing else of `out` is.
 ///
 /// # Safety
 /// [`usable`] and AVX-512 F must hold; `k % 32 == 0`; `pairs` holds `k / 2` pair rows of
-/// `stride = pair_stride(m)` pairs with `rows.end <= m`; `w.len() >= n * k`; `out.len() >=
-/// rows.len() * n`.
+/// `stride = pair_stride(m)` pairs with `rows.end <= m`; `ldw >= k`, `w.len() >= (n - 1) *
+/// ldw + k`; `out.len() >= rows.len() * n`.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn rows_by_weights(
     (n, k): (usize, usize),
     (pairs, stride): (&[u32], usize),
     rows: Range<usize>,
-    w: &[bf16],
+    (w, ldw): (&[bf16], usize),
     out: &mut [MaybeUninit<f32>],
 ) {
     let whole = n / W_BLOCK * W_BLOCK;
     let block = Block {
         k,
+        ldw,
         n,
         pairs: pairs.as_ptr(),
         stride,
@@ -164,14 +166,21 @@ pub unsafe fn rows_by_weights(
     unsafe {
         on_tiles(|results| {
             for j0 in (0..whole).step_by(W_BLOCK) {
-                block.run(w.as_ptr().add(j0 * k), (j0, W_BLOCK), results, out);
+                block.run(w.as_ptr().add(j0 * ldw), (j0, W_BLOCK), results, out);
             }
             if whole < n {
-                // The last weight rows, fewer than a block: a zero-padded copy, so that the
-                // tiles never read past `w`.
+                // The last weight rows, fewer than a block: a zero-padded copy (rows of `k`),
+                // so that the tiles never read past `w`.
                 let mut padded = vec![bf16::ZERO; W_BLOCK * k];
-                padded[..(n - whole) * k].copy_from_slice(&w[whole * k..n * k]);
-                block.run(padded.as_ptr(), (whole, n - whole), results, out);
+                for (dst, j) in padded.chunks_exact_mut(k).zip(whole..n) {
+                    dst.copy_from_slice(&w[j * ldw..][..k]);
+                }
+                let tail = Block {
+                    ldw: k,
+                    rows: block.rows.clone(),
+                    ..block
+                };
+                tail.run(padded.as_ptr(), (whole, n - whole), results, out);
             }
         })
     }
@@ -210,6 +219,7 @@ pub unsafe fn rows_by_weights_silu(
 ) {
     let block = Block {
         k,
+        ldw: k,
         n: h,
         pairs: pairs.as_ptr(),
         stride,
@@ -230,6 +240,8 @@ pub unsafe fn rows_by_weights_silu(
 /// What every block of 32 weight rows shares.
 struct Block {
     k: usize,
+    /// Elements from one weight row to the next (`>= k`).
+    ldw: usize,
     /// Output columns (the row stride of `out`).
     n: usize,
     pairs: *const u32,
@@ -246,7 +258,8 @@ impl Block {
     /// columns from `j0`) with every x row, two tiles of 16 x rows at a time.
     ///
     /// # Safety
-    /// As [`rows_by_weights`], with the tiles configured; `wp` points at 32 rows of `k`.
+    /// As [`rows_by_weights`], with the tiles configured; `wp` points at 32 rows of `k`, `ldw`
+    /// apart.
     #[target_feature(enable = "avx512f")]
     unsafe fn run(
         &self,
@@ -256,11 +269,15 @@ impl Block {
         out: &mut [MaybeUninit<f32>],
     ) {
         let (k, stride) = (self.k, self.stride);
-        let (w_bytes, pair_bytes) = (k * 2, stride * 4);
+        let (w_bytes, pair_bytes) = (self.ldw * 2, stride * 4);
         // From the first weight tile's rows to the second's.
-        let second = if self.silu { self.n * k } else { TILE * k };
+        let second = if self.silu {
+            self.n * self.ldw
+        } else {
+            TILE * self.ldw
+        };
         let mut t = self.rows.start;
-        // SAFETY: the caller's contract: weight rows `wp .. wp + 32 * k`, pair rows `k / 2`
+        // SAFETY: the caller's contract: 32 weight rows of `k` from `wp`, pair rows `k / 2`
         // of `stride` with room for a tile from any row before `rows.end`.
         unsafe {
             while t < self.rows.end {

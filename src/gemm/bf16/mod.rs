@@ -347,7 +347,7 @@ pub fn rows_by_weights_bf16(
             // SAFETY: `prepare` paired the rows only after checking that this CPU has `Amx`,
             // and only for `k` a multiple of 32; the pairs hold `k / 2` rows of
             // `pair_stride(x.m)`, and the assert above bounds the rows, weights and outputs.
-            unsafe { amx::rows_by_weights((n, k), (pairs, *stride), rows, w, as_uninit(out)) };
+            unsafe { amx::rows_by_weights((n, k), (pairs, *stride), rows, (w, k), as_uninit(out)) };
         }
         (RowData::Bf16(xb), _) => {
             for (i, r) in rows.enumerate() {
@@ -381,7 +381,7 @@ pub fn rows_by_weights_bf16_uninit(
     #[cfg(target_arch = "x86_64")]
     if let RowData::Pairs { pairs, stride } = &x.data {
         // SAFETY: as in `rows_by_weights_bf16`; the kernel writes every output of the rows.
-        unsafe { amx::rows_by_weights((n, k), (pairs, *stride), rows, w, out) };
+        unsafe { amx::rows_by_weights((n, k), (pairs, *stride), rows, (w, k), out) };
         return;
     }
     rows_by_weights_bf16(x, rows, (n, w), super::zeroed(&mut out[..m * n]));
@@ -401,14 +401,15 @@ pub fn round_for_amx(src: &[f32], dst: &mut [bf16]) {
 }
 
 /// `out[i * n + j] = x[i] . w[j]` for f32 rows `x` (`[m, k]`) rounded to bf16 and bf16 `w`
-/// (`[n, k]`) on the AMX unit, on the calling thread: for kernels that parallelise over their
-/// own work items (prefill attention under `--dtype bf16`). `pairs` is the caller's reusable
+/// (`n` rows of `k` from `w[j * ldw]`, `ldw >= k`) on the AMX unit, on the calling thread: for
+/// kernels that parallelise over their own work items (prefill attention under `--dtype bf16`,
+/// whose tiles read the first keys of a sequence's values). `pairs` is the caller's reusable
 /// buffer for the rows in the unit's form. Callers check [`Bf16Kernel::Amx`]'s `runs_here`
 /// first; `k` must be a multiple of 32.
 pub fn amx_rows_by_weights(
     (m, n, k): (usize, usize, usize),
     x: &[f32],
-    w: &[bf16],
+    (w, ldw): (&[bf16], usize),
     pairs: &mut Vec<u32>,
     out: &mut [f32],
 ) {
@@ -420,10 +421,11 @@ pub fn amx_rows_by_weights(
     {
         assert!(
             k.is_multiple_of(amx::K_STEP)
+                && ldw >= k
                 && x.len() >= m * k
-                && w.len() >= n * k
+                && (n == 0 || w.len() >= (n - 1) * ldw + k)
                 && out.len() >= m * n,
-            "amx_rows_by_weights: sizes ({m} x {k} by {n} x {k})"
+            "amx_rows_by_weights: sizes ({m} x {k} by {n} x {k}, rows {ldw} apart)"
         );
         let stride = amx::pair_stride(m);
         let step_len = amx::K_STEP / 2 * stride;
@@ -442,7 +444,7 @@ pub fn amx_rows_by_weights(
         }
         // SAFETY: AMX runs here (checked); the pairs hold `k / 2` rows of `pair_stride(m)`,
         // and the assert above bounds the weights and outputs.
-        unsafe { amx::rows_by_weights((n, k), (pairs, stride), 0..m, w, as_uninit(out)) };
+        unsafe { amx::rows_by_weights((n, k), (pairs, stride), 0..m, (w, ldw), as_uninit(out)) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (m, n, k, x, w, pairs, out);
@@ -595,15 +597,28 @@ mod tests {
         }
         let mut rng = Rng64::new(21);
         let mut pairs = Vec::new();
-        for (m, n, k) in [(64, 96, 64), (3, 40, 128), (64, 64, 512), (17, 5, 32)] {
+        // Rows `ldw` apart, the first `k` of each used: contiguous, and the first keys of
+        // longer rows (the padded tail copy too, where `n` is no multiple of 32).
+        for (m, n, k, ldw) in [
+            (64, 96, 64, 64),
+            (3, 40, 128, 128),
+            (64, 64, 512, 512),
+            (17, 5, 32, 32),
+            (64, 64, 96, 160),
+            (9, 40, 32, 100),
+        ] {
             let x = rng.uniform_f32(m * k, 1.0);
-            let w = to_bf16(&rng.uniform_f32(n * k, 1.0));
+            // NaN past each row's `k`: a read beyond the row shows in the products.
+            let mut w = to_bf16(&rng.uniform_f32(n * ldw, 1.0));
+            for row in w.chunks_exact_mut(ldw) {
+                row[k..].fill(bf16::NAN);
+            }
             let mut got = vec![f32::NAN; m * n];
-            amx_rows_by_weights((m, n, k), &x, &w, &mut pairs, &mut got);
+            amx_rows_by_weights((m, n, k), &x, (&w, ldw), &mut pairs, &mut got);
             for r in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k)
-                        .map(|t| bf16::from_f32(x[r * k + t]).to_f64() * w[j * k + t].to_f64())
+                        .map(|t| bf16::from_f32(x[r * k + t]).to_f64() * w[j * ldw + t].to_f64())
                         .sum();
                     let g = got[r * n + j] as f64;
                     assert!(
