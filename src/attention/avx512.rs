@@ -209,3 +209,58 @@ unsafe fn weighted_g<T: Lanes, const G: usize, const C: usize>(
         }
     }
 }
+
+/// `super::exp_prefix` on 16 lanes: the maximum in one pass, then each exponential
+/// (`fastmath::exp16`, the same values as the scalar `exp`) stored and added up in the same
+/// pass, the last partial vector under a mask; the masked tail `row[n..]` zeroed.
+///
+/// # Safety
+/// AVX-512 F must be available; `n <= row.len()`, `n >= 1`.
+#[target_feature(enable = "avx512f,fma")]
+pub unsafe fn exp_prefix(row: &mut [f32], n: usize) -> (f32, f32) {
+    let p = row.as_mut_ptr();
+    let whole = n / 16 * 16;
+    let tail: __mmask16 = ((1u32 << (n - whole)) - 1) as u16;
+    // SAFETY: whole vectors below `whole <= n`, and the masked one covers `whole .. n`.
+    unsafe {
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        // Two accumulators: a max's latency is four cycles and two issue per cycle.
+        let (mut m0, mut m1) = (ninf, ninf);
+        let mut i = 0;
+        while i + 32 <= whole {
+            m0 = _mm512_max_ps(m0, _mm512_loadu_ps(p.add(i)));
+            m1 = _mm512_max_ps(m1, _mm512_loadu_ps(p.add(i + 16)));
+            i += 32;
+        }
+        if i < whole {
+            m0 = _mm512_max_ps(m0, _mm512_loadu_ps(p.add(i)));
+        }
+        m0 = _mm512_max_ps(m0, _mm512_mask_loadu_ps(ninf, tail, p.add(whole)));
+        let max = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+        let mv = _mm512_set1_ps(max);
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        while i + 32 <= whole {
+            let e0 = crate::fastmath::exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv));
+            let e1 = crate::fastmath::exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i + 16)), mv));
+            _mm512_storeu_ps(p.add(i), e0);
+            _mm512_storeu_ps(p.add(i + 16), e1);
+            s0 = _mm512_add_ps(s0, e0);
+            s1 = _mm512_add_ps(s1, e1);
+            i += 32;
+        }
+        if i < whole {
+            let e = crate::fastmath::exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv));
+            _mm512_storeu_ps(p.add(i), e);
+            s0 = _mm512_add_ps(s0, e);
+        }
+        if tail != 0 {
+            let x = _mm512_maskz_loadu_ps(tail, p.add(whole));
+            let e = _mm512_maskz_mov_ps(tail, crate::fastmath::exp16(_mm512_sub_ps(x, mv)));
+            _mm512_mask_storeu_ps(p.add(whole), tail, e);
+            s0 = _mm512_add_ps(s0, e);
+        }
+        row[n..].fill(0.0);
+        (max, _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)))
+    }
+}

@@ -75,6 +75,17 @@ fn softmax_prefix(row: &mut [f32], n: usize) {
 /// returns `(max, sum of the exponentials)`. Written as separate lane-parallel passes (max,
 /// exp, sum) so each one vectorises.
 fn exp_prefix(row: &mut [f32], n: usize) -> (f32, f32) {
+    assert!(n <= row.len(), "exp_prefix: {n} of {} entries", row.len());
+    #[cfg(target_arch = "x86_64")]
+    if n > 0 && crate::device::cpu_has_avx512_bw() {
+        // SAFETY: AVX-512 F is available (checked), and `0 < n <= row.len()`.
+        return unsafe { super::avx512::exp_prefix(row, n) };
+    }
+    exp_prefix_lanes(row, n)
+}
+
+/// [`exp_prefix`] in portable code, eight lanes at a time.
+fn exp_prefix_lanes(row: &mut [f32], n: usize) -> (f32, f32) {
     let (head, tail) = row.split_at_mut(n);
     let mut lanes = [f32::NEG_INFINITY; 8];
     let chunks = head.chunks_exact(8);
@@ -377,4 +388,33 @@ pub fn attend<T: Elem>(
         (ml, acc) = (m.1, a.1);
     }
     Ok((CpuStorage::F32(out), ql.shape().clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::Rng64;
+
+    /// Whichever `exp_prefix` this CPU runs gives the portable loop's exponentials bit for bit,
+    /// its maximum, its sum up to the order of the additions, and zeros past `n`, for every
+    /// length of whole and partial vectors.
+    #[test]
+    fn exp_prefix_matches_the_portable_loop() {
+        let mut rng = Rng64::new(3);
+        for n in 1..=80 {
+            for extra in [0, 1, 17] {
+                let row = rng.uniform_f32(n + extra, 20.0);
+                let (mut got, mut want) = (row.clone(), row);
+                let (gm, gs) = exp_prefix(&mut got, n);
+                let (wm, ws) = exp_prefix_lanes(&mut want, n);
+                assert_eq!(gm, wm, "max, n = {n}");
+                assert!((gs - ws).abs() <= 1e-6 * ws, "sum, n = {n}: {gs} vs {ws}");
+                assert_eq!(
+                    got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    "n = {n}, {extra} masked"
+                );
+            }
+        }
+    }
 }
