@@ -18,13 +18,15 @@ use rayon::prelude::*;
 use super::BatchLayout;
 use super::fp8::F8E4M3;
 use super::{simd, split};
-use crate::gemm::bf16::{amx_rows_by_weights, round_for_amx};
+use crate::gemm::bf16::amx_rows_by_weights;
 use crate::util::contiguous;
 
 mod decode;
+mod gather;
 mod work;
 mod write;
 
+use gather::{AmxOperands, SeqOperands};
 use work::{Plan, Work};
 
 pub use write::{copy_f32, to_bf16, to_f16, to_fp8, write_kv};
@@ -63,13 +65,6 @@ impl Elem for F8E4M3 {
 /// contiguous rows (compute-bound: prefill); fewer queries (decode) read K/V in place, block by
 /// block, as memory bandwidth is what bounds them.
 const GEMM_MIN_QUERIES: usize = 8;
-
-/// In-place softmax of `row[..n]`; entries from `n` on become 0 (causally masked).
-fn softmax_prefix(row: &mut [f32], n: usize) {
-    let (_, sum) = exp_prefix(row, n);
-    let inv = 1.0 / sum;
-    row[..n].iter_mut().for_each(|x| *x *= inv);
-}
 
 /// `row[..n]` replaced by `exp(x - max)` and the entries from `n` on by 0 (causally masked);
 /// returns `(max, sum of the exponentials)`. Written as separate lane-parallel passes (max,
@@ -128,12 +123,10 @@ struct Scratch {
     acc: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    /// bf16 K rows and V columns of `tiled_amx`, and its rows in the AMX unit's form.
-    k16: Vec<bf16>,
-    v16: Vec<bf16>,
+    /// `tiled_amx`'s rows in the AMX unit's form.
     pairs: Vec<u32>,
-    /// One cache block's K then V, rounded to bf16, before `tiled_amx` transposes them.
-    block16: Vec<bf16>,
+    /// Each score row's sum of exponentials (`exp_rows`).
+    sums: Vec<f32>,
     /// `direct`'s per-head (max score, sum of exponentials).
     ml: Vec<(f32, f32)>,
 }
@@ -208,14 +201,10 @@ impl<T: Elem> Geometry<'_, T> {
                 self.scaled_queries(t0, head, qf);
                 let s = resized(&mut scr.scores, m * n);
                 crate::gemm::gemm_f32((m, n, d), s, n, (qf, d, 1), (kt, n, 1));
-                for (i, &ni) in keys.iter().enumerate() {
-                    softmax_prefix(&mut s[i * n..][..n], ni);
-                }
+                let sums = exp_rows(s, n, keys, &mut scr.sums);
                 let o = resized(&mut scr.acc, m * d);
                 crate::gemm::gemm_f32((m, d, n), o, d, (s, n, 1), (vbuf, d, 1));
-                for i in 0..m {
-                    out[(i * heads + head) * d..][..d].copy_from_slice(&o[i * d..][..d]);
-                }
+                place_rows(o, sums, (head, heads, d), out);
             }
         }
     }
@@ -232,80 +221,61 @@ impl<T: Elem> Geometry<'_, T> {
         }
     }
 
-    /// [`Self::tiled`] with both products in bf16 on the AMX unit: per KV head, the sequence's
-    /// keys as bf16 rows (`[n, d]`) and its values as bf16 columns (`[d, n]`), each padded with
-    /// zeros to whole steps of 32 keys, so that `S = Q K^T` and `O = P V` are both rows times
-    /// weight rows (`gemm::bf16::amx_rows_by_weights`); `Q` (scaled) and `P` are rounded to
-    /// bf16 as the unit reads them.
+    /// [`Self::tiled`] with both products in bf16 on the AMX unit, over the sequence's
+    /// operands gathered once for all its tiles (`gather`): per KV head, `S = Q K^T` and
+    /// `O = P V` are both rows times weight rows (`gemm::bf16::amx_rows_by_weights`) over the
+    /// tile's first keys, in whole steps of 32; `Q` (scaled) and `P` are rounded to bf16 as the
+    /// unit reads them.
     fn tiled_amx(
         &self,
         t0: usize,
         keys: &[usize],
-        table: &[u32],
+        ops: SeqOperands,
         out: &mut [f32],
         scr: &mut Scratch,
     ) {
-        let (d, heads, bs) = (self.d, self.heads, self.block_size);
+        let (d, heads) = (self.d, self.heads);
         let group = heads / self.kv_heads;
         let m = keys.len();
-        let n = keys[m - 1];
-        let np = n.next_multiple_of(32);
+        let np = keys[m - 1].next_multiple_of(32);
         for g in 0..self.kv_heads {
-            let (kf, vf) = (sized(&mut scr.k, d * bs), sized(&mut scr.v, bs * d));
-            bf16_sized(&mut scr.block16, 2 * d * bs);
-            let k16 = bf16_sized(&mut scr.k16, np * d);
-            let v16 = bf16_sized(&mut scr.v16, d * np);
-            // Keys past `n` are zeros (every other value is written below).
-            k16[n * d..].fill(bf16::ZERO);
-            for col in v16.chunks_exact_mut(np) {
-                col[n..].fill(bf16::ZERO);
-            }
-            let (kr, vr) = scr.block16.split_at_mut(d * bs);
-            for (b, &blk) in table.iter().enumerate() {
-                let (kb, vb) = self.block(blk, g);
-                let cnt = bs.min(n - b * bs);
-                // Whole blocks rounded at once (vector instructions), then moved: K is stored
-                // `[d, block_size]`, V `[block_size, d]`, and both are wanted transposed.
-                T::to_f32_run(kb, kf);
-                T::to_f32_run(vb, vf);
-                round_for_amx(kf, kr);
-                round_for_amx(vf, vr);
-                for j in 0..cnt {
-                    let row = &mut k16[(b * bs + j) * d..][..d];
-                    for (dd, x) in row.iter_mut().enumerate() {
-                        *x = kr[dd * bs + j];
-                    }
-                }
-                for dd in 0..d {
-                    let col = &mut v16[dd * np + b * bs..][..cnt];
-                    for (j, x) in col.iter_mut().enumerate() {
-                        *x = vr[j * d + dd];
-                    }
-                }
-            }
             for h in 0..group {
                 let head = g * group + h;
                 let qf = sized(&mut scr.q, m * d);
                 self.scaled_queries(t0, head, qf);
                 let s = sized(&mut scr.scores, m * np);
-                amx_rows_by_weights((m, np, d), qf, (k16, d), &mut scr.pairs, s);
-                for (i, &ni) in keys.iter().enumerate() {
-                    softmax_prefix(&mut s[i * np..][..np], ni);
-                }
+                amx_rows_by_weights((m, np, d), qf, (ops.keys(g), d), &mut scr.pairs, s);
+                let sums = exp_rows(s, np, keys, &mut scr.sums);
                 let o = sized(&mut scr.acc, m * d);
-                amx_rows_by_weights((m, d, np), s, (v16, np), &mut scr.pairs, o);
-                for i in 0..m {
-                    out[(i * heads + head) * d..][..d].copy_from_slice(&o[i * d..][..d]);
-                }
+                amx_rows_by_weights((m, d, np), s, (ops.values(g), ops.np), &mut scr.pairs, o);
+                place_rows(o, sums, (head, heads, d), out);
             }
         }
     }
 }
 
-/// `v` with `n` bf16 elements of whatever it held (as [`sized`]).
-fn bf16_sized(v: &mut Vec<bf16>, n: usize) -> &mut [bf16] {
-    v.resize(n, bf16::ZERO);
-    &mut v[..n]
+/// Each row `i` of `s` (`[keys.len(), n]`) replaced by its exponentials up to `keys[i]` (zeros
+/// after); returns each row's sum, by which the products of the rows are divided after
+/// (`place_rows`: `d` divisions a row instead of `keys[i]`).
+fn exp_rows<'a>(s: &mut [f32], n: usize, keys: &[usize], sums: &'a mut Vec<f32>) -> &'a [f32] {
+    sums.clear();
+    sums.extend(
+        keys.iter()
+            .enumerate()
+            .map(|(i, &ni)| exp_prefix(&mut s[i * n..][..n], ni).1),
+    );
+    sums
+}
+
+/// Row `i` of `o` (`[rows, d]`) divided by `sums[i]` into `out`'s row `i`, head `head` (of
+/// `heads`).
+fn place_rows(o: &[f32], sums: &[f32], (head, heads, d): (usize, usize, usize), out: &mut [f32]) {
+    for (i, (row, &sum)) in o.chunks_exact(d).zip(sums).enumerate() {
+        let inv = 1.0 / sum;
+        for (x, v) in out[(i * heads + head) * d..][..d].iter_mut().zip(row) {
+            *x = v * inv;
+        }
+    }
 }
 
 /// Attention of `q` (`[tokens, heads, head_dim]`, f32) over caches of element type `T`;
@@ -355,14 +325,27 @@ pub fn attend<T: Elem>(
     let (mut ml, mut acc) = plan.part_buffers(heads, d);
     let mut out = vec![0f32; tokens * heads * d];
     let (work, merges) = plan.items((heads, d, block_size), &mut out, &mut ml, &mut acc);
+    // The sequences whose tiles run on AMX: their operands, gathered once.
+    let operands = geo.amx.then(|| {
+        let mut wanted = vec![false; lay.num_seqs()];
+        for w in &work {
+            if let Work::Tile { s, len, .. } = *w
+                && len >= GEMM_MIN_QUERIES
+            {
+                wanted[s] = true;
+            }
+        }
+        AmxOperands::gather(&geo, lay, &wanted)
+    });
     work.into_par_iter()
         .for_each_init(Scratch::default, |scr, w| match w {
             Work::Tile { s, t0, len, out } => {
                 let keys: Vec<usize> = (t0..t0 + len).map(|t| lay.position(t) + 1).collect();
                 let n = keys[len - 1];
                 let table = &lay.block_tables[s * lay.max_blocks..][..n.div_ceil(block_size)];
-                if len >= GEMM_MIN_QUERIES && geo.amx {
-                    geo.tiled_amx(t0, &keys, table, out, scr);
+                let amx = operands.as_ref().and_then(|o| o.of(s));
+                if let Some(ops) = amx.filter(|_| len >= GEMM_MIN_QUERIES) {
+                    geo.tiled_amx(t0, &keys, ops, out, scr);
                 } else if len >= GEMM_MIN_QUERIES {
                     geo.tiled(t0, &keys, table, out, scr);
                 } else {

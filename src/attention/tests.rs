@@ -273,8 +273,11 @@ fn bf16_prefill_on_amx() {
         ctx: 150,
         queries: 150,
     });
+    // Blocks of 16 and 32 keys are gathered 16 x 16 at a time (transposed in registers),
+    // others key by key.
     for (bs, dtypes) in [
         (16, (DType::F32, DType::F16)),
+        (32, (DType::F32, DType::BF16)),
         (3, (DType::F32, DType::F32)),
     ] {
         check_with(&cases, (bs, 6, 2), dtypes, (64, true));

@@ -393,6 +393,27 @@ impl Block {
     }
 }
 
+/// `dst[j * ld_dst + i] = bf16(src[i * ld_src + j])` for `i, j < 16`: a 16 x 16 block
+/// transposed in registers and rounded to nearest even, one 32-byte store per row.
+///
+/// # Safety
+/// AVX-512 F and BF16 must be available; `src` holds `15 * ld_src + 16` values, `dst`
+/// `15 * ld_dst + 16`.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub unsafe fn transpose16_to_bf16(src: &[f32], ld_src: usize, dst: &mut [bf16], ld_dst: usize) {
+    // SAFETY: 16 loads of 16 values from rows `ld_src` apart and 16 stores of 16 values to rows
+    // `ld_dst` apart, within the lengths the caller guarantees.
+    unsafe {
+        let cols = transpose(std::array::from_fn(|i| {
+            _mm512_loadu_ps(src.as_ptr().add(i * ld_src))
+        }));
+        for (j, c) in cols.iter().enumerate() {
+            let v: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(*c));
+            _mm256_storeu_si256(dst.as_mut_ptr().add(j * ld_dst).cast(), v);
+        }
+    }
+}
+
 /// The transpose of a 16 x 16 matrix held as 16 rows: 64 shuffles in four rounds (pairs of
 /// values, then of pairs, then of 128-bit lanes twice).
 #[target_feature(enable = "avx512f")]

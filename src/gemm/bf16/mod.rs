@@ -400,6 +400,26 @@ pub fn round_for_amx(src: &[f32], dst: &mut [bf16]) {
     round_to_bf16(kernel, src, dst);
 }
 
+/// `dst[j * ld_dst + i] = bf16(src[i * ld_src + j])` for `i, j < 16`, rounded to nearest even:
+/// for callers laying out [`amx_rows_by_weights`]' operands from data stored the other way
+/// round (prefill attention's K and V blocks). Callers check [`Bf16Kernel::Amx`]'s `runs_here`
+/// first (its CPUs have AVX-512 BF16).
+pub fn transpose16_to_bf16(src: &[f32], ld_src: usize, dst: &mut [bf16], ld_dst: usize) {
+    assert!(
+        Bf16Kernel::Amx.runs_here()
+            && src.len() >= 15 * ld_src + 16
+            && dst.len() >= 15 * ld_dst + 16,
+        "transpose16_to_bf16: {} values by {ld_src} into {} by {ld_dst}",
+        src.len(),
+        dst.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AMX runs here, so AVX-512 F and BF16 do; the assert bounds both sides.
+    unsafe {
+        amx::transpose16_to_bf16(src, ld_src, dst, ld_dst)
+    };
+}
+
 /// `out[i * n + j] = x[i] . w[j]` for f32 rows `x` (`[m, k]`) rounded to bf16 and bf16 `w`
 /// (`n` rows of `k` from `w[j * ldw]`, `ldw >= k`) on the AMX unit, on the calling thread: for
 /// kernels that parallelise over their own work items (prefill attention under `--dtype bf16`,
@@ -626,6 +646,29 @@ mod tests {
                         "{m}x{k}x{n} [{r},{j}]: {g} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose16_to_bf16_transposes_and_rounds() {
+        if !Bf16Kernel::Amx.runs_here() {
+            return;
+        }
+        let (ld_src, ld_dst) = (21, 37);
+        let src = Rng64::new(8).uniform_f32(15 * ld_src + 16, 3.0);
+        let mut dst = vec![bf16::NAN; 15 * ld_dst + 16];
+        transpose16_to_bf16(&src, ld_src, &mut dst, ld_dst);
+        for (at, x) in dst.iter().enumerate() {
+            let (j, i) = (at / ld_dst, at % ld_dst);
+            if i < 16 {
+                assert_eq!(
+                    x.to_bits(),
+                    bf16::from_f32(src[i * ld_src + j]).to_bits(),
+                    "{j} {i}"
+                );
+            } else {
+                assert!(x.is_nan(), "wrote {j} {i}");
             }
         }
     }
