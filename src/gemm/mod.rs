@@ -142,12 +142,42 @@ pub fn rows_by_packed_uninit(
             "rows_by_packed_uninit: sizes, or weights not packed here"
         );
         // SAFETY: AVX-512 F is available and the assert bounds every access.
-        unsafe { packed::rows_by_packed((m, n, k), x, packed, out) };
+        unsafe { packed::rows_by_packed((m, n, k), x, (packed, k * PANEL), out) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (m, n, k, x, packed, out);
         unreachable!("rows_by_packed_uninit: no packed weights off x86-64");
+    }
+}
+
+/// [`rows_by_packed`] over panels `stride` apart (`stride >= k * 32`), of which the product
+/// reads the first `k` steps: for panels holding more steps than one product uses (prefill
+/// attention's values, gathered once per sequence for tiles that each read their first keys).
+pub fn rows_by_panels(
+    (m, n, k): (usize, usize, usize),
+    x: &[f32],
+    (panels, stride): (&[f32], usize),
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let count = n.div_ceil(PANEL);
+        assert!(
+            crate::device::cpu_has_avx512_bw()
+                && stride >= k * PANEL
+                && x.len() >= m * k
+                && (count == 0 || panels.len() >= (count - 1) * stride + k * PANEL)
+                && out.len() >= m * n,
+            "rows_by_panels: sizes ({m} x {k} by {n} x {k}, panels {stride} apart), or no AVX-512"
+        );
+        // SAFETY: AVX-512 F is available and the assert bounds every access.
+        unsafe { packed::rows_by_packed((m, n, k), x, (panels, stride), as_uninit(out)) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, n, k, x, panels, stride, out);
+        unreachable!("rows_by_panels: no packed weights off x86-64");
     }
 }
 

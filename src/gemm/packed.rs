@@ -41,16 +41,18 @@ pub fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
 }
 
 /// `out[r * n + j] = x[r] . w[j]` for the `m` rows of `x` (`[m, k]`) and the weights as
-/// [`pack`] leaves them; every output is written, so `out` need not be initialised.
+/// [`pack`] leaves them, panels `stride` apart (`k * 32` as packed; more where the panels are
+/// longer and the product takes their first `k` steps); every output is written, so `out`
+/// need not be initialised.
 ///
 /// # Safety
-/// AVX-512 F must be available; `x.len() >= m * k`, `packed` from `pack(_, n, k)`, `out.len()
-/// >= m * n`.
+/// AVX-512 F must be available; `x.len() >= m * k`; `stride >= k * 32` and `packed` holds
+/// `n.div_ceil(32)` panels `stride` apart, the last `k * 32` long; `out.len() >= m * n`.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn rows_by_packed(
     (m, n, k): (usize, usize, usize),
     x: &[f32],
-    packed: &[f32],
+    (packed, stride): (&[f32], usize),
     out: &mut [MaybeUninit<f32>],
 ) {
     let panels = n.div_ceil(PANEL);
@@ -61,7 +63,7 @@ pub unsafe fn rows_by_packed(
     let tiles = m.div_ceil(ROWS);
     let share = k.div_ceil(tiles.max(1));
     for p in 0..panels {
-        let panel = &packed[p * k * PANEL..][..k * PANEL];
+        let panel = &packed[p * stride..][..k * PANEL];
         let cols = (n - p * PANEL).min(PANEL);
         let mut r = 0;
         while r < m {
@@ -69,7 +71,7 @@ pub unsafe fn rows_by_packed(
             let first = r / ROWS * share;
             let next = if p + 1 < panels && first < k {
                 Next {
-                    at: packed[(p + 1) * k * PANEL + first * PANEL..].as_ptr(),
+                    at: packed[(p + 1) * stride + first * PANEL..].as_ptr(),
                     steps: share.min(k - first),
                     every: tiles,
                 }
@@ -180,6 +182,38 @@ mod tests {
     use super::*;
     use crate::util::Rng64;
 
+    /// The first `k` steps of panels packed longer (`stride` apart), the steps after them NaN:
+    /// `gemm::rows_by_panels`, as prefill attention reads a sequence's values.
+    #[test]
+    fn first_steps_of_longer_panels() {
+        if !crate::device::cpu_has_avx512_bw() {
+            return;
+        }
+        let mut rng = Rng64::new(19);
+        for (m, n, k, long) in [(12, 64, 40, 96), (7, 70, 32, 33), (25, 32, 1, 64)] {
+            let x = rng.uniform_f32(m * k, 1.0);
+            let mut w = rng.uniform_f32(n * long, 1.0);
+            for row in w.chunks_exact_mut(long) {
+                row[k..].fill(f32::NAN);
+            }
+            let packed = pack(&w, n, long);
+            let mut out = vec![f32::NAN; m * n];
+            crate::gemm::rows_by_panels((m, n, k), &x, (&packed, long * PANEL), &mut out);
+            for r in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|t| x[r * k + t] as f64 * w[j * long + t] as f64)
+                        .sum();
+                    let got = out[r * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{m} x {n} x {k} of {long} [{r}][{j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Every row count of a tile and a ragged last panel (n not a multiple of 32, fewer than
     /// 16 features in it too) against f64 dot products.
     #[test]
@@ -200,7 +234,7 @@ mod tests {
             let packed = pack(&w, n, k);
             let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
             // SAFETY: AVX-512 F checked; the sizes are as the contract asks.
-            unsafe { rows_by_packed((m, n, k), &x, &packed, &mut out) };
+            unsafe { rows_by_packed((m, n, k), &x, (&packed, k * PANEL), &mut out) };
             for r in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k)
