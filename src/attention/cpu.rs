@@ -26,7 +26,7 @@ mod gather;
 mod work;
 mod write;
 
-use gather::{AmxOperands, SeqOperands};
+use gather::{Operands, SeqOperands};
 use work::{Plan, Work};
 
 pub use write::{copy_f32, to_bf16, to_f16, to_fp8, write_kv};
@@ -230,7 +230,7 @@ impl<T: Elem> Geometry<'_, T> {
         &self,
         t0: usize,
         keys: &[usize],
-        ops: SeqOperands,
+        ops: SeqOperands<bf16>,
         out: &mut [f32],
         scr: &mut Scratch,
     ) {
@@ -252,6 +252,47 @@ impl<T: Elem> Geometry<'_, T> {
             }
         }
     }
+}
+
+impl<T: Elem> Geometry<'_, T> {
+    /// [`Self::tiled`] on this crate's AVX-512 f32 kernel (`gemm::rows_by_panels`, the packed
+    /// kernel of the f32 projections) over the sequence's operands gathered once for all its
+    /// tiles as panels (`gather`), where `tiled` repacks every operand for the `gemm` crate's
+    /// 256-bit kernel; the tile's first keys, in whole panels of 32.
+    fn tiled_panels(
+        &self,
+        t0: usize,
+        keys: &[usize],
+        ops: SeqOperands<f32>,
+        out: &mut [f32],
+        scr: &mut Scratch,
+    ) {
+        let (d, heads) = (self.d, self.heads);
+        let group = heads / self.kv_heads;
+        let m = keys.len();
+        let np = keys[m - 1].next_multiple_of(crate::gemm::PANEL);
+        for g in 0..self.kv_heads {
+            for h in 0..group {
+                let head = g * group + h;
+                let qf = sized(&mut scr.q, m * d);
+                self.scaled_queries(t0, head, qf);
+                let s = sized(&mut scr.scores, m * np);
+                let panels = (ops.keys(g), d * crate::gemm::PANEL);
+                crate::gemm::rows_by_panels((m, np, d), qf, panels, s);
+                let sums = exp_rows(s, np, keys, &mut scr.sums);
+                let o = sized(&mut scr.acc, m * d);
+                let panels = (ops.values(g), ops.np * crate::gemm::PANEL);
+                crate::gemm::rows_by_panels((m, d, np), s, panels, o);
+                place_rows(o, sums, (head, heads, d), out);
+            }
+        }
+    }
+}
+
+/// The operands a call's prefill tiles read, gathered once per sequence (`gather`).
+enum Gathered {
+    Amx(Operands<bf16>),
+    Panels(Operands<f32>),
 }
 
 /// Each row `i` of `s` (`[keys.len(), n]`) replaced by its exponentials up to `keys[i]` (zeros
@@ -325,27 +366,42 @@ pub fn attend<T: Elem>(
     let (mut ml, mut acc) = plan.part_buffers(heads, d);
     let mut out = vec![0f32; tokens * heads * d];
     let (work, merges) = plan.items((heads, d, block_size), &mut out, &mut ml, &mut acc);
-    // The sequences whose tiles run on AMX: their operands, gathered once.
-    let operands = geo.amx.then(|| {
-        let mut wanted = vec![false; lay.num_seqs()];
-        for w in &work {
-            if let Work::Tile { s, len, .. } = *w
-                && len >= GEMM_MIN_QUERIES
-            {
-                wanted[s] = true;
-            }
+    // The sequences with prefill tiles: their operands, gathered once, for AMX or, in f32,
+    // for the AVX-512 panel kernel (d in whole panels).
+    let mut wanted = vec![false; lay.num_seqs()];
+    for w in &work {
+        if let Work::Tile { s, len, .. } = *w
+            && len >= GEMM_MIN_QUERIES
+        {
+            wanted[s] = true;
         }
-        AmxOperands::gather(&geo, lay, &wanted)
-    });
+    }
+    let operands = if !wanted.contains(&true) {
+        None
+    } else if geo.amx {
+        let how = (bf16::ZERO, gather::amx_head::<T> as _);
+        Some(Gathered::Amx(Operands::gather(&geo, lay, &wanted, how)))
+    } else if crate::device::cpu_has_avx512_bw() && d.is_multiple_of(crate::gemm::PANEL) {
+        let how = (0f32, gather::panel_head::<T> as _);
+        Some(Gathered::Panels(Operands::gather(&geo, lay, &wanted, how)))
+    } else {
+        None
+    };
     work.into_par_iter()
         .for_each_init(Scratch::default, |scr, w| match w {
             Work::Tile { s, t0, len, out } => {
                 let keys: Vec<usize> = (t0..t0 + len).map(|t| lay.position(t) + 1).collect();
                 let n = keys[len - 1];
                 let table = &lay.block_tables[s * lay.max_blocks..][..n.div_ceil(block_size)];
-                let amx = operands.as_ref().and_then(|o| o.of(s));
-                if let Some(ops) = amx.filter(|_| len >= GEMM_MIN_QUERIES) {
+                let gathered = operands.as_ref().filter(|_| len >= GEMM_MIN_QUERIES);
+                if let Some(Gathered::Amx(ops)) = gathered
+                    && let Some(ops) = ops.of(s)
+                {
                     geo.tiled_amx(t0, &keys, ops, out, scr);
+                } else if let Some(Gathered::Panels(ops)) = gathered
+                    && let Some(ops) = ops.of(s)
+                {
+                    geo.tiled_panels(t0, &keys, ops, out, scr);
                 } else if len >= GEMM_MIN_QUERIES {
                     geo.tiled(t0, &keys, table, out, scr);
                 } else {

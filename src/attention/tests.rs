@@ -284,6 +284,25 @@ fn bf16_prefill_on_amx() {
     }
 }
 
+/// Prefill tiles in f32 over heads of 64 (whole panels): on AVX-512 CPUs the panel kernel
+/// over operands gathered once per sequence, elsewhere the `gemm` crate's path; every block
+/// size, a long prompt cut into several tiles, f32 and half caches.
+#[test]
+fn f32_prefill_with_whole_panels() {
+    let mut cases = mixed_batch();
+    cases.push(SeqShape {
+        ctx: 150,
+        queries: 150,
+    });
+    for (bs, dtypes) in [
+        (16, (DType::F32, DType::F32)),
+        (32, (DType::F32, DType::F16)),
+        (3, (DType::F32, DType::BF16)),
+    ] {
+        check_with(&cases, (bs, 6, 2), dtypes, (64, false));
+    }
+}
+
 #[test]
 fn layout_positions_and_validation() {
     let lay = BatchLayout::scattered(&mixed_batch(), 16, 20, 1, true);

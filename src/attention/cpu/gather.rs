@@ -1,8 +1,13 @@
-//! The operands of prefill tiles on AMX (`Geometry::tiled_amx`): per sequence and KV head, its
-//! keys as bf16 rows (`[np, d]`) and its values as bf16 columns (`[d, np]`, `np` its context
-//! rounded up to 32, zeros past the context), gathered from the paged cache once per call for
-//! all the tiles of the sequence, which read their prefix of each. (When each tile gathered its
-//! own prefix, a 512-token prompt in tiles of 64 gathered its keys 4.5 times over.)
+//! The operands of prefill tiles that run their products on this crate's own kernels, per
+//! sequence and KV head, gathered from the paged cache once per call for all the tiles of the
+//! sequence, which read their prefix of each. (When each tile gathered its own prefix, a
+//! 512-token prompt in tiles of 64 gathered its keys 4.5 times over.) `np` is the context
+//! rounded up to 32; zeros past the context.
+//! - On AMX (`Geometry::tiled_amx`, [`amx_head`]): keys as bf16 rows (`[np, d]`), values as
+//!   bf16 columns (`[d, np]`).
+//! - In f32 with AVX-512 (`Geometry::tiled_panels`, [`panel_head`]): both as panels of 32
+//!   output features for `gemm::rows_by_panels`: keys `[np / 32][d][32]`, values
+//!   `[d / 32][np][32]`.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -11,12 +16,19 @@ use super::{Elem, Geometry};
 use crate::attention::BatchLayout;
 use crate::gemm::bf16::transpose16_to_bf16;
 
-/// Keys per AMX step: the operands are padded to a multiple.
+/// Keys per AMX step and per panel: the operands are padded to a multiple.
 const STEP: usize = 32;
 
+/// Gathers one KV head's first `n` keys and values, in blocks `table`, into its two operands
+/// (zeros when called), with two scratch buffers.
+type HeadGather<T, E> = fn(&Geometry<T>, (&[u32], usize, usize), (&mut [E], &mut [E]), Scratch);
+
+/// A block's K and V in f32.
+type Scratch<'a> = (&'a mut Vec<f32>, &'a mut Vec<f32>);
+
 /// The gathered operands of one call, for the sequences that asked for them.
-pub(in crate::attention) struct AmxOperands {
-    data: Vec<bf16>,
+pub(in crate::attention) struct Operands<E> {
+    data: Vec<E>,
     /// Per sequence, where its operands start in `data` and its padded context `np`.
     seqs: Vec<Option<(usize, usize)>>,
     kv_heads: usize,
@@ -25,29 +37,34 @@ pub(in crate::attention) struct AmxOperands {
 
 /// One sequence's operands (see the module doc).
 #[derive(Clone, Copy)]
-pub(in crate::attention) struct SeqOperands<'a> {
-    data: &'a [bf16],
-    /// Keys per V column (the row stride of `values`).
+pub(in crate::attention) struct SeqOperands<'a, E> {
+    data: &'a [E],
+    /// The padded context: the keys of a V column, or of a V panel's steps.
     pub np: usize,
     d: usize,
 }
 
-impl<'a> SeqOperands<'a> {
-    /// K of KV head `g` as `np` rows of `d`.
-    pub fn keys(&self, g: usize) -> &'a [bf16] {
+impl<'a, E> SeqOperands<'a, E> {
+    /// K of KV head `g` (`np * d` values).
+    pub fn keys(&self, g: usize) -> &'a [E] {
         &self.data[2 * g * self.np * self.d..][..self.np * self.d]
     }
 
-    /// V of KV head `g` as `d` columns of `np` keys.
-    pub fn values(&self, g: usize) -> &'a [bf16] {
+    /// V of KV head `g` (`d * np` values).
+    pub fn values(&self, g: usize) -> &'a [E] {
         &self.data[(2 * g + 1) * self.np * self.d..][..self.np * self.d]
     }
 }
 
-impl AmxOperands {
-    /// The operands of every sequence `s` with `wanted[s]`, gathered in parallel over
-    /// sequences and KV heads.
-    pub fn gather<T: Elem>(geo: &Geometry<T>, lay: &BatchLayout, wanted: &[bool]) -> Self {
+impl<E: Copy + Send + Sync> Operands<E> {
+    /// The operands of every sequence `s` with `wanted[s]`, each KV head's by `head` (starting
+    /// from `zero`s), in parallel over sequences and KV heads.
+    pub fn gather<T: Elem>(
+        geo: &Geometry<T>,
+        lay: &BatchLayout,
+        wanted: &[bool],
+        (zero, head): (E, HeadGather<T, E>),
+    ) -> Self {
         let (d, kv_heads) = (geo.d, geo.kv_heads);
         let mut seqs = Vec::with_capacity(wanted.len());
         let mut total = 0;
@@ -59,25 +76,26 @@ impl AmxOperands {
                 (at, np)
             }));
         }
-        // Zeros: the keys past each context stay so (the products read whole steps).
-        let mut data = vec![bf16::ZERO; total];
+        let mut data = vec![zero; total];
         let mut jobs = Vec::new();
         let mut rest = data.as_mut_slice();
         for (s, seq) in seqs.iter().enumerate() {
             let Some((_, np)) = *seq else { continue };
             for g in 0..kv_heads {
-                let (head, tail) = std::mem::take(&mut rest).split_at_mut(2 * np * d);
+                let (both, tail) = std::mem::take(&mut rest).split_at_mut(2 * np * d);
                 rest = tail;
-                jobs.push((s, g, head));
+                jobs.push((s, g, both));
             }
         }
         jobs.into_par_iter().for_each_init(
             || (Vec::new(), Vec::new()),
-            |(kf, vf), (s, g, head)| {
+            |(kf, vf), (s, g, both)| {
                 let n = lay.context_lens[s] as usize;
                 let table = &lay.block_tables[s * lay.max_blocks..][..n.div_ceil(geo.block_size)];
-                let (k16, v16) = head.split_at_mut(head.len() / 2);
-                gather_head(geo, (table, n, g), (k16, v16), (kf, vf));
+                kf.resize(geo.d * geo.block_size, 0.0);
+                vf.resize(geo.d * geo.block_size, 0.0);
+                let (k, v) = both.split_at_mut(both.len() / 2);
+                head(geo, (table, n, g), (k, v), (kf, vf));
             },
         );
         Self {
@@ -89,7 +107,7 @@ impl AmxOperands {
     }
 
     /// Sequence `s`'s operands, if it asked for them.
-    pub fn of(&self, s: usize) -> Option<SeqOperands<'_>> {
+    pub fn of(&self, s: usize) -> Option<SeqOperands<'_, E>> {
         let (at, np) = self.seqs.get(s).copied().flatten()?;
         Some(SeqOperands {
             data: &self.data[at..][..2 * self.kv_heads * np * self.d],
@@ -99,20 +117,18 @@ impl AmxOperands {
     }
 }
 
-/// KV head `g`'s first `n` keys and values, in blocks `table`, into `k16` (`[np, d]`) and
-/// `v16` (`[d, np]`), which hold zeros. With blocks of a multiple of 16 keys, 16 x 16 pieces
+/// The AMX operands ([`HeadGather`]): keys into `k16` (`[np, d]`), values into `v16`
+/// (`[d, np]`). With blocks of a multiple of 16 keys, 16 x 16 pieces
 /// are transposed in registers (`transpose16_to_bf16`) and the keys from `n` to the next 16
 /// zeroed again after; otherwise key by key.
-fn gather_head<T: Elem>(
+pub(in crate::attention) fn amx_head<T: Elem>(
     geo: &Geometry<T>,
     (table, n, g): (&[u32], usize, usize),
     (k16, v16): (&mut [bf16], &mut [bf16]),
-    (kf, vf): (&mut Vec<f32>, &mut Vec<f32>),
+    (kf, vf): Scratch,
 ) {
     let (d, bs) = (geo.d, geo.block_size);
     let np = k16.len() / d;
-    kf.resize(d * bs, 0.0);
-    vf.resize(bs * d, 0.0);
     for (b, &blk) in table.iter().enumerate() {
         let (kb, vb) = geo.block(blk, g);
         // K is stored `[d, block_size]` and V `[block_size, d]`: both are wanted transposed.
@@ -144,22 +160,63 @@ fn gather_head<T: Elem>(
     }
 }
 
+/// The f32 panels ([`HeadGather`]): keys into `kp` (`[np / 32][d][32]`: a block's keys are
+/// already stored by dimension, so each dimension's run of keys moves as it is), values into
+/// `vp` (`[d / 32][np][32]`: each key's values in runs of 32 dimensions). `d` is a multiple of
+/// 32. Only the `n` keys are written: the rest stay zeros.
+pub(in crate::attention) fn panel_head<T: Elem>(
+    geo: &Geometry<T>,
+    (table, n, g): (&[u32], usize, usize),
+    (kp, vp): (&mut [f32], &mut [f32]),
+    (kf, vf): Scratch,
+) {
+    let (d, bs) = (geo.d, geo.block_size);
+    let np = kp.len() / d;
+    for (b, &blk) in table.iter().enumerate() {
+        let (kb, vb) = geo.block(blk, g);
+        T::to_f32_run(kb, kf);
+        T::to_f32_run(vb, vf);
+        let (first, cnt) = (b * bs, bs.min(n - b * bs));
+        // Runs of keys within one panel.
+        let mut j = 0;
+        while j < cnt {
+            let (p, c) = ((first + j) / STEP, (first + j) % STEP);
+            let run = (cnt - j).min(STEP - c);
+            for e in 0..d {
+                kp[(p * d + e) * STEP + c..][..run].copy_from_slice(&kf[e * bs + j..][..run]);
+            }
+            j += run;
+        }
+        for j in 0..cnt {
+            for q in 0..d / STEP {
+                vp[(q * np + first + j) * STEP..][..STEP]
+                    .copy_from_slice(&vf[j * d + q * STEP..][..STEP]);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::gemm::bf16::Bf16Kernel;
 
-    /// Both ways of gathering (16 x 16 pieces, key by key) put every key and value where the
-    /// products read them, bit for bit, through a block table out of order, and zeros past the
-    /// context whatever the blocks' free slots hold (NaN here).
-    #[test]
-    fn keys_become_rows_and_values_columns() {
-        if !Bf16Kernel::Amx.runs_here() {
-            return;
-        }
-        let (kv_heads, d) = (2, 32);
-        // Distinct small integers (exact in bf16), negative for V.
-        let val = |g: usize, j: usize, e: usize| ((g * 1000 + j * 37 + e) % 251) as f32;
+    /// Distinct small integers (exact in bf16), negated for V.
+    fn val(g: usize, j: usize, e: usize) -> f32 {
+        ((g * 1000 + j * 37 + e) % 251) as f32
+    }
+
+    /// For blocks of 16, 32 and 8 keys and contexts of 1 to 70 keys: a cache holding `val` in
+    /// the slots of a block table out of order and NaN everywhere else, and each KV head's
+    /// operands as `head` gathers them, against `at(np, key, dim)` giving where K's and V's
+    /// value of that key and dimension belong: every key and value there bit for bit, zeros
+    /// past the context.
+    fn check<E: Copy + Into<f32>>(
+        zero: E,
+        head: HeadGather<f32, E>,
+        at: impl Fn(usize, usize, usize) -> (usize, usize),
+    ) {
+        let (kv_heads, d) = (2, 64);
         for bs in [16, 32, 8] {
             for n in [1usize, 15, 16, 17, 40, 64, 70] {
                 let used = n.div_ceil(bs);
@@ -185,24 +242,48 @@ mod tests {
                     heads: kv_heads,
                     d,
                     scale: 1.0,
-                    amx: true,
+                    amx: false,
                 };
                 let np = n.next_multiple_of(STEP);
                 for g in 0..kv_heads {
-                    let (mut k16, mut v16) = (vec![bf16::ZERO; np * d], vec![bf16::ZERO; d * np]);
-                    let scratch = (&mut Vec::new(), &mut Vec::new());
-                    gather_head(&geo, (&table, n, g), (&mut k16, &mut v16), scratch);
+                    let (mut k, mut v) = (vec![zero; np * d], vec![zero; d * np]);
+                    let (mut kf, mut vf) = (vec![0.0; d * bs], vec![0.0; d * bs]);
+                    head(&geo, (&table, n, g), (&mut k, &mut v), (&mut kf, &mut vf));
                     for j in 0..np {
                         for e in 0..d {
                             let want = if j < n { val(g, j, e) } else { 0.0 };
+                            let (ka, va) = at(np, j, e);
                             let at =
                                 format!("block size {bs}, {n} keys, head {g}, key {j}, dim {e}");
-                            assert_eq!(k16[j * d + e].to_f32(), want, "K {at}");
-                            assert_eq!(v16[e * np + j].to_f32(), -want, "V {at}");
+                            assert_eq!(k[ka].into(), want, "K {at}");
+                            assert_eq!(v[va].into(), -want, "V {at}");
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Both ways of gathering for AMX (16 x 16 pieces for blocks of 16 and 32, key by key for
+    /// 8): keys as rows, values as columns.
+    #[test]
+    fn amx_keys_become_rows_and_values_columns() {
+        if !Bf16Kernel::Amx.runs_here() {
+            return;
+        }
+        check(bf16::ZERO, amx_head::<f32>, |np, j, e| {
+            (j * 64 + e, e * np + j)
+        });
+    }
+
+    /// Keys and values as panels of 32 output features.
+    #[test]
+    fn panels_hold_keys_by_dimension_and_values_by_key() {
+        check(0f32, panel_head::<f32>, |np, j, e| {
+            (
+                ((j / STEP) * 64 + e) * STEP + j % STEP,
+                ((e / STEP) * np + j) * STEP + e % STEP,
+            )
+        });
     }
 }
