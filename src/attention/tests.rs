@@ -301,6 +301,8 @@ fn f32_prefill_with_whole_panels() {
     ] {
         check_with(&cases, (bs, 6, 2), dtypes, (64, false));
     }
+    // Llama-3-8B's head size: four value panels.
+    check_with(&cases, (16, 8, 2), (DType::F32, DType::F16), (128, false));
 }
 
 #[test]
