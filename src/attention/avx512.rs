@@ -215,7 +215,7 @@ unsafe fn weighted_g<T: Lanes, const G: usize, const C: usize>(
 /// pass, the last partial vector under a mask; the masked tail `row[n..]` zeroed.
 ///
 /// # Safety
-/// AVX-512 F must be available; `n <= row.len()`, `n >= 1`.
+/// AVX-512 F and FMA must be available; `n <= row.len()`, `n >= 1`.
 #[target_feature(enable = "avx512f,fma")]
 pub unsafe fn exp_prefix(row: &mut [f32], n: usize) -> (f32, f32) {
     let p = row.as_mut_ptr();

@@ -68,13 +68,14 @@ impl Elem for F8E4M3 {
 const GEMM_MIN_QUERIES: usize = 8;
 
 /// `row[..n]` replaced by `exp(x - max)` and the entries from `n` on by 0 (causally masked);
-/// returns `(max, sum of the exponentials)`. Written as separate lane-parallel passes (max,
-/// exp, sum) so each one vectorises.
+/// returns `(max, sum of the exponentials)`. On 16 lanes where the CPU has AVX-512
+/// (`avx512::exp_prefix`), elsewhere as separate lane-parallel passes (max, exp, sum) so each one
+/// vectorises; the exponentials are the same values either way.
 fn exp_prefix(row: &mut [f32], n: usize) -> (f32, f32) {
     assert!(n <= row.len(), "exp_prefix: {n} of {} entries", row.len());
     #[cfg(target_arch = "x86_64")]
-    if n > 0 && crate::device::cpu_has_avx512_bw() {
-        // SAFETY: AVX-512 F is available (checked), and `0 < n <= row.len()`.
+    if n > 0 && super::avx512::available() {
+        // SAFETY: AVX-512 F and FMA are available (checked), and `0 < n <= row.len()`.
         return unsafe { super::avx512::exp_prefix(row, n) };
     }
     exp_prefix_lanes(row, n)

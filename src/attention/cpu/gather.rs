@@ -118,9 +118,9 @@ impl<E: Copy + Send + Sync> Operands<E> {
 }
 
 /// The AMX operands ([`HeadGather`]): keys into `k16` (`[np, d]`), values into `v16`
-/// (`[d, np]`). With blocks of a multiple of 16 keys, 16 x 16 pieces
-/// are transposed in registers (`transpose16_to_bf16`) and the keys from `n` to the next 16
-/// zeroed again after; otherwise key by key.
+/// (`[d, np]`). With blocks of a multiple of 16 keys, 16 x 16 pieces are transposed in
+/// registers (`transpose16_to_bf16`) and the keys from `n` to the next 16 zeroed again after;
+/// otherwise key by key.
 pub(in crate::attention) fn amx_head<T: Elem>(
     geo: &Geometry<T>,
     (table, n, g): (&[u32], usize, usize),
