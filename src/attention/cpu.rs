@@ -125,7 +125,7 @@ struct Scratch {
     acc: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    /// `tiled_amx`'s rows in the AMX unit's form.
+    /// The rows of a prefill tile's AMX products in the unit's form.
     pairs: Vec<u32>,
     /// Each score row's sum of exponentials (`exp_rows`).
     sums: Vec<f32>,
@@ -157,7 +157,7 @@ struct Geometry<'a, T> {
     heads: usize,
     d: usize,
     scale: f32,
-    /// Prefill tiles run `tiled_amx` (asked for, and AMX is what this process's bf16 products
+    /// Prefill tiles run on AMX (asked for, and AMX is what this process's bf16 products
     /// run on).
     amx: bool,
 }

@@ -3,9 +3,9 @@
 //! sequence, which read their prefix of each. (When each tile gathered its own prefix, a
 //! 512-token prompt in tiles of 64 gathered its keys 4.5 times over.) `np` is the context
 //! rounded up to 32; zeros past the context.
-//! - On AMX (`Geometry::tiled_amx`, [`amx_head`]): keys as bf16 rows (`[np, d]`), values as
+//! - On AMX (`Geometry::tiled_gathered`, [`amx_head`]): keys as bf16 rows (`[np, d]`), values as
 //!   bf16 columns (`[d, np]`).
-//! - In f32 with AVX-512 (`Geometry::tiled_panels`, [`panel_head`]): both as panels of 32
+//! - In f32 with AVX-512 (`Geometry::tiled_gathered`, [`panel_head`]): both as panels of 32
 //!   output features for `gemm::rows_by_panels`: keys `[np / 32][d][32]`, values
 //!   `[d / 32][np][32]`.
 

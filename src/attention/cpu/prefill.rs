@@ -1,9 +1,8 @@
 //! Prefill tiles (at least `GEMM_MIN_QUERIES` queries of one sequence): per KV head and query
 //! head, `S = Q K^T`, the causal softmax of each row, `O = P V`, as two products. On AMX CPUs
-//! with bf16 weights in bf16 on the matrix unit (`tiled_amx`), on other AVX-512 CPUs in f32 on
-//! this crate's packed kernel (`tiled_panels`), both over the sequence's K and V gathered once
-//! per call (`gather`); elsewhere through the `gemm` crate, each tile gathering its own
-//! (`tiled`).
+//! with bf16 weights in bf16 on the matrix unit, on other AVX-512 CPUs in f32 on this crate's
+//! packed kernel, both over the sequence's K and V gathered once per call (`tiled_gathered`,
+//! `gather`); elsewhere through the `gemm` crate, each tile gathering its own (`tiled`).
 
 use half::bf16;
 
@@ -61,14 +60,26 @@ impl<T: Elem> Geometry<'_, T> {
         out: &mut [f32],
         scr: &mut Scratch,
     ) {
+        let (d, panel) = (self.d, crate::gemm::PANEL);
         if let Some(Gathered::Amx(ops)) = gathered
             && let Some(ops) = ops.of(s)
         {
-            self.tiled_amx(t0, keys, ops, out, scr);
+            // Key rows `d` apart, value columns `np` apart.
+            let product =
+                |dims, x: &[f32], w: (&[bf16], usize), pairs: &mut Vec<u32>, out: &mut [f32]| {
+                    amx_rows_by_weights(dims, x, w, pairs, out)
+                };
+            self.tiled_gathered((t0, keys), (ops, d, ops.np), product, out, scr);
         } else if let Some(Gathered::Panels(ops)) = gathered
             && let Some(ops) = ops.of(s)
         {
-            self.tiled_panels(t0, keys, ops, out, scr);
+            // Key panels `d` steps long, value panels `np`.
+            let product =
+                |dims, x: &[f32], w: (&[f32], usize), _: &mut Vec<u32>, out: &mut [f32]| {
+                    crate::gemm::rows_by_panels(dims, x, w, out)
+                };
+            let ld = (d * panel, ops.np * panel);
+            self.tiled_gathered((t0, keys), (ops, ld.0, ld.1), product, out, scr);
         } else {
             self.tiled(t0, keys, table, out, scr);
         }
@@ -119,16 +130,19 @@ impl<T: Elem> Geometry<'_, T> {
         }
     }
 
-    /// [`Self::tiled`] with both products in bf16 on the AMX unit, over the sequence's
-    /// operands gathered once for all its tiles (`gather`): per KV head, `S = Q K^T` and
-    /// `O = P V` are both rows times weight rows (`gemm::bf16::amx_rows_by_weights`) over the
-    /// tile's first keys, in whole steps of 32; `Q` (scaled) and `P` are rounded to bf16 as the
-    /// unit reads them.
-    fn tiled_amx(
+    /// [`Self::tiled`] over the sequence's operands gathered once for all its tiles (`gather`),
+    /// the tile's first keys in whole steps of 32, by `product((m, n, k), x, (w, ld), pairs,
+    /// out)`, `out = x w^T` with `w`'s rows (AMX) or panels (f32) `ld` apart: `ld` is `lk` for
+    /// the keys and `lv` for the values. On AMX both products run in bf16 on the unit
+    /// (`gemm::bf16::amx_rows_by_weights`: `Q` (scaled) and `P` rounded to bf16 as it reads
+    /// them, `pairs` its buffer); in f32 on the packed kernel of the projections
+    /// (`gemm::rows_by_panels`), where `tiled` repacks every operand for the `gemm` crate's
+    /// 256-bit kernel.
+    fn tiled_gathered<E>(
         &self,
-        t0: usize,
-        keys: &[usize],
-        ops: SeqOperands<bf16>,
+        (t0, keys): (usize, &[usize]),
+        (ops, lk, lv): (SeqOperands<E>, usize, usize),
+        product: impl Fn((usize, usize, usize), &[f32], (&[E], usize), &mut Vec<u32>, &mut [f32]),
         out: &mut [f32],
         scr: &mut Scratch,
     ) {
@@ -142,43 +156,10 @@ impl<T: Elem> Geometry<'_, T> {
                 let qf = sized(&mut scr.q, m * d);
                 self.scaled_queries(t0, head, qf);
                 let s = sized(&mut scr.scores, m * np);
-                amx_rows_by_weights((m, np, d), qf, (ops.keys(g), d), &mut scr.pairs, s);
+                product((m, np, d), qf, (ops.keys(g), lk), &mut scr.pairs, s);
                 let sums = exp_rows(s, np, keys, &mut scr.sums);
                 let o = sized(&mut scr.acc, m * d);
-                amx_rows_by_weights((m, d, np), s, (ops.values(g), ops.np), &mut scr.pairs, o);
-                place_rows(o, sums, (head, heads, d), out);
-            }
-        }
-    }
-
-    /// [`Self::tiled`] on this crate's AVX-512 f32 kernel (`gemm::rows_by_panels`, the packed
-    /// kernel of the f32 projections) over the sequence's operands gathered once for all its
-    /// tiles as panels (`gather`), where `tiled` repacks every operand for the `gemm` crate's
-    /// 256-bit kernel; the tile's first keys, in whole panels of 32.
-    fn tiled_panels(
-        &self,
-        t0: usize,
-        keys: &[usize],
-        ops: SeqOperands<f32>,
-        out: &mut [f32],
-        scr: &mut Scratch,
-    ) {
-        let (d, heads) = (self.d, self.heads);
-        let group = heads / self.kv_heads;
-        let m = keys.len();
-        let np = keys[m - 1].next_multiple_of(crate::gemm::PANEL);
-        for g in 0..self.kv_heads {
-            for h in 0..group {
-                let head = g * group + h;
-                let qf = sized(&mut scr.q, m * d);
-                self.scaled_queries(t0, head, qf);
-                let s = sized(&mut scr.scores, m * np);
-                let panels = (ops.keys(g), d * crate::gemm::PANEL);
-                crate::gemm::rows_by_panels((m, np, d), qf, panels, s);
-                let sums = exp_rows(s, np, keys, &mut scr.sums);
-                let o = sized(&mut scr.acc, m * d);
-                let panels = (ops.values(g), ops.np * crate::gemm::PANEL);
-                crate::gemm::rows_by_panels((m, d, np), s, panels, o);
+                product((m, d, np), s, (ops.values(g), lv), &mut scr.pairs, o);
                 place_rows(o, sums, (head, heads, d), out);
             }
         }
