@@ -51,6 +51,10 @@ size=$(du -sm .gpu | cut -f1)
 echo "packed .gpu/ ($size MiB; the limit for one run is 64 MiB)"
 [ "$size" -lt 64 ] || { echo "error: .gpu/ is over 64 MiB" >&2; exit 1; }
 cat <<'MSG'
-On the GPU host (with .gpu carried; results land in $OUT):
+On a GPU host (results in .gpu/gpu-results, or packed into $OUT/results.tgz where OUT is set):
     bash .gpu/run.sh
+With a lent machine of 15 minutes in all (docs/gpu.md): carry [".gpu"], timeout_s 580,
+    BUDGET_S=560 STEP_TIMEOUT=240 bash .gpu/run.sh self-check chat shapes
+then at once, while it is warm:
+    SKIP_CHECK=1 BUDGET_S=<seconds left - 30> bash .gpu/run.sh bench sharegpt
 MSG
