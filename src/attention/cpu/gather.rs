@@ -117,6 +117,25 @@ impl<E: Copy + Send + Sync> Operands<E> {
     }
 }
 
+/// Each of KV head `g`'s blocks in `table` converted to f32 (K `[d, block_size]` into `kf`, V
+/// `[block_size, d]` into `vf`: both are wanted transposed), passed to `place(first, count, kf,
+/// vf)` with its first key and how many of its keys are among the first `n`: where both
+/// gatherings start.
+fn each_block<T: Elem>(
+    geo: &Geometry<T>,
+    (table, n, g): (&[u32], usize, usize),
+    (kf, vf): Scratch,
+    mut place: impl FnMut(usize, usize, &[f32], &[f32]),
+) {
+    let bs = geo.block_size;
+    for (b, &blk) in table.iter().enumerate() {
+        let (kb, vb) = geo.block(blk, g);
+        T::to_f32_run(kb, kf);
+        T::to_f32_run(vb, vf);
+        place(b * bs, bs.min(n - b * bs), kf, vf);
+    }
+}
+
 /// The AMX operands ([`HeadGather`]): keys into `k16` (`[np, d]`), values into `v16`
 /// (`[d, np]`). With blocks of a multiple of 16 keys, 16 x 16 pieces are transposed in
 /// registers (`transpose16_to_bf16`) and the keys from `n` to the next 16 zeroed again after;
@@ -125,32 +144,28 @@ pub(in crate::attention) fn amx_head<T: Elem>(
     geo: &Geometry<T>,
     (table, n, g): (&[u32], usize, usize),
     (k16, v16): (&mut [bf16], &mut [bf16]),
-    (kf, vf): Scratch,
+    scratch: Scratch,
 ) {
     let (d, bs) = (geo.d, geo.block_size);
     let np = k16.len() / d;
-    for (b, &blk) in table.iter().enumerate() {
-        let (kb, vb) = geo.block(blk, g);
-        // K is stored `[d, block_size]` and V `[block_size, d]`: both are wanted transposed.
-        T::to_f32_run(kb, kf);
-        T::to_f32_run(vb, vf);
-        let first = b * bs;
-        if bs.is_multiple_of(16) && d.is_multiple_of(16) {
-            for c in (0..bs).step_by(16).take_while(|c| first + c < n) {
+    let pieces = bs.is_multiple_of(16) && d.is_multiple_of(16);
+    each_block(geo, (table, n, g), scratch, |first, cnt, kf, vf| {
+        if pieces {
+            for c in (0..cnt).step_by(16) {
                 for e in (0..d).step_by(16) {
                     transpose16_to_bf16(&kf[e * bs + c..], bs, &mut k16[(first + c) * d + e..], d);
                     transpose16_to_bf16(&vf[c * d + e..], d, &mut v16[e * np + first + c..], np);
                 }
             }
         } else {
-            for j in 0..bs.min(n - first) {
+            for j in 0..cnt {
                 for e in 0..d {
                     k16[(first + j) * d + e] = bf16::from_f32(kf[e * bs + j]);
                     v16[e * np + first + j] = bf16::from_f32(vf[j * d + e]);
                 }
             }
         }
-    }
+    });
     // The last piece of 16 may have brought keys past `n` (whatever the block's free slots
     // hold): zeros again.
     let end = n.next_multiple_of(16).min(np);
@@ -168,15 +183,11 @@ pub(in crate::attention) fn panel_head<T: Elem>(
     geo: &Geometry<T>,
     (table, n, g): (&[u32], usize, usize),
     (kp, vp): (&mut [f32], &mut [f32]),
-    (kf, vf): Scratch,
+    scratch: Scratch,
 ) {
     let (d, bs) = (geo.d, geo.block_size);
     let np = kp.len() / d;
-    for (b, &blk) in table.iter().enumerate() {
-        let (kb, vb) = geo.block(blk, g);
-        T::to_f32_run(kb, kf);
-        T::to_f32_run(vb, vf);
-        let (first, cnt) = (b * bs, bs.min(n - b * bs));
+    each_block(geo, (table, n, g), scratch, |first, cnt, kf, vf| {
         // Runs of keys within one panel.
         let mut j = 0;
         while j < cnt {
@@ -193,7 +204,7 @@ pub(in crate::attention) fn panel_head<T: Elem>(
                     .copy_from_slice(&vf[j * d + q * STEP..][..STEP]);
             }
         }
-    }
+    });
 }
 
 #[cfg(test)]
