@@ -52,10 +52,11 @@ limit() {
 # One pass over where CUDA and Python's CUDA packages live, then the whole file system only for
 # what is still missing (a cold pass over everything took 16 s on a build machine).
 libs="libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13 libnvrtc.so.13"
+names=()
+for l in $libs; do names+=(${names[0]+-o} -name "$l"); done
 find_libs() {
   find "$@" \( -path /proc -o -path /sys -o -path /dev \) -prune -o -type f \
-    \( -name libcublas.so.13 -o -name libcublasLt.so.13 -o -name libcurand.so.10 \
-    -o -name libcudart.so.13 -o -name libnvrtc.so.13 \) -print 2>/dev/null
+    \( "${names[@]}" \) -print 2>/dev/null
 }
 found=$(find_libs /usr /opt)
 for l in $libs; do grep -q "/$l\$" <<<"$found" || { found=$(find_libs /); break; }; done
