@@ -116,20 +116,31 @@ pub fn parse_kv_dtype(text: &str, model: DType, device: DeviceSpec) -> Result<DT
 }
 
 /// Whether this CPU has AVX2 and FMA (checked once): the hand-written CPU kernels use them,
-/// and fall back to plain loops elsewhere.
-#[cfg(target_arch = "x86_64")]
+/// and fall back to plain loops elsewhere (always, off x86-64).
 pub fn cpu_has_avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
-/// Whether this CPU has AVX-512 F and BW (checked once), which the 512-bit product kernels need.
-#[cfg(target_arch = "x86_64")]
+/// Whether this CPU has AVX-512 F and BW (checked once), which the 512-bit product kernels need
+/// (never, off x86-64).
 pub fn cpu_has_avx512_bw() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Bytes of the first CPU's level-1 data cache (Linux's sysfs, read once), which bounds the rows

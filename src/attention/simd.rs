@@ -15,10 +15,12 @@ pub trait Lanes: Copy {
     /// What [`Lanes::load8`]'s lanes count in: an element's value is its lane times `UNIT`
     /// (1 but for fp8, whose widening saves a multiply per vector; the kernels apply it once
     /// per score and per probability instead).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     const UNIT: f32 = 1.0;
     fn to_f32(self) -> f32;
     /// Whether `s` holds a NaN that [`Lanes::load8`] would not keep (fp8's widening leaves NaN
     /// out for speed: a block holding one takes the plain loops).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn any_lost_nan(_s: &[Self]) -> bool {
         false
     }
@@ -172,6 +174,8 @@ fn group_scores_on<T: Lanes>(
     scale: f32,
     (out, stride, bs): (&mut [f32], usize, usize),
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     let g = q.len() / d;
     assert!(d > 0 && q.len() == g * d && kt.len() >= d * bs && bs <= stride);
     assert!(g == 0 || out.len() >= (g - 1) * stride + bs);
@@ -233,6 +237,8 @@ fn group_weighted_rows_on<T: Lanes>(
     acc: &mut [f32],
     d: usize,
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     let g = acc.len() / d;
     assert!(d > 0 && acc.len() == g * d && v.len() >= m * d && m <= stride);
     assert!(g == 0 || p.len() >= (g - 1) * stride + m);
@@ -284,6 +290,7 @@ pub fn widen<T: Lanes>(src: &[T], dst: &mut [f32]) {
 
 /// Which loops decode attention runs: the best this CPU has, or (in tests) each of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Isa {
     Plain,
     /// AVX2, FMA and F16C.

@@ -258,6 +258,7 @@ mod tests {
         &'static str,
         fn((usize, usize, usize), &[f32], &[f32], &mut [f32]),
     )> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut paths: Vec<(&str, fn(_, &[f32], &[f32], &mut [f32]))> =
             vec![("picked", rows_by_weights)];
         #[cfg(target_arch = "x86_64")]

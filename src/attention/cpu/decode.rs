@@ -22,6 +22,8 @@ fn prefetch<T>(s: &[T]) {
             unsafe { _mm_prefetch::<_MM_HINT_T1>(p.add(off)) };
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
 }
 
 impl<T: Elem> Geometry<'_, T> {

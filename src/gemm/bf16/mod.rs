@@ -271,7 +271,13 @@ impl Bf16Rows {
 /// Whether [`rows_by_weights_bf16_silu_uninit`] runs for `x` and a gate/up matrix of `2h` rows:
 /// rows paired for AMX, and `h` a multiple of 16.
 pub fn silu_fits(x: &Bf16Rows, h: usize) -> bool {
-    matches!(x.data, RowData::Pairs { .. }) && h.is_multiple_of(16)
+    #[cfg(target_arch = "x86_64")]
+    return matches!(x.data, RowData::Pairs { .. }) && h.is_multiple_of(16);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, h);
+        false
+    }
 }
 
 /// `out[i * h + j] = silu(x[rows.start + i] . w[j]) * (x[rows.start + i] . w[h + j])` for a
@@ -467,7 +473,7 @@ pub fn amx_rows_by_weights(
         unsafe { amx::rows_by_weights((n, k), (pairs, stride), 0..m, (w, ldw), as_uninit(out)) };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (m, n, k, x, w, pairs, out);
+    let _ = (m, n, k, x, w, ldw, pairs, out);
 }
 
 #[cfg(test)]
