@@ -87,6 +87,15 @@ pub fn rows_by_weights((m, n, k): (usize, usize, usize), x: &[f32], w: &[f32], o
     }
 }
 
+/// Whether [`rows_by_weights`] runs a vector kernel on this CPU (AVX2 or AVX-512). Elsewhere
+/// (aarch64, say) its plain loops sum each output as one dependent chain: a copy of them ran at
+/// 2.1 GFLOP/s on one core of the Intel Xeon (3072 x 576, 1 to 64 rows, 2026-12-06) where
+/// candle's GEMM ran 23-85 GFLOP/s on two, so there `model::matmul::linear` leaves f32 products
+/// to candle (the `gemm` crate, with NEON kernels on aarch64).
+pub fn rows_by_weights_is_vectorised() -> bool {
+    crate::device::cpu_has_avx2_fma() || crate::device::cpu_has_avx512_bw()
+}
+
 /// [`rows_by_weights`] into outputs not yet written (`out[..m * n]`, every one of which it
 /// writes): the 512-bit kernel stores each output once, so prefill products skip the zeroing of
 /// their output (a `memset` of up to 100 MB per layer); the other paths get zeros first.

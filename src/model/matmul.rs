@@ -36,13 +36,15 @@ const ROW_BLOCK: usize = 64;
 
 /// `x W^T` for `x` `[rows, in]` and `W` `[out, in]`; on the CPU, `W` may be bf16 under an f32 `x`
 /// (`--dtype bf16` there keeps activations in f32). On the CPU, f32 products of many rows run
-/// candle's GEMM unless ours suits them (`gemm::rows_by_weights_suits_many_rows`).
+/// candle's GEMM unless ours suits them (`gemm::rows_by_weights_suits_many_rows`), and all of
+/// them do on CPUs where ours has no vector kernel (`gemm::rows_by_weights_is_vectorised`).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         match w.dtype() {
             DType::F32
-                if x.dim(0)? <= SPLIT_MAX_ROWS
-                    || crate::gemm::rows_by_weights_suits_many_rows(x.dim(1)?) =>
+                if crate::gemm::rows_by_weights_is_vectorised()
+                    && (x.dim(0)? <= SPLIT_MAX_ROWS
+                        || crate::gemm::rows_by_weights_suits_many_rows(x.dim(1)?)) =>
             {
                 return Ok(x.apply_op2_no_bwd(w, &SplitMatmul)?);
             }
@@ -402,9 +404,12 @@ mod tests {
             let x = uniform(&mut rng, (m, k), 1.7)?;
             let w = uniform(&mut rng, (n, k), 1.7)?;
             let want = x.matmul(&w.t()?)?;
-            let got = linear(&x, &w)?;
-            let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(err < 1e-3, "{m}x{k}x{n}: {err}");
+            // The op on every CPU (its plain loops where it has no vector kernel), and
+            // whichever path `linear` takes here.
+            for got in [x.apply_op2_no_bwd(&w, &SplitMatmul)?, linear(&x, &w)?] {
+                let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err < 1e-3, "{m}x{k}x{n}: {err}");
+            }
         }
         Ok(())
     }
