@@ -41,8 +41,19 @@ namespace {
 // Contexts: a hand-written switch on x86-64 and aarch64 (a few nanoseconds; glibc's swapcontext
 // makes a system call per switch), ucontext elsewhere.
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) || defined(__aarch64__)
+// Saves the callee-saved registers on the running stack, stores its top in `*save_sp`, switches
+// to `load_sp` and restores what that stack holds (the assembly below, one per architecture).
 extern "C" void simt_switch(void** save_sp, void* load_sp);
+
+struct Context {
+  void* sp = nullptr;
+};
+
+void switch_context(Context& from, Context& to) { simt_switch(&from.sp, to.sp); }
+#endif
+
+#if defined(__x86_64__)
 asm(R"(
   .text
   .globl simt_switch
@@ -73,12 +84,6 @@ simt_switch:
   .size simt_switch, .-simt_switch
 )");
 
-struct Context {
-  void* sp = nullptr;
-};
-
-void switch_context(Context& from, Context& to) { simt_switch(&from.sp, to.sp); }
-
 // A fresh stack that "returns" into `entry` with the alignment of a called function.
 void make_context(Context& c, char* stack, size_t size, void (*entry)()) {
   auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t(15);
@@ -92,7 +97,6 @@ void make_context(Context& c, char* stack, size_t size, void (*entry)()) {
 #elif defined(__aarch64__)
 // The AAPCS64 callee-saved state: x19-x28, the frame pointer x29, the link register x30 (where
 // `ret` goes), the low halves of v8-v15 (d8-d15) and the FP control register; 176 bytes.
-extern "C" void simt_switch(void** save_sp, void* load_sp);
 asm(R"(
   .text
   .globl simt_switch
@@ -131,12 +135,6 @@ simt_switch:
   ret
   .size simt_switch, .-simt_switch
 )");
-
-struct Context {
-  void* sp = nullptr;
-};
-
-void switch_context(Context& from, Context& to) { simt_switch(&from.sp, to.sp); }
 
 // A fresh stack whose saved frame "returns" (x30) into `entry`, with sp 16-byte aligned there.
 void make_context(Context& c, char* stack, size_t size, void (*entry)()) {
