@@ -152,6 +152,10 @@ pub struct ThroughputArgs {
     /// Requests to run; default 1000 on CUDA (as vLLM), 64 on the CPU.
     #[arg(long, value_parser = positive)]
     pub num_prompts: Option<usize>,
+    /// Outputs per request, as vLLM's `--n`: each prompt generates n sequences, each with its
+    /// own random stream (identical under greedy sampling; pass --temperature 1 for vLLM's).
+    #[arg(long, default_value_t = 1, value_parser = positive)]
+    pub n: usize,
     /// Prompt length of the random dataset.
     #[arg(long)]
     pub input_len: Option<usize>,

@@ -1,7 +1,9 @@
 //! The report: the reference block, vLLM's `Throughput:` line, and the JSON file.
 //!
 //! Token counts come from what the engine actually produced, not from the workload's promises,
-//! and rates are totals over the wall-clock time from the first step to the last token.
+//! and rates are totals over the wall-clock time from the first step to the last token. With
+//! `n` outputs per request (`--n`), as vLLM counts them: a request's prompt once, every output's
+//! tokens; requests/s counts prompts, generations/s outputs.
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -46,15 +48,20 @@ impl Distribution {
 pub struct Metrics {
     pub elapsed_time: f64,
     pub num_requests: usize,
+    /// Outputs: `num_requests` x `n`.
+    pub num_generations: usize,
     pub total_prompt_tokens: usize,
     pub total_output_tokens: usize,
     pub requests_per_second: f64,
+    pub generations_per_second: f64,
     pub output_tokens_per_second: f64,
     pub prompt_tokens_per_second: f64,
     pub tokens_per_second: f64,
+    /// Per request.
     pub avg_prompt_tokens: f64,
+    /// Per generation.
     pub avg_output_tokens: f64,
-    /// Time to first token.
+    /// Time to first token, per generation.
     pub ttft: Distribution,
     /// Time per output token after the first.
     pub tpot: Distribution,
@@ -64,9 +71,11 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn of(run: &RunOutput) -> Self {
-        let n = run.outputs.len();
+        let generations = run.outputs.len();
+        let firsts = || run.outputs.iter().filter(|o| o.sample == 0);
+        let n = firsts().count();
         let t = run.stats.elapsed.max(f64::MIN_POSITIVE);
-        let prompt: usize = run.outputs.iter().map(|o| o.prompt_len).sum();
+        let prompt: usize = firsts().map(|o| o.prompt_len).sum();
         let output: usize = run.outputs.iter().map(|o| o.output_ids.len()).sum();
         let ttft: Vec<f64> = run.outputs.iter().map(|o| o.ttft).collect();
         let e2e: Vec<f64> = run.outputs.iter().map(|o| o.e2e).collect();
@@ -79,14 +88,16 @@ impl Metrics {
         Self {
             elapsed_time: run.stats.elapsed,
             num_requests: n,
+            num_generations: generations,
             total_prompt_tokens: prompt,
             total_output_tokens: output,
             requests_per_second: n as f64 / t,
+            generations_per_second: generations as f64 / t,
             output_tokens_per_second: output as f64 / t,
             prompt_tokens_per_second: prompt as f64 / t,
             tokens_per_second: (prompt + output) as f64 / t,
             avg_prompt_tokens: prompt as f64 / n.max(1) as f64,
-            avg_output_tokens: output as f64 / n.max(1) as f64,
+            avg_output_tokens: output as f64 / generations.max(1) as f64,
             ttft: Distribution::of(&ttft),
             tpot: Distribution::of(&tpot),
             e2e: Distribution::of(&e2e),
@@ -99,10 +110,10 @@ impl Metrics {
         let line = |label: &str, value: String| format!("{:<32}{value}\n", format!("* {label}:"));
         let mut s = format!("{rule}\n");
         s += &line("Total Time", format!("{:.2}", self.elapsed_time));
-        s += &line("Total Generations", self.num_requests.to_string());
+        s += &line("Total Generations", self.num_generations.to_string());
         s += &line(
             "Generations / Sec",
-            format!("{:.2}", self.requests_per_second),
+            format!("{:.2}", self.generations_per_second),
         );
         s += &line(
             "Generation Tok / Sec",
@@ -139,13 +150,16 @@ impl Metrics {
     }
 
     /// The JSON report: vLLM's five keys first, then our figures, then `context` (engine,
-    /// model, workload, machine, commit) and one record per request.
+    /// model, workload, machine, commit) and one record per generation (its request and
+    /// sample index, lengths, times).
     pub fn json(&self, run: &RunOutput, context: Value) -> Value {
         let requests: Vec<Value> = run
             .outputs
             .iter()
             .map(|o| {
                 json!({
+                    "request": o.request,
+                    "sample": o.sample,
                     "prompt_len": o.prompt_len,
                     "output_len": o.output_ids.len(),
                     "ttft_s": o.ttft,
@@ -161,6 +175,8 @@ impl Metrics {
             "total_num_tokens": self.total_prompt_tokens + self.total_output_tokens,
             "requests_per_second": self.requests_per_second,
             "tokens_per_second": self.tokens_per_second,
+            "num_generations": self.num_generations,
+            "generations_per_second": self.generations_per_second,
             "output_tokens_per_second": self.output_tokens_per_second,
             "prompt_tokens_per_second": self.prompt_tokens_per_second,
             "total_prompt_tokens": self.total_prompt_tokens,
@@ -207,16 +223,28 @@ mod tests {
         assert_eq!(Distribution::of(&[]), Distribution::default());
     }
 
-    fn run() -> RunOutput {
-        let out = |p: usize, o: usize, ttft: f64, e2e: f64| RequestOutput {
+    fn out(
+        request: usize,
+        sample: usize,
+        p: usize,
+        o: usize,
+        ttft: f64,
+        e2e: f64,
+    ) -> RequestOutput {
+        RequestOutput {
+            request,
+            sample,
             prompt_len: p,
             output_ids: vec![0; o],
             ttft,
             e2e,
             preemptions: 0,
-        };
+        }
+    }
+
+    fn run() -> RunOutput {
         RunOutput {
-            outputs: vec![out(100, 10, 1.0, 2.0), out(300, 30, 1.0, 4.0)],
+            outputs: vec![out(0, 0, 100, 10, 1.0, 2.0), out(1, 0, 300, 30, 1.0, 4.0)],
             stats: RunStats {
                 elapsed: 4.0,
                 ..Default::default()
@@ -244,6 +272,44 @@ mod tests {
         ));
         // TPOT: (2-1)/9 and (4-1)/29.
         assert!((m.tpot.max - 1.0 / 9.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn n_outputs_count_the_prompt_once() {
+        // Two requests with two outputs each, as vLLM counts them: prompts once, all outputs.
+        let r = RunOutput {
+            outputs: vec![
+                out(0, 0, 100, 10, 1.0, 2.0),
+                out(0, 1, 100, 10, 1.0, 2.0),
+                out(1, 0, 300, 30, 1.0, 4.0),
+                out(1, 1, 300, 30, 2.0, 4.0),
+            ],
+            stats: RunStats {
+                elapsed: 4.0,
+                ..Default::default()
+            },
+        };
+        let m = Metrics::of(&r);
+        assert_eq!((m.num_requests, m.num_generations), (2, 4));
+        assert_eq!((m.total_prompt_tokens, m.total_output_tokens), (400, 80));
+        assert!(m.block().contains("* Total Generations:            4\n"));
+        assert!(m.block().contains("* Generations / Sec:            1.00\n"));
+        assert!(
+            m.block()
+                .contains("* Avg Generation Tokens:        20.00\n")
+        );
+        assert!(
+            m.block()
+                .contains("* Avg Prompt Tokens:            200.00\n")
+        );
+        assert!(m.vllm_lines().starts_with(
+            "Throughput: 0.50 requests/s, 120.00 total tokens/s, 20.00 output tokens/s\n"
+        ));
+        let v = m.json(&r, json!({}));
+        assert_eq!(v["total_num_tokens"], 480);
+        assert_eq!(v["requests"][3]["request"], 1);
+        assert_eq!(v["requests"][3]["sample"], 1);
+        assert_eq!(m.ttft.max, 2.0);
     }
 
     #[test]

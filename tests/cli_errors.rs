@@ -155,6 +155,10 @@ fn zero_prompts_and_unknown_load_format() {
         &["--num-prompts", "0"],
     );
     assert_one_line_error(
+        &["throughput", "--model", "smollm2-135m", "--n", "0"],
+        &["--n", "0"],
+    );
+    assert_one_line_error(
         &[
             "generate",
             "--model",

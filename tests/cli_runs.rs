@@ -238,6 +238,64 @@ fn prefix_caching_is_on_by_default_and_reported() {
 }
 
 #[test]
+fn n_outputs_per_prompt_are_counted_as_vllm_counts_them() {
+    // Two 40-token prompts, three outputs each: the later two of each find the prompt's two
+    // full blocks and compute only its last 8 tokens.
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("n.json");
+    let json_arg = s(&json);
+    let out = ok(&[
+        "throughput",
+        "--model",
+        "smollm2-135m",
+        "--load-format",
+        "dummy",
+        "--dataset-name",
+        "random",
+        "--input-len",
+        "40",
+        "--output-len",
+        "3",
+        "--num-prompts",
+        "2",
+        "--n",
+        "3",
+        "--temperature",
+        "1",
+        "--kv-cache-memory",
+        "64MiB",
+        "--output-json",
+        &json_arg,
+    ]);
+    assert!(out.contains("* Total Generations:            6\n"), "{out}");
+    assert!(
+        out.contains("* Avg Prompt Tokens:            40.00\n"),
+        "{out}"
+    );
+    assert!(out.contains("Total num prompt tokens:  80\n"), "{out}");
+    assert!(out.contains("Total num output tokens:  18\n"), "{out}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["num_requests"], 2);
+    assert_eq!(v["num_generations"], 6);
+    assert_eq!(v["total_num_tokens"], 98);
+    assert_eq!(v["engine"]["n"], 3);
+    assert_eq!(v["engine_stats"]["prefix_cache_hits"], 4 * 32);
+    assert_eq!(v["engine_stats"]["computed_tokens"], 80 + 4 * 8 + 6 * 2);
+    let samples: Vec<(u64, u64)> = v["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["request"].as_u64().unwrap(),
+                r["sample"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(samples, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]);
+}
+
+#[test]
 fn saved_workload_runs_without_dataset_or_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
     let saved = dir.path().join("workload.json");

@@ -1,6 +1,7 @@
 //! The paged engine's greedy tokens on SmolLM2 equal an independent unbatched reference, and
 //! stay equal whatever the block size, the chunking of prompts, preemptions, or K/V reused from
-//! the prefix cache; sampled tokens stay equal too (each request draws from its own stream).
+//! the prefix cache; sampled tokens stay equal too (each request, and each of its `n` outputs,
+//! draws from its own stream).
 //! With bf16 weights, or an fp8 KV cache, they stay close.
 
 mod common;
@@ -189,6 +190,61 @@ fn sampled_tokens_do_not_depend_on_batching() {
         run((16, 512, 256, 8192), 6).0,
         "the seed changes the draws"
     );
+}
+
+#[test]
+fn n_outputs_share_the_prompt_and_draw_apart() {
+    let sampling = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        top_k: 40,
+        seed: 5,
+    };
+    let n = 3;
+    let limits = (16, 512, 256, 8192);
+    let single = common::sampling_engine(limits, sampling)
+        .run(&requests(), |_| {})
+        .unwrap();
+    let multi = common::sampling_engine(limits, sampling)
+        .run_samples(&requests(), n, |_| {})
+        .unwrap();
+    assert_eq!(multi.outputs.len(), requests().len() * n);
+    assert_eq!(multi.stats.blocks_in_use_after, 0);
+    for (i, outs) in multi.outputs.chunks(n).enumerate() {
+        assert!(
+            outs.iter()
+                .all(|o| o.request == i && o.output_ids.len() == TOKENS)
+        );
+        // The first output is what the request draws alone; the others draw apart.
+        assert_eq!(
+            outs[0].output_ids, single.outputs[i].output_ids,
+            "prompt {i}"
+        );
+        assert_ne!(outs[1].output_ids, outs[0].output_ids, "prompt {i}");
+        assert_ne!(outs[2].output_ids, outs[1].output_ids, "prompt {i}");
+    }
+    // Each later output computes at most its prompt's last, partial block (16 tokens).
+    let prompt_tokens: usize = requests().iter().map(|r| r.prompt_ids.len()).sum();
+    let decodes = multi.outputs.len() * (TOKENS - 1);
+    assert!(multi.stats.prefix_cache.hits > 0);
+    assert!(
+        multi.stats.computed_tokens <= prompt_tokens + (n - 1) * requests().len() * 16 + decodes
+    );
+    // Without prefix caching every output computes its prompt, and draws the same tokens.
+    let plain = common::engine_over(
+        common::smollm().1.clone(),
+        limits,
+        DType::F32,
+        sampling,
+        false,
+    )
+    .run_samples(&requests(), n, |_| {})
+    .unwrap();
+    assert_eq!(plain.stats.computed_tokens, n * prompt_tokens + decodes);
+    let ids = |r: &RunOutput| -> Vec<Vec<u32>> {
+        r.outputs.iter().map(|o| o.output_ids.clone()).collect()
+    };
+    assert_eq!(ids(&plain), ids(&multi));
 }
 
 /// How many leading tokens of each output equal the f32 reference's.

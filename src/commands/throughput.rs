@@ -64,9 +64,22 @@ pub fn run(args: &ThroughputArgs) -> Result<()> {
     }
 
     let mut engine = setup.engine(&args.engine, &progress)?;
-    let total: u64 = workload.requests.len() as u64;
-    let bar = progress.bar(total, "requests");
-    let output = engine.run(&workload.requests, |s| {
+    if args.n > 1 && crate::commands::sampling(&args.engine).is_greedy() {
+        progress.info(format!(
+            "--n {} with greedy sampling: each prompt's outputs are identical (the work is not); --temperature 1 samples as vLLM's benchmark does",
+            args.n
+        ));
+    }
+    let total = (workload.requests.len() * args.n) as u64;
+    let bar = progress.bar(
+        total,
+        if args.n > 1 {
+            "generations"
+        } else {
+            "requests"
+        },
+    );
+    let output = engine.run_samples(&workload.requests, args.n, |s| {
         bar.set_position(s.finished as u64);
         if s.elapsed > 0.0 {
             bar.set_message(format!(
@@ -97,6 +110,7 @@ pub fn run(args: &ThroughputArgs) -> Result<()> {
     print!("{}", metrics.vllm_lines());
     if let Some(path) = &args.output_json {
         let mut ctx = setup.context(&engine, &args.model, &args.engine);
+        ctx["engine"]["n"] = json!(args.n);
         if let serde_json::Value::Object(m) = &mut ctx {
             m.insert(
                 "workload".into(),

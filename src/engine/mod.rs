@@ -59,9 +59,13 @@ impl EngineConfig {
     }
 }
 
-/// What one request got.
+/// What one generation got: one of a request's `n` outputs.
 #[derive(Clone, Debug)]
 pub struct RequestOutput {
+    /// Index of the request in the submitted list.
+    pub request: usize,
+    /// Which of the request's outputs (0 with `n` = 1).
+    pub sample: usize,
     pub prompt_len: usize,
     pub output_ids: Vec<u32>,
     /// Seconds from the start of the run to the first generated token.
@@ -101,6 +105,7 @@ pub struct StepReport {
 
 /// The outputs and totals of one run.
 pub struct RunOutput {
+    /// Every request's outputs, in request order, each request's in sample order.
     pub outputs: Vec<RequestOutput>,
     pub stats: RunStats,
 }
@@ -183,14 +188,33 @@ impl Engine {
     pub fn run(
         &mut self,
         requests: &[Request],
+        on_step: impl FnMut(StepReport),
+    ) -> Result<RunOutput> {
+        self.run_samples(requests, 1, on_step)
+    }
+
+    /// As [`Engine::run`], with `n` outputs per request (vLLM's `SamplingParams.n`): `n`
+    /// sequences of the same prompt, each drawing from its own random stream. They are queued
+    /// one after another, so with prefix caching the first computes the prompt's full blocks
+    /// and the others find them (in the same step when the budgets admit them together), as
+    /// vLLM V1 runs `n` > 1; only each one's last, partial block is computed `n` times.
+    pub fn run_samples(
+        &mut self,
+        requests: &[Request],
+        n: usize,
         mut on_step: impl FnMut(StepReport),
     ) -> Result<RunOutput> {
+        if n == 0 {
+            bail!("--n must be at least 1");
+        }
         self.check(requests)?;
         let c = self.config;
         let mut seqs: Vec<Sequence> = requests
             .iter()
             .enumerate()
-            .map(|(i, r)| Sequence::new(i, &r.prompt_ids, r.max_tokens))
+            .flat_map(|(i, r)| (0..n).map(move |j| (i, j, r)))
+            .enumerate()
+            .map(|(id, (i, j, r))| Sequence::sample_of(id, i, j, &r.prompt_ids, r.max_tokens))
             .collect();
         let mut pool = if c.enable_prefix_caching {
             BlockPool::with_prefix_caching(c.num_blocks, c.block_size)
@@ -250,6 +274,8 @@ impl Engine {
         let outputs = seqs
             .into_iter()
             .map(|s| RequestOutput {
+                request: s.request,
+                sample: s.sample,
                 prompt_len: s.prompt_len,
                 ttft: s.first_token_at.unwrap_or(stats.elapsed),
                 e2e: s.finished_at.unwrap_or(stats.elapsed),

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::sampler::{SamplingParams, sample};
+use super::sampler::{SamplingParams, Stream, sample};
 use super::scheduler::{Schedule, ScheduledSeq};
 use super::sequence::Sequence;
 use crate::attention::{BatchLayout, KvCacheSpec, PagedAttention, PagedKvCache};
@@ -177,12 +177,16 @@ impl ModelRunner {
         let ids = Tensor::from_slice(&inputs.input_ids, n, &dev)?;
         let positions = Tensor::from_slice(&inputs.positions, n, &dev)?;
         let rows = Tensor::from_slice(&inputs.sample_rows, inputs.sample_rows.len(), &dev)?;
-        let streams: Vec<(usize, usize)> = inputs
+        let streams: Vec<Stream> = inputs
             .sample_entries
             .iter()
             .map(|&e| {
                 let seq = &seqs[sched.seqs[e].seq];
-                (seq.id, seq.num_output())
+                Stream {
+                    request: seq.request,
+                    sample: seq.sample,
+                    position: seq.num_output(),
+                }
             })
             .collect();
         let layout = Arc::new(inputs.layout);

@@ -10,11 +10,15 @@ pub enum SeqStatus {
     Finished,
 }
 
-/// One request in flight.
+/// One generation in flight: a request's prompt and one of its `n` outputs.
 #[derive(Clone, Debug)]
 pub struct Sequence {
-    /// Index of the request in the submitted list.
+    /// Index of the sequence in the engine's list.
     pub id: usize,
+    /// Index of its request in the submitted list.
+    pub request: usize,
+    /// Which of the request's `n` outputs this is (0 with `n` = 1).
+    pub sample: usize,
     /// Prompt then generated tokens.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
@@ -36,11 +40,25 @@ pub struct Sequence {
 }
 
 impl Sequence {
+    /// The only sequence of request `id` (`n` = 1).
     pub fn new(id: usize, prompt: &[u32], max_tokens: usize) -> Self {
+        Self::sample_of(id, id, 0, prompt, max_tokens)
+    }
+
+    /// Sequence `id`: output `sample` of request `request`.
+    pub fn sample_of(
+        id: usize,
+        request: usize,
+        sample: usize,
+        prompt: &[u32],
+        max_tokens: usize,
+    ) -> Self {
         let mut tokens = Vec::with_capacity(prompt.len() + max_tokens);
         tokens.extend_from_slice(prompt);
         Self {
             id,
+            request,
+            sample,
             tokens,
             prompt_len: prompt.len(),
             max_tokens,

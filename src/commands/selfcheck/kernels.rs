@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use super::{Check, dtype_name, max_rel_error, tolerance};
 use crate::attention::plan::DecodeKernel;
 use crate::attention::{BatchLayout, KvCacheSpec, PagedAttention, PagedKvCache, SeqShape};
-use crate::engine::sampler::{SampleRows, SamplingParams, rows::draw_error, uniform};
+use crate::engine::sampler::{SampleRows, SamplingParams, Stream, rows::draw_error, uniform};
 use crate::util::Rng64;
 
 /// One attention check's inputs: a history written in one step, then a second step over it.
@@ -332,7 +332,12 @@ pub fn check_sampling(
     values.extend((0..vocab).map(|i| if i == vocab / 2 { 20.0 } else { 0.0 }));
     let rows = rows + 3;
     let logits = Tensor::from_vec(values, (rows, vocab), &Device::Cpu)?;
-    let uniforms: Vec<f32> = (0..rows).map(|r| uniform(0, r, 0)).collect();
+    let first = |request| Stream {
+        request,
+        sample: 0,
+        position: 0,
+    };
+    let uniforms: Vec<f32> = (0..rows).map(|r| uniform(0, first(r))).collect();
     let u = Tensor::from_slice(&uniforms, rows, &Device::Cpu)?;
     let host_rows = logits.to_vec2::<f32>()?;
     for (temperature, top_p, top_k) in SAMPLING {

@@ -1,7 +1,7 @@
 //! Turning logits into tokens on the logits' device, only the ids coming back: greedy (argmax)
 //! or seeded temperature / top-k / top-p sampling. Each request draws from its own random
-//! stream, keyed by the seed, the request and the output position, so its tokens do not depend
-//! on which other requests share its steps.
+//! stream, keyed by the seed, the request, which of its `n` outputs, and the output position,
+//! so its tokens do not depend on which other requests share its steps.
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -64,15 +64,22 @@ impl SamplingParams {
     }
 }
 
-/// One token per row of `logits` (`[rows, vocab]`, f32). `streams[i]` is `(request, position)`
-/// of row `i`, keying its random stream. Greedy is an argmax on the logits' device; otherwise
+/// What keys one row's random draw. A request's first output (`sample` 0) draws what the
+/// request draws with `n` = 1, so `--n` adds outputs without changing the first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stream {
+    pub request: usize,
+    /// Which of the request's `n` outputs.
+    pub sample: usize,
+    /// Output position.
+    pub position: usize,
+}
+
+/// One token per row of `logits` (`[rows, vocab]`, f32). `streams[i]` keys row `i`'s random
+/// draw. Greedy is an argmax on the logits' device; otherwise
 /// each row's uniform number is drawn on the host and the rows are sampled on the logits'
 /// device (`rows::sample_row`, or its CUDA kernel): only the ids come back.
-pub fn sample(
-    logits: &Tensor,
-    params: &SamplingParams,
-    streams: &[(usize, usize)],
-) -> Result<Vec<u32>> {
+pub fn sample(logits: &Tensor, params: &SamplingParams, streams: &[Stream]) -> Result<Vec<u32>> {
     if params.is_greedy() {
         // Ours on the CPU (both cores, vectorised: 32 rows of 49152 took 2.5 ms in candle's).
         if logits.device().is_cpu() && logits.dtype() == DType::F32 {
@@ -81,18 +88,20 @@ pub fn sample(
         }
         return Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
     }
-    let uniforms: Vec<f32> = streams
-        .iter()
-        .map(|&(req, pos)| uniform(params.seed, req, pos))
-        .collect();
+    let uniforms: Vec<f32> = streams.iter().map(|&s| uniform(params.seed, s)).collect();
     let uniforms = Tensor::from_vec(uniforms, streams.len(), logits.device())?;
     let ids = logits.apply_op2_no_bwd(&uniforms, &SampleRows(*params))?;
     Ok(ids.to_vec1::<u32>()?)
 }
 
-/// The uniform number in `[0, 1)` (24 bits, exact in f32) of one request's output position.
-pub fn uniform(seed: u64, request: usize, position: usize) -> f32 {
-    let stream = ((request as u64) << 32) | position as u64;
+/// The uniform number in `[0, 1)` (24 bits, exact in f32) of one output position.
+pub fn uniform(seed: u64, s: Stream) -> f32 {
+    let stream = ((s.request as u64) << 32) | s.position as u64;
+    // Later outputs of a request draw under a seed derived from the output's index.
+    let seed = match s.sample {
+        0 => seed,
+        k => Rng64::for_stream(seed, k as u64).next_u64(),
+    };
     (Rng64::for_stream(seed, stream).next_u64() >> 40) as f32 * (1.0 / (1u32 << 24) as f32)
 }
 
@@ -221,10 +230,18 @@ mod tests {
         }
     }
 
+    fn at(request: usize, position: usize) -> Stream {
+        Stream {
+            request,
+            sample: 0,
+            position,
+        }
+    }
+
     #[test]
     fn greedy_is_argmax() {
         let l = Tensor::new(&[[0.1f32, 2.0, -1.0], [5.0, 0.0, 4.9]], &Device::Cpu).unwrap();
-        let ids = sample(&l, &SamplingParams::greedy(), &[(0, 0), (1, 0)]).unwrap();
+        let ids = sample(&l, &SamplingParams::greedy(), &[at(0, 0), at(1, 0)]).unwrap();
         assert_eq!(ids, vec![1, 0]);
     }
 
@@ -247,22 +264,43 @@ mod tests {
         )
         .unwrap();
         let p = params(1.0, 1.0, 0);
-        let a = sample(&l, &p, &[(4, 9), (5, 9)]).unwrap();
+        let a = sample(&l, &p, &[at(4, 9), at(5, 9)]).unwrap();
         let swapped = Tensor::new(
             &[[0.3f32, 0.2, 0.1, 0.0], [0.0, 0.1, 0.2, 0.3]],
             &Device::Cpu,
         )
         .unwrap();
-        let b = sample(&swapped, &p, &[(5, 9), (4, 9)]).unwrap();
+        let b = sample(&swapped, &p, &[at(5, 9), at(4, 9)]).unwrap();
         assert_eq!(a, vec![b[1], b[0]]);
     }
 
     #[test]
     fn uniforms_are_per_stream_and_in_range() {
-        assert_eq!(uniform(3, 4, 9), uniform(3, 4, 9));
-        assert_ne!(uniform(3, 4, 9), uniform(3, 4, 10));
-        assert_ne!(uniform(3, 4, 9), uniform(4, 4, 9));
-        assert!((0..1000).all(|p| (0.0..1.0).contains(&uniform(0, 1, p))));
+        assert_eq!(uniform(3, at(4, 9)), uniform(3, at(4, 9)));
+        assert_ne!(uniform(3, at(4, 9)), uniform(3, at(4, 10)));
+        assert_ne!(uniform(3, at(4, 9)), uniform(4, at(4, 9)));
+        assert!((0..1000).all(|p| (0.0..1.0).contains(&uniform(0, at(1, p)))));
+        // A request's outputs draw apart, and each of them apart from other requests'.
+        let of = |request, sample| {
+            (0..64)
+                .map(|position| {
+                    uniform(
+                        3,
+                        Stream {
+                            request,
+                            sample,
+                            position,
+                        },
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let draws = [of(4, 0), of(4, 1), of(4, 2), of(5, 0), of(5, 1)];
+        for (i, a) in draws.iter().enumerate() {
+            for b in &draws[i + 1..] {
+                assert!(a.iter().zip(b).filter(|(x, y)| x == y).count() < 2);
+            }
+        }
     }
 
     #[test]
