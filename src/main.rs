@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => commands::generate::run(args),
         Command::Shapes(args) => commands::shapes::run(args),
         Command::SelfCheck(args) => commands::selfcheck::run(args),
+        Command::Compare(args) => commands::compare::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

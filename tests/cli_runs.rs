@@ -296,6 +296,58 @@ fn n_outputs_per_prompt_are_counted_as_vllm_counts_them() {
 }
 
 #[test]
+fn compare_puts_reports_side_by_side() {
+    // Two runs of one configuration as column A, one with fewer sequences at a time as B.
+    let dir = tempfile::tempdir().unwrap();
+    let report = |name: &str, max_seqs: &str| {
+        let json = dir.path().join(name);
+        let json_arg = s(&json);
+        ok(&[
+            "throughput",
+            "--model",
+            "smollm2-135m",
+            "--load-format",
+            "dummy",
+            "--dataset-name",
+            "random",
+            "--input-len",
+            "16",
+            "--output-len",
+            "4",
+            "--num-prompts",
+            "4",
+            "--max-num-seqs",
+            max_seqs,
+            "--kv-cache-memory",
+            "64MiB",
+            "--output-json",
+            &json_arg,
+        ]);
+        json_arg
+    };
+    let a = format!("{},{}", report("a1.json", "4"), report("a2.json", "4"));
+    let b = report("b.json", "1");
+    let out = ok(&["compare", &a, &b]);
+    assert!(out.contains("(2 runs: medians, ± half the range)"), "{out}");
+    assert!(
+        out.contains("  max num seqs") && out.contains("A: 4  B: 1"),
+        "{out}"
+    );
+    assert!(out.contains("  model: smollm2-135m"), "{out}");
+    assert!(!out.contains("warning"), "{out}");
+    let steps = out.lines().find(|l| l.starts_with("Engine steps")).unwrap();
+    // All four prefill in one step and decode together, or one sequence at a time.
+    let cells: Vec<&str> = steps.split_whitespace().collect();
+    assert_eq!(cells[2..], ["4", "16", "4.00x"], "{steps}");
+    let (code, _, err) = run(&["compare", &a, &s(&dir.path().join("none.json"))], &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("none.json") && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[test]
 fn saved_workload_runs_without_dataset_or_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
     let saved = dir.path().join("workload.json");

@@ -1,6 +1,7 @@
-//! The subcommands: `throughput`, `shapes`, `generate` and `self-check`, and the set-up they share (device, model,
-//! KV budget, engine).
+//! The subcommands: `throughput`, `shapes`, `generate`, `self-check` and `compare`, and the
+//! set-up they share (device, model, KV budget, engine).
 
+pub mod compare;
 pub mod generate;
 pub mod selfcheck;
 pub mod shapes;

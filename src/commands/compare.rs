@@ -1,0 +1,360 @@
+//! `offline-bench compare`: throughput reports (`--output-json`) side by side, with ratios
+//! against the first, the settings that differ between them, and a warning where they ran
+//! different workloads. A column may be several runs of one configuration (comma-separated
+//! files): it then shows each figure's median and half its range, because one run on a noisy
+//! machine says little.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::cli::CompareArgs;
+
+/// The figures compared: label, where each sits in the report (`metric` scales some to the
+/// label's unit), and whether it is a count (printed without decimals).
+const METRICS: &[(&str, &str, bool)] = &[
+    ("Total Time (s)", "/elapsed_time", false),
+    ("Requests / s", "/requests_per_second", false),
+    ("Generations / s", "/generations_per_second", false),
+    ("Output tok/s", "/output_tokens_per_second", false),
+    ("Prompt tok/s", "/prompt_tokens_per_second", false),
+    ("Total tok/s", "/tokens_per_second", false),
+    ("TTFT p50 (s)", "/ttft_s/p50", false),
+    ("TTFT p90 (s)", "/ttft_s/p90", false),
+    ("TPOT p50 (ms)", "/tpot_s/p50", false),
+    ("TPOT p90 (ms)", "/tpot_s/p90", false),
+    ("E2E p90 (s)", "/e2e_s/p90", false),
+    ("Preemptions", "/num_preemptions", true),
+    ("Tokens computed", "/engine_stats/computed_tokens", true),
+    ("Engine steps", "/engine_stats/steps", true),
+    (
+        "Prefix-cache hits (%)",
+        "/engine_stats/prefix_cache_hit_rate",
+        false,
+    ),
+];
+
+/// What a run was: the settings a group's runs must share, and that the table lists where
+/// columns differ.
+const SETTINGS: &[(&str, &str)] = &[
+    ("model", "/model/name"),
+    ("load format", "/model/load_format"),
+    ("dtype", "/model/dtype"),
+    ("CPU bf16 products", "/model/cpu_bf16_products"),
+    ("device", "/device"),
+    ("commit", "/commit"),
+    ("KV cache dtype", "/kv_cache/dtype"),
+    ("KV blocks", "/kv_cache/num_blocks"),
+    ("block size", "/engine/block_size"),
+    ("max num seqs", "/engine/max_num_seqs"),
+    ("max batched tokens", "/engine/max_num_batched_tokens"),
+    ("max model len", "/engine/max_model_len"),
+    ("prefix caching", "/engine/enable_prefix_caching"),
+    ("sampling", "/engine/sampling"),
+    ("n", "/engine/n"),
+    ("dataset", "/workload/info/dataset"),
+    ("requests", "/num_requests"),
+    ("workload fingerprint", "/workload/fingerprint"),
+];
+
+/// One column: the reports of one configuration.
+struct Group {
+    files: Vec<String>,
+    reports: Vec<Value>,
+}
+
+impl Group {
+    /// `spec`: a report file, or several separated by commas (runs of one configuration).
+    fn read(spec: &str) -> Result<Self> {
+        let files: Vec<String> = spec
+            .split(',')
+            .filter(|f| !f.is_empty())
+            .map(str::to_string)
+            .collect();
+        if files.is_empty() {
+            bail!("compare: '{spec}' names no report file");
+        }
+        let reports = files
+            .iter()
+            .map(|f| read_report(Path::new(f)))
+            .collect::<Result<Vec<_>>>()?;
+        for (file, r) in files.iter().zip(&reports).skip(1) {
+            for &(name, ptr) in SETTINGS {
+                let (first, this) = (setting(&reports[0], ptr), setting(r, ptr));
+                if first != this {
+                    bail!(
+                        "compare: {file} ran {name} {this}, {} ran {first}: the files of one column (comma-separated) must be runs of one configuration",
+                        files[0]
+                    );
+                }
+            }
+        }
+        Ok(Self { files, reports })
+    }
+
+    /// Median of one figure over the group's runs, and half its range relative to the median.
+    fn figure(&self, ptr: &str) -> Option<(f64, f64)> {
+        let mut v: Vec<f64> = self
+            .reports
+            .iter()
+            .map(|r| metric(r, ptr))
+            .collect::<Option<_>>()?;
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        let spread = if median != 0.0 {
+            (v[n - 1] - v[0]) / 2.0 / median.abs()
+        } else {
+            0.0
+        };
+        Some((median, spread))
+    }
+}
+
+fn read_report(path: &Path) -> Result<Value> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read report {}", path.display()))?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not JSON", path.display()))?;
+    if v.get("elapsed_time").and_then(Value::as_f64).is_none() {
+        bail!(
+            "{} is not a throughput report (the --output-json of `offline-bench throughput`)",
+            path.display()
+        );
+    }
+    Ok(v)
+}
+
+/// A figure of one report, in the unit its label names. Reports from before `--n` have no
+/// generations/s: there it equals requests/s.
+fn metric(r: &Value, ptr: &str) -> Option<f64> {
+    let raw = r.pointer(ptr).and_then(Value::as_f64).or_else(|| {
+        (ptr == "/generations_per_second")
+            .then(|| r.pointer("/requests_per_second").and_then(Value::as_f64))
+            .flatten()
+    })?;
+    Some(match ptr {
+        "/tpot_s/p50" | "/tpot_s/p90" => raw * 1e3,
+        "/engine_stats/prefix_cache_hit_rate" => raw * 1e2,
+        _ => raw,
+    })
+}
+
+/// A setting as text (`-` where the report lacks it). The CPU's bf16 kernel is named without
+/// the start-up rates that chose it, which vary from run to run.
+fn setting(r: &Value, ptr: &str) -> String {
+    match r.pointer(ptr) {
+        None | Some(Value::Null) => "-".into(),
+        Some(Value::String(s)) if ptr == "/model/cpu_bf16_products" => {
+            s.split(" (").next().unwrap_or(s).to_string()
+        }
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Enough digits to compare, few enough to read.
+fn number(x: f64) -> String {
+    match x.abs() {
+        a if a >= 100.0 => format!("{x:.1}"),
+        a if a >= 1.0 || a == 0.0 => format!("{x:.2}"),
+        _ => format!("{x:.4}"),
+    }
+}
+
+fn label(i: usize) -> String {
+    let letter = (b'A' + (i % 26) as u8) as char;
+    if i < 26 {
+        letter.to_string()
+    } else {
+        format!("{letter}{}", i / 26)
+    }
+}
+
+pub fn run(args: &CompareArgs) -> Result<()> {
+    let groups = args
+        .runs
+        .iter()
+        .map(|spec| Group::read(spec))
+        .collect::<Result<Vec<_>>>()?;
+    print!("{}", render(&groups));
+    Ok(())
+}
+
+/// The whole comparison as text.
+fn render(groups: &[Group]) -> String {
+    let mut s = String::new();
+    for (i, g) in groups.iter().enumerate() {
+        let runs = match g.reports.len() {
+            1 => String::new(),
+            n => format!(" ({n} runs: medians, ± half the range)"),
+        };
+        let date = setting(&g.reports[0], "/date");
+        let _ = writeln!(s, "{}  {}{runs}, {date}", label(i), g.files.join(", "));
+    }
+    let (same, differ): (Vec<_>, Vec<_>) = SETTINGS.iter().partition(|(_, ptr)| {
+        let first = setting(&groups[0].reports[0], ptr);
+        groups.iter().all(|g| setting(&g.reports[0], ptr) == first)
+    });
+    let _ = writeln!(s, "\nthe same in all:");
+    for (name, ptr) in same {
+        let _ = writeln!(s, "  {name}: {}", setting(&groups[0].reports[0], ptr));
+    }
+    let width = 24;
+    let col = 18;
+    if !differ.is_empty() {
+        let _ = writeln!(s, "\nwhat differs:");
+        for (name, ptr) in &differ {
+            let _ = write!(s, "  {name:<width$}");
+            for (i, g) in groups.iter().enumerate() {
+                let _ = write!(s, "  {}: {}", label(i), setting(&g.reports[0], ptr));
+            }
+            s.push('\n');
+        }
+    }
+    let _ = write!(s, "\n{:<width$}", "");
+    for i in 0..groups.len() {
+        let _ = write!(s, "{:>col$}", label(i));
+    }
+    for i in 1..groups.len() {
+        let _ = write!(s, "{:>9}", format!("{}/A", label(i)));
+    }
+    s.push('\n');
+    for &(name, ptr, count) in METRICS {
+        let figures: Vec<Option<(f64, f64)>> = groups.iter().map(|g| g.figure(ptr)).collect();
+        if figures.iter().all(Option::is_none) {
+            continue;
+        }
+        let _ = write!(s, "{name:<width$}");
+        for f in &figures {
+            let cell = match f {
+                None => "-".into(),
+                Some((m, _)) if count && m.fract() == 0.0 => format!("{m:.0}"),
+                Some((m, spread)) if *spread > 0.0 => {
+                    format!("{} ±{:.1}%", number(*m), 100.0 * spread)
+                }
+                Some((m, _)) => number(*m),
+            };
+            let _ = write!(s, "{cell:>col$}");
+        }
+        for f in &figures[1..] {
+            let cell = match (figures[0], f) {
+                (Some((a, _)), Some((b, _))) if a != 0.0 => format!("{:.2}x", b / a),
+                _ => "-".into(),
+            };
+            let _ = write!(s, "{cell:>9}");
+        }
+        s.push('\n');
+    }
+    if differ
+        .iter()
+        .any(|(_, ptr)| *ptr == "/workload/fingerprint")
+    {
+        let _ = writeln!(
+            s,
+            "\nwarning: the columns ran different workloads (fingerprints differ): their ratios compare different work"
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn report(elapsed: f64, dtype: &str, fingerprint: &str) -> Value {
+        json!({
+            "elapsed_time": elapsed,
+            "requests_per_second": 64.0 / elapsed,
+            "output_tokens_per_second": 12800.0 / elapsed,
+            "tpot_s": {"p50": 0.02, "p90": 0.03},
+            "model": {"name": "m.gguf", "dtype": dtype},
+            "engine": {"n": 1},
+            "workload": {"fingerprint": fingerprint},
+            "date": "2026-12-06",
+        })
+    }
+
+    fn group(reports: Vec<Value>) -> Group {
+        Group {
+            files: (0..reports.len()).map(|i| format!("r{i}.json")).collect(),
+            reports,
+        }
+    }
+
+    #[test]
+    fn medians_spreads_and_ratios() {
+        let a = group(vec![report(10.0, "f32", "x")]);
+        let b = group(vec![
+            report(4.0, "bf16", "x"),
+            report(6.0, "bf16", "x"),
+            report(5.0, "bf16", "x"),
+        ]);
+        assert_eq!(b.figure("/elapsed_time"), Some((5.0, 0.2)));
+        // Reports from before --n: generations/s is requests/s.
+        assert_eq!(
+            b.figure("/generations_per_second").map(|f| f.0),
+            Some(64.0 / 5.0)
+        );
+        assert_eq!(a.figure("/tpot_s/p50"), Some((20.0, 0.0)));
+        assert_eq!(a.figure("/num_preemptions"), None);
+        let text = render(&[a, b]);
+        let time = text.lines().find(|l| l.starts_with("Total Time")).unwrap();
+        assert!(
+            time.contains("10.00") && time.contains("5.00 ±20.0%"),
+            "{time}"
+        );
+        assert!(time.ends_with("0.50x"), "{time}");
+        assert!(
+            text.contains("  dtype") && text.contains("A: f32  B: bf16"),
+            "{text}"
+        );
+        assert!(text.contains("  model: m.gguf"), "{text}");
+        assert!(!text.contains("Preemptions"), "{text}");
+        assert!(!text.contains("warning"), "{text}");
+    }
+
+    #[test]
+    fn different_workloads_are_flagged() {
+        let text = render(&[
+            group(vec![report(10.0, "f32", "x")]),
+            group(vec![report(9.0, "f32", "y")]),
+        ]);
+        assert!(
+            text.contains("warning: the columns ran different workloads"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_column_must_be_one_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, v: Value| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, v.to_string()).unwrap();
+            p.display().to_string()
+        };
+        let a = write("a.json", report(10.0, "f32", "x"));
+        let b = write("b.json", report(5.0, "bf16", "x"));
+        let err = Group::read(&format!("{a},{b}")).err().unwrap().to_string();
+        assert!(
+            err.contains("b.json ran dtype bf16") && err.contains("a.json ran f32"),
+            "{err}"
+        );
+        let not = write("not.json", json!({"shapes": []}));
+        let err = Group::read(&not).err().unwrap().to_string();
+        assert!(err.contains("not a throughput report"), "{err}");
+        let err = Group::read(&format!("{a},missing.json"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("missing.json"), "{err}");
+    }
+}
