@@ -222,10 +222,15 @@ pub fn load_weights(
         && need > avail
     {
         bail!(
-            "the weights need {} in {} but only {} of memory is available (try --dtype f16 or a smaller model)",
+            "the weights need {} in {} but only {} of memory is available ({})",
             crate::util::human_bytes(need),
             crate::commands::dtype_name(dtype),
-            crate::util::human_bytes(avail)
+            crate::util::human_bytes(avail),
+            if dtype.size_in_bytes() > 2 {
+                "try --dtype bf16, half the bytes, or a smaller model"
+            } else {
+                "try a smaller model"
+            }
         );
     }
     #[cfg(feature = "cuda")]
