@@ -28,14 +28,15 @@ pub enum Command {
     Shapes(ShapesArgs),
     /// Compare every CUDA kernel, then the engine's tokens, with the CPU's (run before timing).
     SelfCheck(SelfCheckArgs),
-    /// Throughput reports (--output-json) side by side, with ratios against the first.
+    /// Throughput reports (--output-json) or shapes sweeps (shapes.json) side by side, with
+    /// ratios against the first.
     Compare(CompareArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct CompareArgs {
-    /// Report files, one column each; several runs of one configuration as one column are
-    /// joined by commas (`a1.json,a2.json,a3.json`: medians).
+    /// Report files (throughput --output-json, or shapes.json), one column each; several runs
+    /// of one configuration as one column are joined by commas (`a1.json,a2.json`: medians).
     #[arg(required = true, num_args = 1..)]
     pub runs: Vec<String>,
 }

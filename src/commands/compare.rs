@@ -1,8 +1,8 @@
-//! `offline-bench compare`: throughput reports (`--output-json`) side by side, with ratios
-//! against the first, the settings that differ between them, and a warning where they ran
-//! different workloads. A column may be several runs of one configuration (comma-separated
-//! files): it then shows each figure's median and half its range, because one run on a noisy
-//! machine says little.
+//! `offline-bench compare`: throughput reports (`--output-json`), or shapes sweeps
+//! (`shapes.json`), side by side, with ratios against the first, the settings that differ
+//! between them, and a warning where they ran different workloads. A column may be several runs
+//! of one configuration (comma-separated files): it then shows each figure's median and half
+//! its range, because one run on a noisy machine says little.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -54,6 +54,8 @@ const SETTINGS: &[(&str, &str)] = &[
     ("prefix caching", "/engine/enable_prefix_caching"),
     ("sampling", "/engine/sampling"),
     ("n", "/engine/n"),
+    ("warm-up iterations", "/options/warmup"),
+    ("measured iterations", "/options/iters"),
     ("dataset", "/workload/info/dataset"),
     ("requests", "/num_requests"),
     ("workload fingerprint", "/workload/fingerprint"),
@@ -95,12 +97,8 @@ impl Group {
     }
 
     /// Median of one figure over the group's runs, and half its range relative to the median.
-    fn figure(&self, ptr: &str) -> Option<(f64, f64)> {
-        let mut v: Vec<f64> = self
-            .reports
-            .iter()
-            .map(|r| metric(r, ptr))
-            .collect::<Option<_>>()?;
+    fn figure(&self, get: &Getter) -> Option<(f64, f64)> {
+        let mut v: Vec<f64> = self.reports.iter().map(get).collect::<Option<_>>()?;
         v.sort_by(f64::total_cmp);
         let n = v.len();
         let median = if n % 2 == 1 {
@@ -117,18 +115,104 @@ impl Group {
     }
 }
 
+/// Which command wrote a report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Throughput,
+    Shapes,
+}
+
+impl Kind {
+    fn of(r: &Value) -> Option<Self> {
+        if r.get("elapsed_time").and_then(Value::as_f64).is_some() {
+            Some(Self::Throughput)
+        } else if r.get("shapes").and_then(Value::as_array).is_some() {
+            Some(Self::Shapes)
+        } else {
+            None
+        }
+    }
+}
+
 fn read_report(path: &Path) -> Result<Value> {
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read report {}", path.display()))?;
     let v: Value = serde_json::from_slice(&bytes)
         .with_context(|| format!("{} is not JSON", path.display()))?;
-    if v.get("elapsed_time").and_then(Value::as_f64).is_none() {
+    if Kind::of(&v).is_none() {
         bail!(
-            "{} is not a throughput report (the --output-json of `offline-bench throughput`)",
+            "{} is neither a throughput report (`throughput --output-json`) nor a shapes sweep (`shapes.json`)",
             path.display()
         );
     }
     Ok(v)
+}
+
+/// One figure of a report, in its row's unit.
+type Getter = Box<dyn Fn(&Value) -> Option<f64>>;
+
+/// A row of the table: its label, how to read it, whether it is a count (printed without
+/// decimals), and whether a blank line sets it apart (a shape's first row).
+struct Row {
+    label: String,
+    get: Getter,
+    count: bool,
+    gap: bool,
+}
+
+/// The figures of a shapes sweep, per shape: label and field.
+const SHAPE_FIGURES: &[(&str, &str)] = &[
+    ("PP tok/s", "prompt_tokens_per_s"),
+    ("TG p50 ms", "decode_step_p50_ms"),
+    ("TG tok/s", "decode_tokens_per_s"),
+    ("total tok/s", "total_tokens_per_s"),
+];
+
+/// A shape's batch, input and output lengths.
+fn shape_key(s: &Value) -> Option<(u64, u64, u64)> {
+    let f = |k: &str| s.get(k).and_then(Value::as_u64);
+    Some((f("batch")?, f("input_len")?, f("output_len")?))
+}
+
+/// The rows to compare: vLLM-style figures of throughput reports; for shapes sweeps, each
+/// shape of the first column's first sweep (in its order), matched by batch x input x output.
+fn rows(kind: Kind, first: &Value) -> Vec<Row> {
+    match kind {
+        Kind::Throughput => METRICS
+            .iter()
+            .map(|&(label, ptr, count)| Row {
+                label: label.to_string(),
+                get: Box::new(move |r: &Value| metric(r, ptr)),
+                count,
+                gap: false,
+            })
+            .collect(),
+        Kind::Shapes => {
+            let shapes = first.get("shapes").and_then(Value::as_array);
+            let keys: Vec<(u64, u64, u64)> =
+                shapes.into_iter().flatten().filter_map(shape_key).collect();
+            keys.into_iter()
+                .flat_map(|key| {
+                    SHAPE_FIGURES
+                        .iter()
+                        .enumerate()
+                        .map(move |(i, &(name, field))| Row {
+                            label: format!("{} x {} x {} {name}", key.0, key.1, key.2),
+                            get: Box::new(move |r: &Value| {
+                                r.get("shapes")?
+                                    .as_array()?
+                                    .iter()
+                                    .find(|s| shape_key(s) == Some(key))?
+                                    .get(field)?
+                                    .as_f64()
+                            }),
+                            count: false,
+                            gap: i == 0,
+                        })
+                })
+                .collect()
+        }
+    }
 }
 
 /// A figure of one report, in the unit its label names. Reports from before `--n` have no
@@ -183,12 +267,24 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         .iter()
         .map(|spec| Group::read(spec))
         .collect::<Result<Vec<_>>>()?;
-    print!("{}", render(&groups));
+    print!("{}", render(&groups)?);
     Ok(())
 }
 
 /// The whole comparison as text.
-fn render(groups: &[Group]) -> String {
+fn render(groups: &[Group]) -> Result<String> {
+    let kinds: Vec<(Option<Kind>, &String)> = groups
+        .iter()
+        .flat_map(|g| g.reports.iter().map(Kind::of).zip(&g.files))
+        .collect();
+    let kind = kinds[0].0;
+    if let Some((_, file)) = kinds.iter().find(|(k, _)| *k != kind) {
+        bail!(
+            "compare: {file} is not the same kind of report as {} (throughput reports and shapes sweeps do not compare)",
+            kinds[0].1
+        );
+    }
+    let rows = rows(kind.unwrap_or(Kind::Throughput), &groups[0].reports[0]);
     let mut s = String::new();
     for (i, g) in groups.iter().enumerate() {
         let runs = match g.reports.len() {
@@ -198,24 +294,44 @@ fn render(groups: &[Group]) -> String {
         let date = setting(&g.reports[0], "/date");
         let _ = writeln!(s, "{}  {}{runs}, {date}", label(i), g.files.join(", "));
     }
-    let (same, differ): (Vec<_>, Vec<_>) = SETTINGS.iter().partition(|(_, ptr)| {
-        let first = setting(&groups[0].reports[0], ptr);
-        groups.iter().all(|g| setting(&g.reports[0], ptr) == first)
-    });
+    // Settings no column has (a shapes sweep has no workload) are left out.
+    let (same, differ): (Vec<_>, Vec<_>) = SETTINGS
+        .iter()
+        .filter(|(_, ptr)| groups.iter().any(|g| setting(&g.reports[0], ptr) != "-"))
+        .partition(|(_, ptr)| {
+            let first = setting(&groups[0].reports[0], ptr);
+            groups.iter().all(|g| setting(&g.reports[0], ptr) == first)
+        });
     let _ = writeln!(s, "\nthe same in all:");
     for (name, ptr) in same {
         let _ = writeln!(s, "  {name}: {}", setting(&groups[0].reports[0], ptr));
     }
-    let width = 24;
+    let width = rows
+        .iter()
+        .map(|r| r.label.len())
+        .max()
+        .unwrap_or(0)
+        .max(20)
+        + 2;
     let col = 18;
     if !differ.is_empty() {
         let _ = writeln!(s, "\nwhat differs:");
         for (name, ptr) in &differ {
-            let _ = write!(s, "  {name:<width$}");
-            for (i, g) in groups.iter().enumerate() {
-                let _ = write!(s, "  {}: {}", label(i), setting(&g.reports[0], ptr));
+            let values: Vec<String> = groups
+                .iter()
+                .enumerate()
+                .map(|(i, g)| format!("{}: {}", label(i), setting(&g.reports[0], ptr)))
+                .collect();
+            // On one line where it fits, else a line per column.
+            let one_line = values.join("  ");
+            if width + one_line.len() <= 100 {
+                let _ = writeln!(s, "  {name:<width$}{one_line}");
+            } else {
+                let _ = writeln!(s, "  {name}");
+                for v in values {
+                    let _ = writeln!(s, "    {v}");
+                }
             }
-            s.push('\n');
         }
     }
     let _ = write!(s, "\n{:<width$}", "");
@@ -226,16 +342,21 @@ fn render(groups: &[Group]) -> String {
         let _ = write!(s, "{:>9}", format!("{}/A", label(i)));
     }
     s.push('\n');
-    for &(name, ptr, count) in METRICS {
-        let figures: Vec<Option<(f64, f64)>> = groups.iter().map(|g| g.figure(ptr)).collect();
+    let mut printed = false;
+    for row in &rows {
+        let figures: Vec<Option<(f64, f64)>> = groups.iter().map(|g| g.figure(&row.get)).collect();
         if figures.iter().all(Option::is_none) {
             continue;
         }
-        let _ = write!(s, "{name:<width$}");
+        if row.gap && printed {
+            s.push('\n');
+        }
+        printed = true;
+        let _ = write!(s, "{:<width$}", row.label);
         for f in &figures {
             let cell = match f {
                 None => "-".into(),
-                Some((m, _)) if count && m.fract() == 0.0 => format!("{m:.0}"),
+                Some((m, _)) if row.count && m.fract() == 0.0 => format!("{m:.0}"),
                 Some((m, spread)) if *spread > 0.0 => {
                     format!("{} ±{:.1}%", number(*m), 100.0 * spread)
                 }
@@ -261,7 +382,7 @@ fn render(groups: &[Group]) -> String {
             "\nwarning: the columns ran different workloads (fingerprints differ): their ratios compare different work"
         );
     }
-    s
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -297,15 +418,16 @@ mod tests {
             report(6.0, "bf16", "x"),
             report(5.0, "bf16", "x"),
         ]);
-        assert_eq!(b.figure("/elapsed_time"), Some((5.0, 0.2)));
+        let by = |ptr: &'static str| -> Getter { Box::new(move |r: &Value| metric(r, ptr)) };
+        assert_eq!(b.figure(&by("/elapsed_time")), Some((5.0, 0.2)));
         // Reports from before --n: generations/s is requests/s.
         assert_eq!(
-            b.figure("/generations_per_second").map(|f| f.0),
+            b.figure(&by("/generations_per_second")).map(|f| f.0),
             Some(64.0 / 5.0)
         );
-        assert_eq!(a.figure("/tpot_s/p50"), Some((20.0, 0.0)));
-        assert_eq!(a.figure("/num_preemptions"), None);
-        let text = render(&[a, b]);
+        assert_eq!(a.figure(&by("/tpot_s/p50")), Some((20.0, 0.0)));
+        assert_eq!(a.figure(&by("/num_preemptions")), None);
+        let text = render(&[a, b]).unwrap();
         let time = text.lines().find(|l| l.starts_with("Total Time")).unwrap();
         assert!(
             time.contains("10.00") && time.contains("5.00 ±20.0%"),
@@ -326,10 +448,50 @@ mod tests {
         let text = render(&[
             group(vec![report(10.0, "f32", "x")]),
             group(vec![report(9.0, "f32", "y")]),
-        ]);
+        ])
+        .unwrap();
         assert!(
             text.contains("warning: the columns ran different workloads"),
             "{text}"
+        );
+    }
+
+    fn sweep(dtype: &str, shapes: &[(u64, u64, f64)]) -> Value {
+        let shapes: Vec<Value> = shapes
+            .iter()
+            .map(|&(batch, input_len, pp)| {
+                json!({"batch": batch, "input_len": input_len, "output_len": 32,
+                       "prompt_tokens_per_s": pp, "decode_step_p50_ms": 10.0})
+            })
+            .collect();
+        json!({"shapes": shapes, "model": {"name": "m.gguf", "dtype": dtype}})
+    }
+
+    #[test]
+    fn shapes_sweeps_compare_shape_by_shape() {
+        // The second sweep lists its shapes in another order and lacks one.
+        let a = group(vec![sweep("f32", &[(1, 128, 1000.0), (8, 128, 2000.0)])]);
+        let b = group(vec![sweep("bf16", &[(8, 128, 5000.0)])]);
+        let text = render(&[a, b]).unwrap();
+        let line = |start: &str| text.lines().find(|l| l.starts_with(start)).unwrap();
+        assert!(line("8 x 128 x 32 PP tok/s").ends_with("2.50x"), "{text}");
+        assert!(line("1 x 128 x 32 PP tok/s").ends_with("-"), "{text}");
+        assert!(line("8 x 128 x 32 TG p50 ms").ends_with("1.00x"), "{text}");
+        assert!(
+            !text.contains("TG tok/s") && !text.contains("fingerprint"),
+            "{text}"
+        );
+        // Not with a throughput report.
+        let mixed = render(&[
+            group(vec![sweep("f32", &[(1, 128, 1000.0)])]),
+            group(vec![report(9.0, "f32", "y")]),
+        ]);
+        assert!(
+            mixed
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("not the same kind")
         );
     }
 
@@ -348,9 +510,9 @@ mod tests {
             err.contains("b.json ran dtype bf16") && err.contains("a.json ran f32"),
             "{err}"
         );
-        let not = write("not.json", json!({"shapes": []}));
+        let not = write("not.json", json!({"requests": []}));
         let err = Group::read(&not).err().unwrap().to_string();
-        assert!(err.contains("not a throughput report"), "{err}");
+        assert!(err.contains("neither a throughput report"), "{err}");
         let err = Group::read(&format!("{a},missing.json"))
             .err()
             .unwrap()
