@@ -147,6 +147,10 @@ pub enum DatasetName {
     Chat,
     /// Synthetic prompts of --input-len tokens.
     Random,
+    /// vLLM's: --prefix-repetition-num-prefixes random prefixes, each shared by an equal share
+    /// of the prompts, which go on with random suffixes.
+    #[value(name = "prefix_repetition", alias = "prefix-repetition")]
+    PrefixRepetition,
 }
 
 #[derive(Args, Debug)]
@@ -180,6 +184,18 @@ pub struct ThroughputArgs {
     /// Turns of each conversation in a chat prompt.
     #[arg(long, default_value_t = 3)]
     pub prompt_turns: usize,
+    /// prefix_repetition: tokens of each shared prefix.
+    #[arg(long, default_value_t = 256)]
+    pub prefix_repetition_prefix_len: usize,
+    /// prefix_repetition: tokens of each prompt's own suffix.
+    #[arg(long, default_value_t = 256)]
+    pub prefix_repetition_suffix_len: usize,
+    /// prefix_repetition: distinct prefixes (--num-prompts is divided among them).
+    #[arg(long, default_value_t = 10)]
+    pub prefix_repetition_num_prefixes: usize,
+    /// prefix_repetition: output tokens per request.
+    #[arg(long, default_value_t = 128)]
+    pub prefix_repetition_output_len: usize,
     /// Save the sampled, tokenized requests to FILE.
     #[arg(long)]
     pub save_workload: Option<PathBuf>,

@@ -348,6 +348,46 @@ fn compare_puts_reports_side_by_side() {
 }
 
 #[test]
+fn prefix_repetition_prompts_share_their_prefixes() {
+    // Seven prompts over two 32-token prefixes: three per prefix (the seventh is not run, as in
+    // vLLM); the second and third of each find the prefix's two blocks.
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("p.json");
+    let json_arg = s(&json);
+    let out = ok(&[
+        "throughput",
+        "--model",
+        "smollm2-135m",
+        "--load-format",
+        "dummy",
+        "--dataset-name",
+        "prefix_repetition",
+        "--num-prompts",
+        "7",
+        "--prefix-repetition-prefix-len",
+        "32",
+        "--prefix-repetition-suffix-len",
+        "8",
+        "--prefix-repetition-num-prefixes",
+        "2",
+        "--prefix-repetition-output-len",
+        "2",
+        "--kv-cache-memory",
+        "64MiB",
+        "--output-json",
+        &json_arg,
+    ]);
+    assert!(
+        out.contains("workload prefix_repetition: 6 requests, avg prompt 40.00 tokens"),
+        "{out}"
+    );
+    assert!(out.contains("6 of --num-prompts 7 run"), "{out}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["engine_stats"]["prefix_cache_hits"], 4 * 32);
+    assert_eq!(v["engine_stats"]["computed_tokens"], 6 * 40 - 4 * 32 + 6);
+}
+
+#[test]
 fn saved_workload_runs_without_dataset_or_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
     let saved = dir.path().join("workload.json");

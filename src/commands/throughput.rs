@@ -13,6 +13,7 @@ use crate::progress::Progress;
 use crate::report::Metrics;
 use crate::tokenizer::TextTokenizer;
 use crate::workload::chat::{self, ChatOptions, ChatTemplate};
+use crate::workload::prefix_repetition::{self, PrefixRepetitionOptions};
 use crate::workload::random::{self, RandomOptions};
 use crate::workload::sharegpt::{self, SampleOptions, ShareGpt};
 use crate::workload::{LengthRules, Workload};
@@ -234,18 +235,44 @@ fn sample_dataset(
                     setup.max_model_len
                 );
             }
-            let vocab = setup.info.config.vocab_size as u32;
-            match setup.info.tokenizer.as_ref() {
-                Some(tok) => {
-                    let special = tok.special_ids();
-                    let allowed: Vec<u32> = (0..vocab).filter(|i| !special.contains(i)).collect();
-                    random::sample(&opts, &allowed, Some(&tok.source))
-                }
-                None => {
-                    let allowed: Vec<u32> = (0..vocab).collect();
-                    random::sample(&opts, &allowed, None)
-                }
-            }
+            let (allowed, tokenizer) = prompt_ids(setup);
+            random::sample(&opts, &allowed, tokenizer)
         }
+        DatasetName::PrefixRepetition => {
+            let opts = PrefixRepetitionOptions {
+                num_prompts,
+                prefix_len: args.prefix_repetition_prefix_len,
+                suffix_len: args.prefix_repetition_suffix_len,
+                num_prefixes: args.prefix_repetition_num_prefixes,
+                output_len: args.prefix_repetition_output_len,
+                seed: args.engine.seed,
+            };
+            let total = opts.prefix_len + opts.suffix_len + opts.output_len;
+            if total > setup.max_model_len {
+                anyhow::bail!(
+                    "prefix_repetition prompts of {} + {} tokens plus {} output tokens exceed --max-model-len {}",
+                    opts.prefix_len,
+                    opts.suffix_len,
+                    opts.output_len,
+                    setup.max_model_len
+                );
+            }
+            let (allowed, tokenizer) = prompt_ids(setup);
+            prefix_repetition::sample(&opts, &allowed, tokenizer)
+        }
+    }
+}
+
+/// The ids synthetic prompts are drawn from: the vocabulary without the tokenizer's special
+/// tokens (all of it without a tokenizer), and the tokenizer's name.
+fn prompt_ids(setup: &Setup) -> (Vec<u32>, Option<&str>) {
+    let vocab = setup.info.config.vocab_size as u32;
+    match setup.info.tokenizer.as_ref() {
+        Some(tok) => {
+            let special = tok.special_ids();
+            let allowed = (0..vocab).filter(|i| !special.contains(i)).collect();
+            (allowed, Some(tok.source.as_str()))
+        }
+        None => ((0..vocab).collect(), None),
     }
 }

@@ -1,10 +1,11 @@
 //! Workloads: the requests a benchmark submits, sampled and tokenized before the clock starts.
 //!
 //! Every source (ShareGPT as vLLM samples it, chat-templated conversations, random token ids,
-//! or a saved workload file) ends as a [`Workload`]: token ids and an output length per request,
+//! random prompts behind a few shared prefixes, or a saved workload file) ends as a [`Workload`]: token ids and an output length per request,
 //! plus a description of how they were chosen and a fingerprint of the exact ids.
 
 pub mod chat;
+pub mod prefix_repetition;
 pub mod pyrandom;
 pub mod random;
 pub mod sharegpt;
