@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::device::DeviceSpec;
-use crate::model::LoadFormat;
+use crate::model::{LoadFormat, Quantization};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -70,6 +70,11 @@ pub struct ModelArgs {
     /// projection weights in bf16 (AVX-512 BF16 dot products) and activations in f32.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// none, or int8: the projections and the LM head as int8 in blocks of 32 with an f32
+    /// scale each (llama.cpp's Q8_0 scheme), quantized at load; CPU with AVX-512, f32
+    /// activations.
+    #[arg(long, value_enum, default_value_t = Quantization::None)]
+    pub quantization: Quantization,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::cli::{EngineArgs, ModelArgs};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{Engine, EngineConfig};
-use crate::model::{self, ModelInfo, ModelOptions};
+use crate::model::{self, ModelInfo, ModelOptions, Quantization};
 use crate::progress::Progress;
 use crate::util::human_bytes;
 
@@ -26,6 +26,7 @@ pub struct Setup {
     pub device_spec: crate::device::DeviceSpec,
     pub device: Device,
     pub dtype: DType,
+    pub quantization: Quantization,
     pub info: ModelInfo,
     pub max_model_len: usize,
 }
@@ -33,6 +34,7 @@ pub struct Setup {
 impl Setup {
     pub fn new(args: &ModelArgs, progress: &Progress) -> Result<Self> {
         let dtype = crate::device::parse_dtype(&args.dtype, args.device)?;
+        check_quantization(args.quantization, args.device, dtype)?;
         let info = model::inspect(
             &ModelOptions {
                 model: args.model.clone(),
@@ -57,6 +59,7 @@ impl Setup {
             device_spec: args.device,
             device,
             dtype,
+            quantization: args.quantization,
             info,
             max_model_len,
         })
@@ -89,7 +92,7 @@ impl Setup {
         let model = model::load_weights(
             &self.info,
             self.max_model_len,
-            self.dtype,
+            (self.dtype, self.quantization),
             &self.device,
             progress,
         )?;
@@ -162,6 +165,7 @@ impl Setup {
                 "name": args.model,
                 "load_format": self.info.load_format.name(),
                 "dtype": dtype_name(self.dtype),
+                "quantization": self.quantization.name(),
                 // Which kernel this CPU's bf16 products ran (it is chosen by measurement).
                 "cpu_bf16_products": (self.device.is_cpu() && self.dtype == DType::BF16)
                     .then(crate::gemm::bf16::Bf16Kernel::describe),
@@ -241,6 +245,32 @@ fn gpu_kv_budget(
         );
     }
     Ok(budget)
+}
+
+/// Refuses `--quantization` where its kernel cannot run.
+fn check_quantization(
+    quant: Quantization,
+    device: crate::device::DeviceSpec,
+    dtype: DType,
+) -> Result<()> {
+    if quant == Quantization::None {
+        return Ok(());
+    }
+    if device != crate::device::DeviceSpec::Cpu {
+        bail!("--quantization int8 runs on the CPU only; on CUDA choose the weights' --dtype");
+    }
+    if dtype != DType::F32 {
+        bail!(
+            "--quantization int8 keeps the activations in f32: use it with --dtype f32 or auto, not {}",
+            dtype_name(dtype)
+        );
+    }
+    if !crate::device::cpu_has_avx512_bw() {
+        bail!(
+            "--quantization int8 needs a CPU with AVX-512 (its kernel); without it, keep the f32 weights"
+        );
+    }
+    Ok(())
 }
 
 /// A dtype as the flags spell it (`fp8_e4m3` for the fp8 KV cache).

@@ -49,7 +49,7 @@ pub fn run(args: &ShapesArgs) -> Result<()> {
     let model = runner.model();
     let costs = ModelCosts::new(
         &model.dims(),
-        model.weight_dtype(),
+        model.bytes_per_weight(),
         runner.cache().spec.bytes_per_token(),
     );
     let opts = BenchOptions {

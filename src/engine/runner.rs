@@ -228,6 +228,7 @@ impl ModelRunner {
 mod tests {
     use super::*;
     use crate::engine::Engine;
+    use crate::model::Quantization;
     use crate::model::config::ModelConfig;
     use crate::model::weights::DummyWeights;
     use candle_core::DType;
@@ -240,7 +241,15 @@ mod tests {
         )
         .unwrap();
         let mut w = DummyWeights::new(DType::F32, &Device::Cpu);
-        Llama::load(&cfg, &mut w, 256, DType::F32, &Device::Cpu, |_| {}).unwrap()
+        Llama::load(
+            &cfg,
+            &mut w,
+            256,
+            (DType::F32, Quantization::None),
+            &Device::Cpu,
+            |_| {},
+        )
+        .unwrap()
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Single-threaded matrix products for the CPU kernels (which parallelise across their own work
 //! items): f32 through the `gemm` crate with every access bounds-checked up front, few f32 rows
-//! against weight rows (`rows_by_weights`), and f32 rows against bf16 weights (`bf16`, whose rows
-//! are prepared once per product in parallel).
+//! against weight rows (`rows_by_weights`), f32 rows against bf16 weights (`bf16`, whose rows
+//! are prepared once per product in parallel), and against int8 weights (`int8`).
 
 use std::mem::MaybeUninit;
 
@@ -71,7 +71,7 @@ pub fn rows_by_weights((m, n, k): (usize, usize, usize), x: &[f32], w: &[f32], o
     if crate::device::cpu_has_avx512_bw() {
         // SAFETY: AVX-512 F and BW are available (checked); the assert above bounds every
         // access (rows `k` apart, not padded).
-        unsafe { avx512::rows_by_weights((m, n, k), (x, k), w, as_uninit(out)) };
+        unsafe { avx512::rows_by_weights((m, n, k), (x, k), (w, &[]), as_uninit(out)) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -112,7 +112,7 @@ pub fn rows_by_weights_uninit(
     #[cfg(target_arch = "x86_64")]
     if crate::device::cpu_has_avx512_bw() {
         // SAFETY: as in `rows_by_weights`; the kernel writes every output.
-        unsafe { avx512::rows_by_weights((m, n, k), (x, k), w, out) };
+        unsafe { avx512::rows_by_weights((m, n, k), (x, k), (w, &[]), out) };
         return;
     }
     rows_by_weights((m, n, k), x, w, zeroed(&mut out[..m * n]));
@@ -250,6 +250,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod bf16;
+pub mod int8;
 #[cfg(target_arch = "x86_64")]
 mod packed;
 #[cfg(target_arch = "x86_64")]

@@ -1,15 +1,19 @@
 //! The Llama family (Llama 2/3/3.1, Mistral, SmolLM2; Qwen2 with its q/k/v biases) as a forward
 //! pass over a flattened batch: no batch dimension, no padding, attention through the paged cache.
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::ops::rms_norm;
 
+use super::Quantization;
 use super::config::ModelConfig;
 use super::norm::residual_rms_norm;
 use super::rotary::{Heads, split_rotate};
 use super::weights::WeightSource;
 use crate::attention::PagedAttention;
+use crate::gemm::int8::Int8Weights;
 use crate::profile::{Kernel, timed};
 
 /// `x W^T + b`, with `W` as `[out, in]`.
@@ -21,13 +25,17 @@ pub struct Linear {
     /// (`gemm::pack_for_many_rows`, f32 on AVX-512 CPUs: `Linear::into_panels`), `None` where
     /// it holds them as rows.
     panels: Option<(usize, usize)>,
+    /// The weights as int8 blocks (`--quantization int8`: `Linear::into_int8`), where `w` is
+    /// then empty.
+    int8: Option<Arc<Int8Weights>>,
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match self.panels {
-            Some(nk) => super::matmul::linear_panels(x, &self.w, nk)?,
-            None => super::matmul::linear(x, &self.w)?,
+        let y = match (&self.int8, self.panels) {
+            (Some(q), _) => super::matmul::linear_int8(x, q)?,
+            (None, Some(nk)) => super::matmul::linear_panels(x, &self.w, nk)?,
+            (None, None) => super::matmul::linear(x, &self.w)?,
         };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
@@ -39,18 +47,62 @@ impl Linear {
     /// (packed into panels where [`Linear::into_panels`] packs them), so that a calibration
     /// times the kernels the model runs.
     pub fn projection(w: Tensor) -> Result<Self> {
+        Self::rows(w, None).into_panels()
+    }
+
+    /// `w` (`[out, in]`) and bias `b` as they are.
+    fn rows(w: Tensor, b: Option<Tensor>) -> Self {
         Self {
             w,
-            b: None,
+            b,
             panels: None,
+            int8: None,
         }
-        .into_panels()
+    }
+
+    /// Bytes of the weights and the bias.
+    fn bytes(&self) -> u64 {
+        let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        size(&self.w)
+            + self.b.as_ref().map_or(0, size)
+            + self.int8.as_ref().map_or(0, |q| q.bytes())
+    }
+
+    /// The layout `quant` asks for: int8 blocks, or (without quantization) panels where the CPU
+    /// runs the packed kernel ([`Linear::into_panels`]).
+    fn prepared(self, quant: Quantization) -> Result<Self> {
+        match quant {
+            Quantization::None => self.into_panels(),
+            Quantization::Int8 => self.into_int8(),
+        }
+    }
+
+    /// The same projection with its weights quantized to int8 blocks (`gemm::int8`); the f32
+    /// rows are not kept.
+    fn into_int8(self) -> Result<Self> {
+        if self.int8.is_some() {
+            return Ok(self);
+        }
+        let (n, k) = self.w.dims2()?;
+        let rows = self
+            .w
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Self {
+            w: Tensor::zeros(0, DType::F32, self.w.device())?,
+            b: self.b,
+            panels: None,
+            int8: Some(Arc::new(Int8Weights::quantize(&rows, n, k))),
+        })
     }
 
     /// Whether [`Linear::silu_mul`] runs for `x` (`matmul::gate_up_silu_fuses`, and no bias).
     pub fn fuses_silu_mul(&self, x: &Tensor) -> Result<bool> {
         Ok(self.b.is_none()
             && self.panels.is_none()
+            && self.int8.is_none()
             && super::matmul::gate_up_silu_fuses(x, &self.w)?)
     }
 
@@ -71,14 +123,18 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { w, b, panels: None })
+        Ok(Self::rows(w, b))
     }
 
     /// The same projection with f32 weights on the CPU packed into panels where the CPU runs
     /// the packed kernel (`gemm::pack_for_many_rows`: AVX-512), which then serves every row
     /// count; unchanged elsewhere. The rows are not kept: the panels hold the same values.
     fn into_panels(self) -> Result<Self> {
-        if self.panels.is_some() || !self.w.device().is_cpu() || self.w.dtype() != DType::F32 {
+        if self.panels.is_some()
+            || self.int8.is_some()
+            || !self.w.device().is_cpu()
+            || self.w.dtype() != DType::F32
+        {
             return Ok(self);
         }
         let (n, k) = self.w.dims2()?;
@@ -90,6 +146,7 @@ impl Linear {
                     w: Tensor::from_vec(packed, len, &Device::Cpu)?,
                     b: self.b,
                     panels: Some((n, k)),
+                    int8: None,
                 }
             }
             None => self,
@@ -112,7 +169,7 @@ impl Loader<'_> {
         } else {
             None
         };
-        Ok(Linear { w, b, panels: None })
+        Ok(Linear::rows(w, b))
     }
 
     /// A bias or a norm's weight.
@@ -187,9 +244,9 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
-    /// The LM head is the embedding matrix (not counted twice).
-    tied: bool,
+    lm_head: Linear,
+    /// The LM head is the embedding matrix itself (not counted twice): tied, not quantized.
+    head_is_embed: bool,
     cos: Tensor,
     sin: Tensor,
     /// Of the activations (and norms, biases, rotary tables).
@@ -248,13 +305,14 @@ fn rotary_tables(
 }
 
 impl Llama {
-    /// Builds the model from `weights` (in `dtype`), fusing q/k/v and gate/up as it goes.
-    /// `max_positions` bounds the rotary tables (the run's maximum model length).
+    /// Builds the model from `weights` (in `dtype`), fusing q/k/v and gate/up as it goes, and
+    /// quantizing the projections and the LM head where `quant` asks. `max_positions` bounds
+    /// the rotary tables (the run's maximum model length).
     pub fn load(
         cfg: &ModelConfig,
         weights: &mut dyn WeightSource,
         max_positions: usize,
-        dtype: DType,
+        (dtype, quant): (DType, Quantization),
         device: &Device,
         mut on_layer: impl FnMut(usize),
     ) -> Result<Self> {
@@ -286,29 +344,37 @@ impl Llama {
             let inter = dims.intermediate;
             layers.push(Layer {
                 attn_norm: ld.vector(&format!("{p}.input_layernorm.weight"), h)?,
-                qkv: qkv.into_panels()?,
+                qkv: qkv.prepared(quant)?,
                 o: ld
                     .linear(&format!("{attn}.o_proj"), h, q_size, false)?
-                    .into_panels()?,
+                    .prepared(quant)?,
                 mlp_norm: ld.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 gate_up: Linear::fused(vec![
                     ld.linear(&format!("{mlp}.gate_proj"), inter, h, false)?,
                     ld.linear(&format!("{mlp}.up_proj"), inter, h, false)?,
                 ])?
-                .into_panels()?,
+                .prepared(quant)?,
                 down: ld
                     .linear(&format!("{mlp}.down_proj"), h, inter, false)?
-                    .into_panels()?,
+                    .prepared(quant)?,
             });
             on_layer(i);
         }
         let norm = ld.vector("model.norm.weight", h)?;
         let embed = weights.get("model.embed_tokens.weight", &[dims.vocab, h])?;
         let tied = cfg.tie_word_embeddings && !weights.contains("lm_head.weight");
-        let lm_head = if tied {
-            embed.clone()
-        } else {
-            weights.get("lm_head.weight", &[dims.vocab, h])?
+        let lm_head = Linear::rows(
+            if tied {
+                embed.clone()
+            } else {
+                weights.get("lm_head.weight", &[dims.vocab, h])?
+            },
+            None,
+        );
+        // Only quantized: the LM head runs on the sampled rows alone, few per step.
+        let lm_head = match quant {
+            Quantization::None => lm_head,
+            Quantization::Int8 => lm_head.into_int8()?,
         };
         let (cos, sin) = rotary_tables(cfg, max_positions, device)?;
         Ok(Self {
@@ -316,8 +382,8 @@ impl Llama {
             embed,
             layers,
             norm,
+            head_is_embed: tied && quant == Quantization::None,
             lm_head,
-            tied,
             cos: cos.to_dtype(act)?,
             sin: sin.to_dtype(act)?,
             dtype: act,
@@ -337,6 +403,15 @@ impl Llama {
 
     pub fn weight_dtype(&self) -> DType {
         self.weight_dtype
+    }
+
+    /// Bytes per weight of the projections and the LM head as stored: the dtype's, or an int8
+    /// value and its share of its block's f32 scale.
+    pub fn bytes_per_weight(&self) -> f64 {
+        match self.lm_head.int8 {
+            Some(_) => 1.0 + 4.0 / crate::gemm::int8::BLOCK as f64,
+            None => self.weight_dtype.size_in_bytes() as f64,
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -424,7 +499,7 @@ impl Llama {
             Ok(rms_norm(&h, &self.norm, self.dims.eps)?)
         })?;
         timed(Kernel::GemmLmHead, || {
-            let logits = super::matmul::linear(&h, &self.lm_head)?;
+            let logits = self.lm_head.forward(&h)?;
             Ok(logits.to_dtype(DType::F32)?.contiguous()?)
         })
     }
@@ -432,20 +507,23 @@ impl Llama {
     /// Bytes of the weights as loaded.
     pub fn weight_bytes(&self) -> u64 {
         let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-        let lin = |l: &Linear| size(&l.w) + l.b.as_ref().map_or(0, size);
         let layers: u64 = self
             .layers
             .iter()
             .map(|l| {
                 size(&l.attn_norm)
                     + size(&l.mlp_norm)
-                    + lin(&l.qkv)
-                    + lin(&l.o)
-                    + lin(&l.gate_up)
-                    + lin(&l.down)
+                    + l.qkv.bytes()
+                    + l.o.bytes()
+                    + l.gate_up.bytes()
+                    + l.down.bytes()
             })
             .sum();
-        let head = if self.tied { 0 } else { size(&self.lm_head) };
+        let head = if self.head_is_embed {
+            0
+        } else {
+            self.lm_head.bytes()
+        };
         layers + size(&self.embed) + size(&self.norm) + head
     }
 }

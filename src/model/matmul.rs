@@ -4,8 +4,10 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
+use std::sync::Arc;
+
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::util::Disjoint;
@@ -13,6 +15,7 @@ use crate::util::Disjoint;
 use crate::gemm::bf16::{
     Bf16Kernel, Bf16Rows, rows_by_weights_bf16_silu_uninit, rows_by_weights_bf16_uninit, silu_fits,
 };
+use crate::gemm::int8::{self, Int8Weights, rows_by_int8_uninit};
 use crate::gemm::{PANEL, rows_by_packed_uninit, rows_by_weights_uninit};
 
 /// Up to this many rows, [`linear`] splits the output features over the threads itself:
@@ -53,6 +56,53 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         }
     }
     Ok(x.matmul(&w.t()?)?)
+}
+
+/// `x W^T` for f32 rows and int8 weights (`gemm::int8`, `--quantization int8`): up to
+/// [`SPLIT_MAX_ROWS`] rows (decode steps, bound by reading the weights) by our kernel, which
+/// widens them in registers, split over the output features; more rows (a prefill, bound by
+/// arithmetic) by [`linear`] over the weights dequantized for this product, as are all products
+/// on CPUs without AVX-512 (where the kernel would be plain loops).
+pub fn linear_int8(x: &Tensor, w: &Arc<Int8Weights>) -> Result<Tensor> {
+    if x.dim(0)? > SPLIT_MAX_ROWS || !crate::device::cpu_has_avx512_bw() {
+        let rows = Tensor::from_vec(w.dequantize(), (w.n, w.k), x.device())?;
+        return linear(x, &rows);
+    }
+    Ok(x.apply_op1_no_bwd(&Int8Matmul(w.clone()))?)
+}
+
+/// [`linear_int8`]'s op for few rows.
+struct Int8Matmul(Arc<Int8Weights>);
+
+impl CustomOp1 for Int8Matmul {
+    fn name(&self) -> &'static str {
+        "int8-matmul"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = xs else {
+            candle_core::bail!("int8_matmul: f32 rows only");
+        };
+        let Some((a, b)) = xl.contiguous_offsets() else {
+            candle_core::bail!("int8_matmul: rows must be contiguous");
+        };
+        let x = &x[a..b];
+        let (m, k) = xl.shape().dims2()?;
+        let w = &self.0;
+        if k != w.k {
+            candle_core::bail!("int8_matmul: {m}x{k} by ({}x{})^T", w.n, w.k);
+        }
+        let (n, kb) = (w.n, int8::blocks(k));
+        // SAFETY: `rows_by_int8_uninit` writes every output of its block.
+        let out = unsafe {
+            split_product((m, n), true, 1, |rows, cols, part| {
+                let x = &x[rows.start * k..];
+                let q = (&w.q[cols.start * k..], &w.scales[cols.start * kb..]);
+                rows_by_int8_uninit((rows.len(), cols.len(), k), x, q, part)
+            })
+        };
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
 }
 
 /// Whether [`gate_up_silu`] runs for rows `x` and a gate/up matrix `w`: on the CPU, bf16

@@ -42,6 +42,26 @@ impl LoadFormat {
     }
 }
 
+/// How the projections and the LM head are stored beyond `--dtype` (`--quantization`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantization {
+    /// As `--dtype` says.
+    #[default]
+    None,
+    /// int8 in blocks of 32 values with an f32 scale each (llama.cpp's Q8_0 scheme; CPU with
+    /// AVX-512, f32 activations): a quarter of f32's weight bytes.
+    Int8,
+}
+
+impl Quantization {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Int8 => "int8",
+        }
+    }
+}
+
 /// What `--model` resolved to.
 #[derive(Clone, Debug)]
 pub enum ModelSource {
@@ -211,12 +231,18 @@ pub fn activation_dtype(weights: DType, device: &Device) -> DType {
 pub fn load_weights(
     info: &ModelInfo,
     max_positions: usize,
-    dtype: DType,
+    (dtype, quant): (DType, Quantization),
     device: &Device,
     progress: &Progress,
 ) -> Result<Llama> {
     let cfg = &info.config;
-    let need = cfg.num_parameters() * dtype.size_in_bytes() as u64;
+    let need = match quant {
+        Quantization::None => cfg.num_parameters() * dtype.size_in_bytes() as u64,
+        // A byte and an eighth per weight, and the embedding kept in f32 as well.
+        Quantization::Int8 => {
+            cfg.num_parameters() * 9 / 8 + (cfg.vocab_size * cfg.hidden_size * 4) as u64
+        }
+    };
     if device.is_cpu()
         && let Some(avail) = crate::device::available_host_memory()
         && need > avail
@@ -253,7 +279,7 @@ pub fn load_weights(
     let model = match (info.load_format, &info.source) {
         (LoadFormat::Dummy, _) => {
             let mut w = DummyWeights::new(dtype, device);
-            Llama::load(cfg, &mut w, max_positions, dtype, device, on_layer)
+            Llama::load(cfg, &mut w, max_positions, (dtype, quant), device, on_layer)
         }
         (LoadFormat::Gguf, ModelSource::Gguf(p)) => {
             let mut w = GgufWeights::open(p)?;
@@ -265,7 +291,7 @@ pub fn load_weights(
                 .is_some_and(|a| a == "llama");
             let heads = llama_cpp_permuted.then(|| (cfg.num_attention_heads, cfg.num_kv_heads()));
             w.configure(dtype, device, heads);
-            Llama::load(cfg, &mut w, max_positions, dtype, device, on_layer)
+            Llama::load(cfg, &mut w, max_positions, (dtype, quant), device, on_layer)
         }
         (LoadFormat::Safetensors, ModelSource::Folder(dir)) => {
             let mut w = SafetensorsWeights::open(dir, dtype, device)?;
@@ -273,7 +299,7 @@ pub fn load_weights(
                 cfg,
                 &mut w as &mut dyn WeightSource,
                 max_positions,
-                dtype,
+                (dtype, quant),
                 device,
                 on_layer,
             )

@@ -139,7 +139,8 @@ pub struct ModelCosts {
 }
 
 impl ModelCosts {
-    pub fn new(d: &Dims, weight_dtype: DType, kv_token_bytes: u64) -> Self {
+    /// `weight_elem_bytes`: bytes per projection weight as stored (`Llama::bytes_per_weight`).
+    pub fn new(d: &Dims, weight_elem_bytes: f64, kv_token_bytes: u64) -> Self {
         let (h, q, kv) = (
             d.hidden as f64,
             (d.heads * d.head_dim) as f64,
@@ -149,7 +150,7 @@ impl ModelCosts {
         Self {
             linear_params: d.layers as f64 * per_layer,
             head_params: (d.vocab * d.hidden) as f64,
-            weight_elem_bytes: weight_dtype.size_in_bytes() as f64,
+            weight_elem_bytes,
             kv_token_bytes: kv_token_bytes as f64,
             attn_pair_flops: 4.0 * (d.heads * d.head_dim * d.layers) as f64,
         }
@@ -206,7 +207,7 @@ mod tests {
     #[test]
     fn counts_match_the_parameter_count() {
         // SmolLM2-135M: 134.5M parameters, of which 28.3M embedding (tied LM head) and the norms.
-        let c = ModelCosts::new(&smollm2(), DType::F32, 2 * 30 * 3 * 64 * 2);
+        let c = ModelCosts::new(&smollm2(), 4.0, 2 * 30 * 3 * 64 * 2);
         let norms = (30 * 2 + 1) * 576;
         let total = c.linear_params + c.head_params + norms as f64;
         assert!((total - 134_515_008.0).abs() < 1.0, "{total}");

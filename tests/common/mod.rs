@@ -11,7 +11,7 @@ use candle_transformers::models::quantized_llama::ModelWeights;
 use offline_bench::engine::sampler::SamplingParams;
 use offline_bench::engine::{Engine, EngineConfig};
 use offline_bench::model::llama::Llama;
-use offline_bench::model::{self, LoadFormat, ModelInfo, ModelOptions};
+use offline_bench::model::{self, LoadFormat, ModelInfo, ModelOptions, Quantization};
 use offline_bench::progress::Progress;
 
 /// The assets folder (`OFFLINE_BENCH_ASSETS`, else `./assets`).
@@ -61,16 +61,22 @@ pub fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
 /// SmolLM2 (config, tokenizer, f32 weights), loaded once per test binary.
 pub fn smollm() -> &'static (ModelInfo, Llama) {
     static MODEL: OnceLock<(ModelInfo, Llama)> = OnceLock::new();
-    MODEL.get_or_init(|| load_smollm(DType::F32))
+    MODEL.get_or_init(|| load_smollm(DType::F32, Quantization::None))
 }
 
 /// SmolLM2 with bf16 weights (`--dtype bf16` on the CPU), loaded once per test binary.
 pub fn smollm_bf16() -> &'static Llama {
     static MODEL: OnceLock<Llama> = OnceLock::new();
-    MODEL.get_or_init(|| load_smollm(DType::BF16).1)
+    MODEL.get_or_init(|| load_smollm(DType::BF16, Quantization::None).1)
 }
 
-fn load_smollm(dtype: DType) -> (ModelInfo, Llama) {
+/// SmolLM2 with int8 weights (`--quantization int8`), loaded once per test binary.
+pub fn smollm_int8() -> &'static Llama {
+    static MODEL: OnceLock<Llama> = OnceLock::new();
+    MODEL.get_or_init(|| load_smollm(DType::F32, Quantization::Int8).1)
+}
+
+fn load_smollm(dtype: DType, quant: Quantization) -> (ModelInfo, Llama) {
     let info = model::inspect(
         &ModelOptions {
             model: smollm_gguf().display().to_string(),
@@ -82,8 +88,14 @@ fn load_smollm(dtype: DType) -> (ModelInfo, Llama) {
         &Progress::silent(),
     )
     .expect("inspect SmolLM2");
-    let llama = model::load_weights(&info, 2048, dtype, &Device::Cpu, &Progress::silent())
-        .expect("load SmolLM2");
+    let llama = model::load_weights(
+        &info,
+        2048,
+        (dtype, quant),
+        &Device::Cpu,
+        &Progress::silent(),
+    )
+    .expect("load SmolLM2");
     (info, llama)
 }
 

@@ -18,6 +18,7 @@ use crate::attention::plan::DecodeKernel;
 use crate::cli::SelfCheckArgs;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{Engine, EngineConfig};
+use crate::model::Quantization;
 use crate::model::config::ModelConfig;
 use crate::model::llama::Llama;
 use crate::model::weights::DummyWeights;
@@ -84,7 +85,14 @@ fn seeded_model(device: &Device, dtype: DType) -> Result<Llama> {
     let cfg = ModelConfig::preset("smollm2-135m")
         .ok_or_else(|| anyhow::anyhow!("the smollm2-135m preset is missing"))??;
     let mut w = DummyWeights::seeded(7, dtype, device);
-    Llama::load(&cfg, &mut w, 1024, dtype, device, |_| {})
+    Llama::load(
+        &cfg,
+        &mut w,
+        1024,
+        (dtype, Quantization::None),
+        device,
+        |_| {},
+    )
 }
 
 /// Ten prompts of mixed lengths: eight random, then two that share a prefix with earlier ones
