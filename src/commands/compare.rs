@@ -42,6 +42,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("model", "/model/name"),
     ("load format", "/model/load_format"),
     ("dtype", "/model/dtype"),
+    ("quantization", "/model/quantization"),
     ("CPU bf16 products", "/model/cpu_bf16_products"),
     ("device", "/device"),
     ("commit", "/commit"),

@@ -1,11 +1,9 @@
-//! The AVX-512 kernel of `rows_by_weights`: f32 rows against f32, bf16 or int8 weights, 32
-//! values of each row per step, summed by f32 FMAs. bf16 weights are widened in registers: each
-//! 64-byte load of 32 weights becomes two f32 vectors, the even-indexed values by a shift and the
+//! The AVX-512 kernel of `rows_by_weights`: f32 rows against f32 or bf16 weights, 32 values of
+//! each row per step, summed by f32 FMAs. bf16 weights are widened in registers: each 64-byte
+//! load of 32 weights becomes two f32 vectors, the even-indexed values by a shift and the
 //! odd-indexed by a mask (a bf16 is the top half of an f32), met by rows stored with each step
 //! split the same way (`bf16::widen::split_row`). f32 weights are two plain loads, met by rows
-//! as they are. int8 weights (`gemm::int8`: a step is one block of 32 with its own scale) are
-//! widened to f32 by sign extension and multiplied by their block's scale, met by rows as they
-//! are.
+//! as they are.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -38,48 +36,6 @@ pub(super) trait Weight: Copy {
     /// The mask of half `h` of a rows' step whose values under `mask` exist: rows split for
     /// bf16 are padded to whole steps and need none.
     fn row_mask(mask: u32, h: usize) -> u16;
-
-    /// Whether each step of a weight row has a scale (int8 blocks), by which its widened
-    /// weights are multiplied.
-    const SCALED: bool = false;
-}
-
-impl Weight for i8 {
-    type Raw = __m256i;
-
-    const SCALED: bool = true;
-
-    #[target_feature(enable = "avx512f,avx512bw")]
-    #[inline]
-    unsafe fn load(p: *const Self, mask: u32) -> __m256i {
-        // SAFETY: the caller's contract; a partial step (the last of a row whose length is not
-        // a multiple of 32) is copied out value by value.
-        unsafe {
-            if mask == u32::MAX {
-                _mm256_loadu_si256(p as *const __m256i)
-            } else {
-                let mut step = [0i8; STEP];
-                let len = mask.trailing_ones() as usize;
-                std::ptr::copy_nonoverlapping(p, step.as_mut_ptr(), len);
-                _mm256_loadu_si256(step.as_ptr() as *const __m256i)
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw")]
-    #[inline]
-    unsafe fn half(raw: __m256i, h: usize) -> __m512 {
-        let bytes = if h == 0 {
-            _mm256_castsi256_si128(raw)
-        } else {
-            _mm256_extracti128_si256::<1>(raw)
-        };
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes))
-    }
-
-    fn row_mask(mask: u32, h: usize) -> u16 {
-        (mask >> (16 * h)) as u16
-    }
 }
 
 impl Weight for bf16 {
@@ -167,19 +123,17 @@ fn panel<W>(k: usize) -> usize {
 }
 
 /// `out[r * n + j] = x[r] . w[j]` for f32 rows `x` (`m` rows, `stride` apart, in the form `W`
-/// needs) and weights `w` (`n` rows of `k`), each step of 32 weights of row `j` multiplied by
-/// `scales[j * k.div_ceil(32) + step]` where `W::SCALED` (`scales` is unused otherwise).
+/// needs) and weights `w` (`n` rows of `k`).
 ///
 /// # Safety
 /// AVX-512 F and BW must be available; `x` holds `(m - 1) * stride` values and a last row (of
-/// `stride` values for split rows, `k` otherwise), `w` `n * k`, `scales` `n * k.div_ceil(32)`
-/// where `W::SCALED`, `out` `m * n` (every one of which is written, so it need not be
-/// initialised).
+/// `stride` values for split rows, `k` otherwise), `w` `n * k`, `out` `m * n` (every one of
+/// which is written, so it need not be initialised).
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(super) unsafe fn rows_by_weights<W: Weight>(
     (m, n, k): (usize, usize, usize),
     (x, stride): (&[f32], usize),
-    (w, scales): (&[W], &[f32]),
+    w: &[W],
     out: &mut [MaybeUninit<f32>],
 ) {
     let t = (k, stride, n);
@@ -194,14 +148,14 @@ pub(super) unsafe fn rows_by_weights<W: Weight>(
                 macro_rules! by_rows {
                     ($nr:literal) => {
                         match mr {
-                            8 => tile::<W, 8, $nr>(t, x, (w, scales), out, at, pf),
-                            7 => tile::<W, 7, $nr>(t, x, (w, scales), out, at, pf),
-                            6 => tile::<W, 6, $nr>(t, x, (w, scales), out, at, pf),
-                            5 => tile::<W, 5, $nr>(t, x, (w, scales), out, at, pf),
-                            4 => tile::<W, 4, $nr>(t, x, (w, scales), out, at, pf),
-                            3 => tile::<W, 3, $nr>(t, x, (w, scales), out, at, pf),
-                            2 => tile::<W, 2, $nr>(t, x, (w, scales), out, at, pf),
-                            _ => tile::<W, 1, $nr>(t, x, (w, scales), out, at, pf),
+                            8 => tile::<W, 8, $nr>(t, x, w, out, at, pf),
+                            7 => tile::<W, 7, $nr>(t, x, w, out, at, pf),
+                            6 => tile::<W, 6, $nr>(t, x, w, out, at, pf),
+                            5 => tile::<W, 5, $nr>(t, x, w, out, at, pf),
+                            4 => tile::<W, 4, $nr>(t, x, w, out, at, pf),
+                            3 => tile::<W, 3, $nr>(t, x, w, out, at, pf),
+                            2 => tile::<W, 2, $nr>(t, x, w, out, at, pf),
+                            _ => tile::<W, 1, $nr>(t, x, w, out, at, pf),
                         }
                     };
                 }
@@ -219,18 +173,17 @@ pub(super) unsafe fn rows_by_weights<W: Weight>(
 unsafe fn tile<W: Weight, const MR: usize, const NR: usize>(
     (k, stride, n): (usize, usize, usize),
     x: &[f32],
-    (w, scales): (&[W], &[f32]),
+    w: &[W],
     out: &mut [MaybeUninit<f32>],
     (r, j): (usize, usize),
     mut pf: Prefetch,
 ) {
-    // SAFETY: rows r..r+MR of x and j..j+NR of w (and of the scales, where scaled) exist
-    // (caller); the masked loads touch only the first `k % 32` values of the last step.
+    // SAFETY: rows r..r+MR of x and j..j+NR of w exist (caller); the masked loads touch only
+    // the first `k % 32` values of the last step.
     unsafe {
         let iters = k.div_ceil(STEP);
         let xp = x.as_ptr().add(r * stride);
         let wp = w.as_ptr().add(j * k);
-        let sp = scales.as_ptr().wrapping_add(j * iters);
         let mut acc = [[_mm512_setzero_ps(); NR]; MR];
         let mut kk = 0;
         while kk < k {
@@ -244,19 +197,10 @@ unsafe fn tile<W: Weight, const MR: usize, const NR: usize>(
             for (c, v) in raw.iter_mut().enumerate().skip(1) {
                 *v = W::load(wp.add(c * k + kk), mask);
             }
-            let mut scale = [_mm512_setzero_ps(); NR];
-            if W::SCALED {
-                for (c, s) in scale.iter_mut().enumerate() {
-                    *s = _mm512_set1_ps(*sp.add(c * iters + kk / STEP));
-                }
-            }
             for half in 0..2 {
                 let mut wv = [_mm512_setzero_ps(); NR];
-                for (c, (v, b)) in wv.iter_mut().zip(&raw).enumerate() {
+                for (v, b) in wv.iter_mut().zip(&raw) {
                     *v = W::half(*b, half);
-                    if W::SCALED {
-                        *v = _mm512_mul_ps(*v, scale[c]);
-                    }
                 }
                 let row_mask = W::row_mask(mask, half);
                 for (i, row) in acc.iter_mut().enumerate() {

@@ -4,11 +4,13 @@
 //! the weights. Each block is rounded symmetrically to its largest magnitude (`scale = max|w| /
 //! 127`, `q = round(w / scale)`), so a value's error is at most half its block's step.
 //!
-//! Products of few rows widen the weights to f32 in registers (`avx512`, with the block's
-//! scale); products of many rows (a prefill, bound by arithmetic) run the f32 kernels on the
-//! weights dequantized once per product.
+//! They are kept in the panels of the packed f32 kernel (`packed`: 32 output features per
+//! panel, `[k][32]` values and `[k / 32][32]` scales each), which widens each step to f32 in
+//! registers: one kernel for every row count, as the f32 panels are.
 
 use std::mem::MaybeUninit;
+
+use super::PANEL;
 
 /// Values per block (one scale each).
 pub const BLOCK: usize = 32;
@@ -18,12 +20,12 @@ pub fn blocks(k: usize) -> usize {
     k.div_ceil(BLOCK)
 }
 
-/// A weight matrix of `n` rows of `k` values in int8 blocks.
+/// A weight matrix of `n` rows of `k` values in int8 blocks, in panels of 32 rows.
 #[derive(Debug)]
 pub struct Int8Weights {
-    /// The values, `n * k`, row-major.
+    /// `n.div_ceil(32)` panels of `[k][32]` values (zeros past row `n`).
     pub q: Vec<i8>,
-    /// One per block, `n * blocks(k)`, row-major.
+    /// `n.div_ceil(32)` panels of `[blocks(k)][32]` scales.
     pub scales: Vec<f32>,
     pub n: usize,
     pub k: usize,
@@ -33,81 +35,80 @@ impl Int8Weights {
     /// Quantizes `w` (`n` rows of `k`, row-major). A block of zeros gets scale 0.
     pub fn quantize(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "Int8Weights::quantize: sizes");
-        let mut q = Vec::with_capacity(n * k);
-        let mut scales = Vec::with_capacity(n * blocks(k));
-        for row in w.chunks_exact(k.max(1)) {
-            for block in row.chunks(BLOCK) {
+        let (panels, kb) = (n.div_ceil(PANEL), blocks(k));
+        let mut q = vec![0i8; panels * k * PANEL];
+        let mut scales = vec![0f32; panels * kb * PANEL];
+        for (j, row) in w.chunks_exact(k.max(1)).enumerate() {
+            let (p, c) = (j / PANEL, j % PANEL);
+            for (b, block) in row.chunks(BLOCK).enumerate() {
                 let max = block.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let scale = max / 127.0;
                 let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-                scales.push(scale);
-                q.extend(
-                    block
-                        .iter()
-                        .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8),
-                );
+                scales[(p * kb + b) * PANEL + c] = scale;
+                for (i, v) in block.iter().enumerate() {
+                    let kk = b * BLOCK + i;
+                    q[(p * k + kk) * PANEL + c] = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                }
             }
         }
         Self { q, scales, n, k }
     }
 
-    /// The f32 values: `q * scale` per block, as the kernels compute them.
+    /// Weight `(j, kk)` as the kernel computes it: `q * scale`.
+    fn value(&self, j: usize, kk: usize) -> f32 {
+        let (p, c) = (j / PANEL, j % PANEL);
+        let q = self.q[(p * self.k + kk) * PANEL + c];
+        q as f32 * self.scales[(p * blocks(self.k) + kk / BLOCK) * PANEL + c]
+    }
+
+    /// The f32 values, row-major `[n, k]`.
     pub fn dequantize(&self) -> Vec<f32> {
-        let (k, kb) = (self.k, blocks(self.k));
-        let mut out = Vec::with_capacity(self.n * k);
-        for (j, row) in self.q.chunks_exact(k.max(1)).enumerate() {
-            for (b, block) in row.chunks(BLOCK).enumerate() {
-                let s = self.scales[j * kb + b];
-                out.extend(block.iter().map(|&v| v as f32 * s));
-            }
-        }
-        out
+        (0..self.n)
+            .flat_map(|j| (0..self.k).map(move |kk| self.value(j, kk)))
+            .collect()
     }
 
     /// Bytes held: the values and the scales.
     pub fn bytes(&self) -> u64 {
         (self.q.len() + 4 * self.scales.len()) as u64
     }
-}
 
-/// `out[r * n + j] = x[r] . w[j]` for f32 rows `x` (`[m, k]`) and int8 weights `q` (`[n, k]`)
-/// with their `scales`, into outputs not yet written (every one of the `m * n` is).
-pub fn rows_by_int8_uninit(
-    (m, n, k): (usize, usize, usize),
-    x: &[f32],
-    (q, scales): (&[i8], &[f32]),
-    out: &mut [MaybeUninit<f32>],
-) {
-    assert!(
-        x.len() >= m * k && q.len() >= n * k && scales.len() >= n * blocks(k) && out.len() >= m * n,
-        "rows_by_int8_uninit: sizes"
-    );
-    #[cfg(target_arch = "x86_64")]
-    if crate::device::cpu_has_avx512_bw() {
-        // SAFETY: AVX-512 F and BW are available (checked); the assert above bounds every
-        // access (rows `k` apart, scales `blocks(k)` per weight row); the kernel writes every
-        // output.
-        unsafe { super::avx512::rows_by_weights((m, n, k), (x, k), (q, scales), out) };
-        return;
-    }
-    let kb = blocks(k);
-    for r in 0..m {
-        let row = &x[r * k..][..k];
-        for j in 0..n {
-            let mut sum = 0f32;
-            for (b, (xs, qs)) in row
-                .chunks(BLOCK)
-                .zip(q[j * k..][..k].chunks(BLOCK))
-                .enumerate()
-            {
-                let s = scales[j * kb + b];
-                sum += xs
+    /// `out[r * n + j] = x[r] . w[j]` for f32 rows `x` (`[m, k]`) and the weight rows `cols`
+    /// (a range of whole panels, or the last), into outputs not yet written (every one of the
+    /// `m * cols.len()` is, `[m, cols.len()]`).
+    pub fn rows_by_weights_uninit(
+        &self,
+        (m, x): (usize, &[f32]),
+        cols: std::ops::Range<usize>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let (k, kb, n) = (self.k, blocks(self.k), cols.len());
+        assert!(
+            x.len() >= m * k
+                && out.len() >= m * n
+                && cols.start.is_multiple_of(PANEL)
+                && cols.end <= self.n,
+            "Int8Weights::rows_by_weights_uninit: sizes"
+        );
+        let p = cols.start / PANEL;
+        #[cfg(target_arch = "x86_64")]
+        if crate::device::cpu_has_avx512_bw() {
+            let (q, scales) = (&self.q[p * k * PANEL..], &self.scales[p * kb * PANEL..]);
+            // SAFETY: AVX-512 F is available (checked); the assert above bounds the rows and
+            // outputs, and the panels from `p` hold the `n` features' values and scales.
+            unsafe { super::packed::rows_by_int8_panels((m, n, k), x, (q, scales), out) };
+            return;
+        }
+        for r in 0..m {
+            let row = &x[r * k..][..k];
+            for (c, j) in cols.clone().enumerate() {
+                let sum = row
                     .iter()
-                    .zip(qs)
-                    .map(|(&a, &v)| a * (v as f32 * s))
+                    .enumerate()
+                    .map(|(kk, &a)| a * self.value(j, kk))
                     .sum::<f32>();
+                out[r * n + c].write(sum);
             }
-            out[r * n + j].write(sum);
         }
     }
 }
@@ -125,37 +126,47 @@ mod tests {
         w[7] = 40.0; // an outlier coarsens only its own block
         w[k..2 * k].fill(0.0); // a row of zeros
         let iw = Int8Weights::quantize(&w, n, k);
-        let (q, scales) = (&iw.q, &iw.scales);
-        assert_eq!((q.len(), scales.len()), (n * k, n * 3));
-        assert_eq!(scales[3..6], [0.0; 3]);
-        assert_eq!(iw.bytes(), (n * k + 4 * n * 3) as u64);
+        // One panel (rows padded to 32) of 70 steps and 3 blocks.
+        assert_eq!((iw.q.len(), iw.scales.len()), (70 * 32, 3 * 32));
+        assert_eq!(iw.bytes(), (70 * 32 + 4 * 3 * 32) as u64);
         let back = iw.dequantize();
+        assert_eq!(back.len(), n * k);
         for (i, (a, b)) in w.iter().zip(&back).enumerate() {
-            let step = scales[(i / k) * 3 + (i % k) / BLOCK];
+            let (j, kk) = (i / k, i % k);
+            let step = iw.scales[(kk / BLOCK) * PANEL + j];
             assert!((a - b).abs() <= step / 2.0 + 1e-6, "value {i}: {a} -> {b}");
         }
+        assert!(back[k..2 * k].iter().all(|&v| v == 0.0));
         assert!((back[7] - 40.0).abs() < 1e-5);
-        assert!(q.iter().all(|&v| v != i8::MIN));
+        assert!(iw.q.iter().all(|&v| v != i8::MIN));
     }
 
     #[test]
     fn products_equal_the_dequantized_weights() {
-        // Shapes around the kernel's tiles (8 x 3) and steps (32), rows not a multiple of 32.
+        // Row counts around the kernel's tile (12), features around its panels (32), `k` not a
+        // multiple of a block; all features, and a range of whole panels.
         let mut rng = Rng64::new(2);
-        for (m, n, k) in [(1, 1, 32), (3, 7, 70), (8, 3, 64), (9, 10, 576), (17, 4, 5)] {
+        for (m, n, k, cols) in [
+            (1, 1, 32, 0..1),
+            (3, 7, 70, 0..7),
+            (12, 40, 64, 0..40),
+            (13, 70, 576, 32..70),
+            (25, 64, 5, 0..32),
+        ] {
             let x = rng.uniform_f32(m * k, 1.0);
             let w = rng.uniform_f32(n * k, 0.5);
             let iw = Int8Weights::quantize(&w, n, k);
             let deq = iw.dequantize();
-            let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
-            rows_by_int8_uninit((m, n, k), &x, (&iw.q, &iw.scales), &mut out);
+            let width = cols.len();
+            let mut out = vec![MaybeUninit::new(f32::NAN); m * width];
+            iw.rows_by_weights_uninit((m, &x), cols.clone(), &mut out);
             for r in 0..m {
-                for j in 0..n {
+                for (c, j) in cols.clone().enumerate() {
                     let want: f64 = (0..k)
                         .map(|i| x[r * k + i] as f64 * deq[j * k + i] as f64)
                         .sum();
                     // SAFETY: the kernel wrote every output (NaN would fail below).
-                    let got = unsafe { out[r * n + j].assume_init() } as f64;
+                    let got = unsafe { out[r * width + c].assume_init() } as f64;
                     assert!(
                         (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
                         "{m}x{n}x{k} [{r},{j}]: {got} vs {want}"

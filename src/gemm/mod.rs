@@ -71,7 +71,7 @@ pub fn rows_by_weights((m, n, k): (usize, usize, usize), x: &[f32], w: &[f32], o
     if crate::device::cpu_has_avx512_bw() {
         // SAFETY: AVX-512 F and BW are available (checked); the assert above bounds every
         // access (rows `k` apart, not padded).
-        unsafe { avx512::rows_by_weights((m, n, k), (x, k), (w, &[]), as_uninit(out)) };
+        unsafe { avx512::rows_by_weights((m, n, k), (x, k), w, as_uninit(out)) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -112,7 +112,7 @@ pub fn rows_by_weights_uninit(
     #[cfg(target_arch = "x86_64")]
     if crate::device::cpu_has_avx512_bw() {
         // SAFETY: as in `rows_by_weights`; the kernel writes every output.
-        unsafe { avx512::rows_by_weights((m, n, k), (x, k), (w, &[]), out) };
+        unsafe { avx512::rows_by_weights((m, n, k), (x, k), w, out) };
         return;
     }
     rows_by_weights((m, n, k), x, w, zeroed(&mut out[..m * n]));

@@ -6,6 +6,10 @@
 //! for rows of many rows against weights kept as rows (the LM head). The tiles of each panel
 //! prefetch the next one, each its share: decode steps stream the weights from memory, and
 //! without it they were 15-25% slower than the dot form (docs/cpu-performance.md).
+//!
+//! The same kernel reads int8 panels (`gemm::int8`, `[k][32]` values and `[k / 32][32]` scales
+//! per panel): each step's 32 values are widened to f32 and multiplied by their block's scales
+//! before the FMAs, so the product reads a quarter of the bytes at the same tile.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -40,6 +44,61 @@ pub fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     out
 }
 
+/// A value type of the panels: how one step (32 features at one `k`) is read as two f32
+/// vectors.
+pub(super) trait PanelWeight: Copy {
+    /// 64-byte lines per step, for the prefetch of the next panel.
+    const LINES: usize;
+
+    /// Whether a step is widened and scaled (int8), so that a panel several tiles read is
+    /// better widened once.
+    const SCALED: bool = false;
+
+    /// Step `kk` of the panel at `wp`, with the panel's scales at `sp` (int8: `[k / 32][32]`;
+    /// unused for f32).
+    ///
+    /// # Safety
+    /// AVX-512 F must be available; the panel holds step `kk` (and its block's scales).
+    unsafe fn step(wp: *const Self, sp: *const f32, kk: usize) -> [__m512; 2];
+}
+
+impl PanelWeight for f32 {
+    const LINES: usize = 2;
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn step(wp: *const f32, _: *const f32, kk: usize) -> [__m512; 2] {
+        // SAFETY: the caller's contract.
+        unsafe {
+            [
+                _mm512_loadu_ps(wp.add(kk * PANEL)),
+                _mm512_loadu_ps(wp.add(kk * PANEL + 16)),
+            ]
+        }
+    }
+}
+
+impl PanelWeight for i8 {
+    const LINES: usize = 1;
+    const SCALED: bool = true;
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn step(wp: *const i8, sp: *const f32, kk: usize) -> [__m512; 2] {
+        // SAFETY: the caller's contract: 32 values at step `kk`, 32 scales for its block.
+        unsafe {
+            let v = _mm256_loadu_si256(wp.add(kk * PANEL) as *const __m256i);
+            let s = sp.add(kk / PANEL * PANEL);
+            let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+            let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(v)));
+            [
+                _mm512_mul_ps(lo, _mm512_loadu_ps(s)),
+                _mm512_mul_ps(hi, _mm512_loadu_ps(s.add(16))),
+            ]
+        }
+    }
+}
+
 /// `out[r * n + j] = x[r] . w[j]` for the `m` rows of `x` (`[m, k]`) and the weights as
 /// [`pack`] leaves them, panels `stride` apart (`k * 32` as packed; more where the panels are
 /// longer and the product takes their first `k` steps); every output is written, so `out`
@@ -55,6 +114,47 @@ pub unsafe fn rows_by_packed(
     (packed, stride): (&[f32], usize),
     out: &mut [MaybeUninit<f32>],
 ) {
+    // SAFETY: the caller's contract; f32 panels have no scales.
+    unsafe { rows_by_panels_of((m, n, k), x, (packed, stride), (&[], 0), out) }
+}
+
+/// [`rows_by_packed`] for int8 panels (`gemm::int8::Int8Weights`): `q` holds `n.div_ceil(32)`
+/// panels of `[k][32]` values, `scales` as many of `[k.div_ceil(32)][32]`.
+///
+/// # Safety
+/// AVX-512 F must be available; `x.len() >= m * k`; `q` and `scales` as above;
+/// `out.len() >= m * n`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn rows_by_int8_panels(
+    (m, n, k): (usize, usize, usize),
+    x: &[f32],
+    (q, scales): (&[i8], &[f32]),
+    out: &mut [MaybeUninit<f32>],
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        rows_by_panels_of(
+            (m, n, k),
+            x,
+            (q, k * PANEL),
+            (scales, k.div_ceil(PANEL) * PANEL),
+            out,
+        )
+    }
+}
+
+/// The driver of both: panels of `W` `stride` apart, each with scales `scale_stride` apart.
+///
+/// # Safety
+/// As [`rows_by_packed`], with `scales` holding each panel's (where `W` reads them).
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_by_panels_of<W: PanelWeight>(
+    (m, n, k): (usize, usize, usize),
+    x: &[f32],
+    (packed, stride): (&[W], usize),
+    (scales, scale_stride): (&[f32], usize),
+    out: &mut [MaybeUninit<f32>],
+) {
     let panels = n.div_ceil(PANEL);
     // Each tile of a panel asks for its share of the next panel's steps, one step's two lines
     // every `tiles` steps of its own: the first tile asking for the whole panel, two lines per
@@ -62,14 +162,40 @@ pub unsafe fn rows_by_packed(
     // stalled, the others left memory idle): gate/up at 32 and 64 rows 15-16% slower.
     let tiles = m.div_ceil(ROWS);
     let share = k.div_ceil(tiles.max(1));
+    // Panels that must be widened (int8) are widened once into this buffer where more than
+    // one tile of rows reads them, each tile then running on f32.
+    let mut widened: Vec<f32> = Vec::new();
     for p in 0..panels {
         let panel = &packed[p * stride..][..k * PANEL];
+        let sp = scales.as_ptr().wrapping_add(p * scale_stride);
         let cols = (n - p * PANEL).min(PANEL);
-        let mut r = 0;
-        while r < m {
-            let rows = (m - r).min(ROWS);
+        if W::SCALED && tiles > 1 {
+            let after = packed.as_ptr().wrapping_add((p + 1) * stride);
+            // SAFETY: the panel holds `k` steps and their scales (caller); the prefetches of
+            // the next panel form no reference and stop at the last panel.
+            unsafe {
+                widen(
+                    panel,
+                    sp,
+                    k,
+                    (p + 1 < panels).then_some(after),
+                    &mut widened,
+                );
+                panel_tiles::<f32>(
+                    m,
+                    (n, k),
+                    x,
+                    (&widened, std::ptr::null()),
+                    (p, cols),
+                    |_| Next::NONE,
+                    out,
+                );
+            }
+            continue;
+        }
+        let next = |r: usize| {
             let first = r / ROWS * share;
-            let next = if p + 1 < panels && first < k {
+            if p + 1 < panels && first < k {
                 Next {
                     at: packed[(p + 1) * stride + first * PANEL..].as_ptr(),
                     steps: share.min(k - first),
@@ -77,42 +203,96 @@ pub unsafe fn rows_by_packed(
                 }
             } else {
                 Next::NONE
-            };
-            let at = (r, p * PANEL, cols, next);
-            // SAFETY: rows `r .. r + rows` of `x` and of `out` exist (caller), the panel holds
-            // `k` steps of 32.
-            unsafe {
-                match rows {
-                    12 => tile::<12>(at, (n, k), x, panel, out),
-                    11 => tile::<11>(at, (n, k), x, panel, out),
-                    10 => tile::<10>(at, (n, k), x, panel, out),
-                    9 => tile::<9>(at, (n, k), x, panel, out),
-                    8 => tile::<8>(at, (n, k), x, panel, out),
-                    7 => tile::<7>(at, (n, k), x, panel, out),
-                    6 => tile::<6>(at, (n, k), x, panel, out),
-                    5 => tile::<5>(at, (n, k), x, panel, out),
-                    4 => tile::<4>(at, (n, k), x, panel, out),
-                    3 => tile::<3>(at, (n, k), x, panel, out),
-                    2 => tile::<2>(at, (n, k), x, panel, out),
-                    _ => tile::<1>(at, (n, k), x, panel, out),
-                }
             }
-            r += rows;
-        }
+        };
+        // SAFETY: the caller's contract, for this panel.
+        unsafe { panel_tiles::<W>(m, (n, k), x, (panel, sp), (p, cols), next, out) };
     }
 }
 
-/// The part of the next panel a tile prefetches: `steps` steps from `at`, one step's two lines
+/// `panel`'s `k` steps widened to f32 into `dst` (resized to `k * 32`), prefetching the
+/// panel after it (`after`) into L2 as it goes.
+///
+/// # Safety
+/// AVX-512 F must be available; the panel holds `k` steps and `sp` their blocks' scales.
+#[target_feature(enable = "avx512f")]
+unsafe fn widen<W: PanelWeight>(
+    panel: &[W],
+    sp: *const f32,
+    k: usize,
+    after: Option<*const W>,
+    dst: &mut Vec<f32>,
+) {
+    dst.clear();
+    dst.reserve(k * PANEL);
+    // SAFETY: `dst` has room for `k` steps of 32; the caller's contract covers the panel.
+    unsafe {
+        let (wp, dp) = (panel.as_ptr(), dst.as_mut_ptr());
+        for kk in 0..k {
+            if let Some(at) = after {
+                _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(kk * PANEL).cast::<i8>());
+            }
+            let [a, b] = W::step(wp, sp, kk);
+            _mm512_storeu_ps(dp.add(kk * PANEL), a);
+            _mm512_storeu_ps(dp.add(kk * PANEL + 16), b);
+        }
+        dst.set_len(k * PANEL);
+    }
+}
+
+/// Every tile of rows against panel `p` (features `p * 32 ..`, `cols` of them), each
+/// prefetching `next(first row)` of the panel after.
+///
+/// # Safety
+/// As [`rows_by_packed`], for this panel.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn panel_tiles<W: PanelWeight>(
+    m: usize,
+    (n, k): (usize, usize),
+    x: &[f32],
+    w: (&[W], *const f32),
+    (p, cols): (usize, usize),
+    next: impl Fn(usize) -> Next<W>,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let mut r = 0;
+    while r < m {
+        let rows = (m - r).min(ROWS);
+        let at = (r, p * PANEL, cols, next(r));
+        // SAFETY: rows `r .. r + rows` of `x` and of `out` exist (caller), the panel holds `k`
+        // steps of 32 (and their scales, where `W` has them).
+        unsafe {
+            match rows {
+                12 => tile::<W, 12>(at, (n, k), x, w, out),
+                11 => tile::<W, 11>(at, (n, k), x, w, out),
+                10 => tile::<W, 10>(at, (n, k), x, w, out),
+                9 => tile::<W, 9>(at, (n, k), x, w, out),
+                8 => tile::<W, 8>(at, (n, k), x, w, out),
+                7 => tile::<W, 7>(at, (n, k), x, w, out),
+                6 => tile::<W, 6>(at, (n, k), x, w, out),
+                5 => tile::<W, 5>(at, (n, k), x, w, out),
+                4 => tile::<W, 4>(at, (n, k), x, w, out),
+                3 => tile::<W, 3>(at, (n, k), x, w, out),
+                2 => tile::<W, 2>(at, (n, k), x, w, out),
+                _ => tile::<W, 1>(at, (n, k), x, w, out),
+            }
+        }
+        r += rows;
+    }
+}
+
+/// The part of the next panel a tile prefetches: `steps` steps from `at`, one step's lines
 /// every `every` steps of its own.
 #[derive(Clone, Copy)]
-struct Next {
-    at: *const f32,
+struct Next<W> {
+    at: *const W,
     steps: usize,
     every: usize,
 }
 
-impl Next {
-    const NONE: Next = Next {
+impl<W> Next<W> {
+    const NONE: Next<W> = Next {
         at: std::ptr::null(),
         steps: 0,
         every: 1,
@@ -125,11 +305,11 @@ impl Next {
 /// As [`rows_by_packed`], for those rows and features.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn tile<const R: usize>(
-    (r, j, cols, next): (usize, usize, usize, Next),
+unsafe fn tile<W: PanelWeight, const R: usize>(
+    (r, j, cols, next): (usize, usize, usize, Next<W>),
     (n, k): (usize, usize),
     x: &[f32],
-    panel: &[f32],
+    (panel, sp): (&[W], *const f32),
     out: &mut [MaybeUninit<f32>],
 ) {
     // SAFETY: the caller's contract bounds the rows, the panel and the outputs; stores past
@@ -143,14 +323,15 @@ unsafe fn tile<const R: usize>(
                 if wait == 0 {
                     let at = next.at.add(asked * PANEL).cast::<i8>();
                     _mm_prefetch::<_MM_HINT_T1>(at);
-                    _mm_prefetch::<_MM_HINT_T1>(at.add(64));
+                    if W::LINES > 1 {
+                        _mm_prefetch::<_MM_HINT_T1>(at.add(64));
+                    }
                     asked += 1;
                     wait = next.every;
                 }
                 wait -= 1;
             }
-            let w0 = _mm512_loadu_ps(wp.add(kk * PANEL));
-            let w1 = _mm512_loadu_ps(wp.add(kk * PANEL + 16));
+            let [w0, w1] = W::step(wp, sp, kk);
             for (i, a) in acc.iter_mut().enumerate() {
                 let b = _mm512_set1_ps(*xp.add(i * k + kk));
                 a[0] = _mm512_fmadd_ps(b, w0, a[0]);

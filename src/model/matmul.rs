@@ -15,7 +15,7 @@ use crate::util::Disjoint;
 use crate::gemm::bf16::{
     Bf16Kernel, Bf16Rows, rows_by_weights_bf16_silu_uninit, rows_by_weights_bf16_uninit, silu_fits,
 };
-use crate::gemm::int8::{self, Int8Weights, rows_by_int8_uninit};
+use crate::gemm::int8::Int8Weights;
 use crate::gemm::{PANEL, rows_by_packed_uninit, rows_by_weights_uninit};
 
 /// Up to this many rows, [`linear`] splits the output features over the threads itself:
@@ -58,20 +58,19 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(&w.t()?)?)
 }
 
-/// `x W^T` for f32 rows and int8 weights (`gemm::int8`, `--quantization int8`): up to
-/// [`SPLIT_MAX_ROWS`] rows (decode steps, bound by reading the weights) by our kernel, which
-/// widens them in registers, split over the output features; more rows (a prefill, bound by
-/// arithmetic) by [`linear`] over the weights dequantized for this product, as are all products
-/// on CPUs without AVX-512 (where the kernel would be plain loops).
+/// `x W^T` for f32 rows and int8 weights (`gemm::int8`, `--quantization int8`), by the packed
+/// kernel over the int8 panels: over the panels for up to [`SPLIT_MAX_ROWS`] rows, over blocks
+/// of rows beyond (as [`linear_panels`]). On CPUs without AVX-512, where that kernel would be
+/// plain loops, by [`linear`] over the weights dequantized for this product.
 pub fn linear_int8(x: &Tensor, w: &Arc<Int8Weights>) -> Result<Tensor> {
-    if x.dim(0)? > SPLIT_MAX_ROWS || !crate::device::cpu_has_avx512_bw() {
+    if !crate::device::cpu_has_avx512_bw() {
         let rows = Tensor::from_vec(w.dequantize(), (w.n, w.k), x.device())?;
         return linear(x, &rows);
     }
     Ok(x.apply_op1_no_bwd(&Int8Matmul(w.clone()))?)
 }
 
-/// [`linear_int8`]'s op for few rows.
+/// [`linear_int8`]'s op.
 struct Int8Matmul(Arc<Int8Weights>);
 
 impl CustomOp1 for Int8Matmul {
@@ -92,16 +91,13 @@ impl CustomOp1 for Int8Matmul {
         if k != w.k {
             candle_core::bail!("int8_matmul: {m}x{k} by ({}x{})^T", w.n, w.k);
         }
-        let (n, kb) = (w.n, int8::blocks(k));
-        // SAFETY: `rows_by_int8_uninit` writes every output of its block.
+        // SAFETY: `rows_by_weights_uninit` writes every output of its block.
         let out = unsafe {
-            split_product((m, n), true, 1, |rows, cols, part| {
-                let x = &x[rows.start * k..];
-                let q = (&w.q[cols.start * k..], &w.scales[cols.start * kb..]);
-                rows_by_int8_uninit((rows.len(), cols.len(), k), x, q, part)
+            split_product((m, w.n), m <= SPLIT_MAX_ROWS, PANEL, |rows, cols, part| {
+                w.rows_by_weights_uninit((rows.len(), &x[rows.start * k..]), cols, part)
             })
         };
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+        Ok((CpuStorage::F32(out), Shape::from((m, w.n))))
     }
 }
 

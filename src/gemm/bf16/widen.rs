@@ -54,5 +54,5 @@ pub unsafe fn rows_by_weights(
     out: &mut [f32],
 ) {
     // SAFETY: the caller's contract, with rows `split_len(k)` apart.
-    unsafe { avx512::rows_by_weights((m, n, k), (x, split_len(k)), (w, &[]), as_uninit(out)) }
+    unsafe { avx512::rows_by_weights((m, n, k), (x, split_len(k)), w, as_uninit(out)) }
 }
