@@ -371,7 +371,8 @@ impl Llama {
             },
             None,
         );
-        // Only quantized: the LM head runs on the sampled rows alone, few per step.
+        // Never packed into panels (it runs on the sampled rows alone, few per step, which the
+        // dot form serves), but quantized where asked.
         let lm_head = match quant {
             Quantization::None => lm_head,
             Quantization::Int8 => lm_head.into_int8()?,

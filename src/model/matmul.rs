@@ -1,9 +1,8 @@
 //! `x W^T`, the projections of every layer: candle's matmul, except on the CPU, where products
-//! of few f32 rows and every product with bf16 weights run our kernels (`gemm`).
+//! of few f32 rows and every product with bf16 or int8 weights run our kernels (`gemm`).
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
-
 use std::sync::Arc;
 
 use anyhow::Result;
