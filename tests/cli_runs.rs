@@ -237,36 +237,49 @@ fn prefix_caching_is_on_by_default_and_reported() {
     assert_eq!(v["engine"]["enable_prefix_caching"], true);
 }
 
-#[test]
-fn n_outputs_per_prompt_are_counted_as_vllm_counts_them() {
-    // Two 40-token prompts, three outputs each: the later two of each find the prompt's two
-    // full blocks and compute only its last 8 tokens.
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("n.json");
-    let json_arg = s(&json);
-    let out = ok(&[
+/// `throughput` over SmolLM2's shapes with dummy weights and a 64 MiB cache, plus `args`,
+/// writing its report to `json`: its stdout and the report.
+fn dummy_throughput(json: &Path, args: &[&str]) -> (String, serde_json::Value) {
+    let json_arg = s(json);
+    let mut all = vec![
         "throughput",
         "--model",
         "smollm2-135m",
         "--load-format",
         "dummy",
-        "--dataset-name",
-        "random",
-        "--input-len",
-        "40",
-        "--output-len",
-        "3",
-        "--num-prompts",
-        "2",
-        "--n",
-        "3",
-        "--temperature",
-        "1",
         "--kv-cache-memory",
         "64MiB",
         "--output-json",
         &json_arg,
-    ]);
+    ];
+    all.extend_from_slice(args);
+    let out = ok(&all);
+    let v = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+    (out, v)
+}
+
+#[test]
+fn n_outputs_per_prompt_are_counted_as_vllm_counts_them() {
+    // Two 40-token prompts, three outputs each: the later two of each find the prompt's two
+    // full blocks and compute only its last 8 tokens.
+    let dir = tempfile::tempdir().unwrap();
+    let (out, v) = dummy_throughput(
+        &dir.path().join("n.json"),
+        &[
+            "--dataset-name",
+            "random",
+            "--input-len",
+            "40",
+            "--output-len",
+            "3",
+            "--num-prompts",
+            "2",
+            "--n",
+            "3",
+            "--temperature",
+            "1",
+        ],
+    );
     assert!(out.contains("* Total Generations:            6\n"), "{out}");
     assert!(
         out.contains("* Avg Prompt Tokens:            40.00\n"),
@@ -274,7 +287,6 @@ fn n_outputs_per_prompt_are_counted_as_vllm_counts_them() {
     );
     assert!(out.contains("Total num prompt tokens:  80\n"), "{out}");
     assert!(out.contains("Total num output tokens:  18\n"), "{out}");
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(v["num_requests"], 2);
     assert_eq!(v["num_generations"], 6);
     assert_eq!(v["total_num_tokens"], 98);
@@ -301,29 +313,10 @@ fn compare_puts_reports_side_by_side() {
     let dir = tempfile::tempdir().unwrap();
     let report = |name: &str, max_seqs: &str| {
         let json = dir.path().join(name);
-        let json_arg = s(&json);
-        ok(&[
-            "throughput",
-            "--model",
-            "smollm2-135m",
-            "--load-format",
-            "dummy",
-            "--dataset-name",
-            "random",
-            "--input-len",
-            "16",
-            "--output-len",
-            "4",
-            "--num-prompts",
-            "4",
-            "--max-num-seqs",
-            max_seqs,
-            "--kv-cache-memory",
-            "64MiB",
-            "--output-json",
-            &json_arg,
-        ]);
-        json_arg
+        let shape = ["--dataset-name", "random", "--input-len", "16"];
+        let more = ["--output-len", "4", "--num-prompts", "4", "--max-num-seqs"];
+        dummy_throughput(&json, &[&shape[..], &more, &[max_seqs]].concat());
+        s(&json)
     };
     let a = format!("{},{}", report("a1.json", "4"), report("a2.json", "4"));
     let b = report("b.json", "1");
@@ -352,37 +345,28 @@ fn prefix_repetition_prompts_share_their_prefixes() {
     // Seven prompts over two 32-token prefixes: three per prefix (the seventh is not run, as in
     // vLLM); the second and third of each find the prefix's two blocks.
     let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("p.json");
-    let json_arg = s(&json);
-    let out = ok(&[
-        "throughput",
-        "--model",
-        "smollm2-135m",
-        "--load-format",
-        "dummy",
-        "--dataset-name",
-        "prefix_repetition",
-        "--num-prompts",
-        "7",
-        "--prefix-repetition-prefix-len",
-        "32",
-        "--prefix-repetition-suffix-len",
-        "8",
-        "--prefix-repetition-num-prefixes",
-        "2",
-        "--prefix-repetition-output-len",
-        "2",
-        "--kv-cache-memory",
-        "64MiB",
-        "--output-json",
-        &json_arg,
-    ]);
+    let (out, v) = dummy_throughput(
+        &dir.path().join("p.json"),
+        &[
+            "--dataset-name",
+            "prefix_repetition",
+            "--num-prompts",
+            "7",
+            "--prefix-repetition-prefix-len",
+            "32",
+            "--prefix-repetition-suffix-len",
+            "8",
+            "--prefix-repetition-num-prefixes",
+            "2",
+            "--prefix-repetition-output-len",
+            "2",
+        ],
+    );
     assert!(
         out.contains("workload prefix_repetition: 6 requests, avg prompt 40.00 tokens"),
         "{out}"
     );
     assert!(out.contains("6 of --num-prompts 7 run"), "{out}");
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(v["engine_stats"]["prefix_cache_hits"], 4 * 32);
     assert_eq!(v["engine_stats"]["computed_tokens"], 6 * 40 - 4 * 32 + 6);
 }

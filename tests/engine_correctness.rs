@@ -9,6 +9,7 @@ mod common;
 use candle_core::DType;
 use offline_bench::engine::sampler::SamplingParams;
 use offline_bench::engine::{RequestOutput, RunOutput};
+use offline_bench::model::llama::Llama;
 use offline_bench::workload::Request;
 
 const TOKENS: usize = 32;
@@ -247,6 +248,14 @@ fn n_outputs_share_the_prompt_and_draw_apart() {
     assert_eq!(ids(&plain), ids(&multi));
 }
 
+/// [`agreement`] of `model`'s greedy tokens for the fixture prompts in one run with `limits`
+/// (as `common::engine`'s), prefix caching off.
+fn greedy_agreement(model: &Llama, limits: (usize, usize, usize, usize)) -> Vec<usize> {
+    let greedy = SamplingParams::greedy();
+    let mut engine = common::engine_over(model.clone(), limits, DType::F32, greedy, false);
+    agreement(&engine.run(&requests(), |_| {}).unwrap().outputs)
+}
+
 /// How many leading tokens of each output equal the f32 reference's.
 fn agreement(outputs: &[RequestOutput]) -> Vec<usize> {
     let want = common::reference_outputs(TOKENS);
@@ -269,14 +278,7 @@ fn agreement(outputs: &[RequestOutput]) -> Vec<usize> {
 /// rounded, all 8). A wrong kernel or a dropped conversion parts at the first token.
 #[test]
 fn bf16_weights_keep_greedy_tokens_close() {
-    let mut engine = common::engine_over(
-        common::smollm_bf16().clone(),
-        (16, 512, 256, 8192),
-        DType::F32,
-        SamplingParams::greedy(),
-        false,
-    );
-    let agree = agreement(&engine.run(&requests(), |_| {}).unwrap().outputs);
+    let agree = greedy_agreement(common::smollm_bf16(), (16, 512, 256, 8192));
     assert!(agree.iter().all(|&n| n >= 8), "tokens agreeing: {agree:?}");
     let whole = agree.iter().filter(|&&n| n == TOKENS).count();
     assert!(whole * 4 >= agree.len() * 3, "tokens agreeing: {agree:?}");
@@ -284,21 +286,14 @@ fn bf16_weights_keep_greedy_tokens_close() {
 
 /// `--quantization int8` rounds each block of 32 weights to 255 levels of its largest magnitude
 /// (and the GGUF's Q4_1 values do not fall on them): greedy tokens stay close to the f32
-/// reference, whether the products run on the int8 kernel (decode steps, and prefill chunks of
-/// up to 64 tokens) or on the dequantized weights (larger prefills). Measured at this change
-/// (Intel Xeon, 2026-12-06), both ways alike: [32, 32, 32, 32, 32, 9, 32, 17] tokens. A wrong
-/// kernel or scale parts at the first token.
+/// reference, whether a product widens the weights step by step (up to 12 rows: the decode
+/// steps of the eight sequences) or a panel at a time for several tiles of rows (prefills, whole
+/// or in chunks of 24 tokens). Measured (Intel Xeon, 2026-12-06), both ways alike:
+/// [32, 32, 32, 32, 32, 9, 32, 17] tokens. A wrong kernel or scale parts at the first token.
 #[test]
 fn int8_weights_keep_greedy_tokens_close() {
     for limits in [(16, 512, 256, 8192), (16, 512, 256, 24)] {
-        let mut engine = common::engine_over(
-            common::smollm_int8().clone(),
-            limits,
-            DType::F32,
-            SamplingParams::greedy(),
-            false,
-        );
-        let agree = agreement(&engine.run(&requests(), |_| {}).unwrap().outputs);
+        let agree = greedy_agreement(common::smollm_int8(), limits);
         assert!(agree.iter().all(|&n| n >= 8), "tokens agreeing: {agree:?}");
         let whole = agree.iter().filter(|&&n| n == TOKENS).count();
         assert!(whole * 2 >= agree.len(), "tokens agreeing: {agree:?}");

@@ -6,7 +6,7 @@
 
 use anyhow::{Result, bail};
 
-use super::{Request, Workload, WorkloadInfo};
+use super::{Request, Workload};
 use crate::util::Rng64;
 
 #[derive(Clone, Debug)]
@@ -80,19 +80,13 @@ pub fn sample(
             opts.num_prompts
         ));
     }
-    if tokenizer.is_none() {
-        notes.push("no tokenizer: ids drawn from the model's whole vocabulary".into());
-    }
-    Ok(Workload {
-        info: WorkloadInfo {
-            dataset: "prefix_repetition".into(),
-            tokenizer: tokenizer.map(str::to_string),
-            seed: opts.seed,
-            notes,
-            ..Default::default()
-        },
+    let source = (opts.seed, tokenizer);
+    Ok(super::random::synthetic(
+        "prefix_repetition",
         requests,
-    })
+        source,
+        notes,
+    ))
 }
 
 #[cfg(test)]

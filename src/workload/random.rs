@@ -61,23 +61,34 @@ pub fn sample(opts: &RandomOptions, allowed: &[u32], tokenizer: Option<&str>) ->
             max_tokens: output_len,
         });
     }
-    let mut notes = vec![format!(
+    let notes = vec![format!(
         "random: input {} (ratio {}), output {}, prefix {}",
         opts.input_len, opts.range_ratio, opts.output_len, opts.prefix_len
     )];
+    Ok(synthetic("random", requests, (opts.seed, tokenizer), notes))
+}
+
+/// A workload of synthetic prompts (`dataset`), drawn with `seed` from the vocabulary of
+/// `tokenizer` (all ids where there is none, which a note says).
+pub(super) fn synthetic(
+    dataset: &str,
+    requests: Vec<Request>,
+    (seed, tokenizer): (u64, Option<&str>),
+    mut notes: Vec<String>,
+) -> Workload {
     if tokenizer.is_none() {
         notes.push("no tokenizer: ids drawn from the model's whole vocabulary".into());
     }
-    Ok(Workload {
+    Workload {
         info: WorkloadInfo {
-            dataset: "random".into(),
+            dataset: dataset.into(),
             tokenizer: tokenizer.map(str::to_string),
-            seed: opts.seed,
+            seed,
             notes,
             ..Default::default()
         },
         requests,
-    })
+    }
 }
 
 #[cfg(test)]
