@@ -197,7 +197,9 @@ impl Engine {
     /// sequences of the same prompt, each drawing from its own random stream. They are queued
     /// one after another, so with prefix caching the first computes the prompt's full blocks
     /// and the others find them (in the same step when the budgets admit them together), as
-    /// vLLM V1 runs `n` > 1; only each one's last, partial block is computed `n` times.
+    /// vLLM V1 runs `n` > 1: each of the others computes only the tokens after the prompt's
+    /// last whole block, or that block where the prompt fills its blocks exactly (the last
+    /// token must be computed to sample from).
     pub fn run_samples(
         &mut self,
         requests: &[Request],
