@@ -2,9 +2,10 @@
 # offline-bench against llama.cpp on this machine, the llama-batched-bench shape (PP 128, TG 128,
 # B 32: 32 sequences of 128 prompt + 128 generated tokens, SmolLM2-135M, all threads), in
 # alternating rounds (this kind of machine drifts too much for figures taken minutes apart):
-# llama.cpp with the Q4_1 GGUF and with it converted to BF16 and F32 (llama-quantize
-# --allow-requantize), then offline-bench (benches/llama_batched_shape.sh) with --dtype f32 and
-# bf16. Prints each run's total tokens/s and the medians. A benchmark, not a test.
+# llama.cpp with the Q4_1 GGUF and with it converted to Q8_0, BF16 and F32 (llama-quantize
+# --allow-requantize), then offline-bench (benches/llama_batched_shape.sh) with --dtype f32, bf16,
+# and f32 with --quantization int8 (Q8_0's scheme with f32 scales; AVX-512 CPUs only, skipped
+# elsewhere). Prints each run's total tokens/s and the medians. A benchmark, not a test.
 #
 # llama.cpp is the copy vendored in the llama-cpp-python 0.3.36 source package on PyPI (llama.cpp
 # commit 0c1e570), built here with cmake into assets/llama.cpp (about 10 minutes on 2 cores,
@@ -51,7 +52,7 @@ fail() { # what
   echo "error: $1 failed (its output: $runlog)" >&2
   exit 1
 }
-for t in BF16 F32; do
+for t in Q8_0 BF16 F32; do
   out="$dir/SmolLM2-135M-Instruct.$t.gguf"
   [ -f "$out" ] && continue
   "$bin/llama-quantize" --allow-requantize "$model" "$out.part" "$t" >"$runlog" 2>&1 ||
@@ -65,7 +66,7 @@ record() { # name rate
   rates[$1]="${rates[$1]:-} $2"
 }
 for i in $(seq "$rounds"); do
-  for t in Q4_1 BF16 F32; do
+  for t in Q4_1 Q8_0 BF16 F32; do
     gguf="$dir/SmolLM2-135M-Instruct.$t.gguf"
     [ "$t" != Q4_1 ] || gguf="$model"
     # The table's last row; its last column is S, total tokens over total time.
@@ -74,14 +75,21 @@ for i in $(seq "$rounds"); do
     row=$(grep '^|' "$runlog" | tail -n 1)
     record "llama.cpp $t" "$(echo "$row" | awk -F'|' '{gsub(/ /, "", $(NF-1)); print $(NF-1)}')"
   done
-  for dt in f32 bf16; do
-    RUNS=1 benches/llama_batched_shape.sh --dtype "$dt" >"$runlog" 2>&1 ||
-      fail "offline-bench --dtype $dt"
+  for cfg in "f32" "bf16" "int8"; do
+    flags=(--dtype "$cfg")
+    if [ "$cfg" = int8 ]; then
+      grep -q avx512bw /proc/cpuinfo 2>/dev/null || continue
+      flags=(--dtype f32 --quantization int8)
+    fi
+    RUNS=1 benches/llama_batched_shape.sh "${flags[@]}" >"$runlog" 2>&1 ||
+      fail "offline-bench ${flags[*]}"
     line=$(tail -n 1 "$runlog")
-    record "offline-bench $dt" "${line##* }"
+    record "offline-bench $cfg" "${line##* }"
   done
 done
-for name in "llama.cpp Q4_1" "llama.cpp BF16" "llama.cpp F32" "offline-bench f32" "offline-bench bf16"; do
+for name in "llama.cpp Q4_1" "llama.cpp Q8_0" "llama.cpp BF16" "llama.cpp F32" \
+  "offline-bench f32" "offline-bench bf16" "offline-bench int8"; do
+  [ -n "${rates[$name]:-}" ] || continue
   printf '%s\n' ${rates[$name]} | sort -n |
     awk -v n="$name" '{a[NR]=$1} END {m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2;
       printf "%-20s median %7.1f total tokens/s over %d rounds\n", n, m, NR}'

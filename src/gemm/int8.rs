@@ -82,7 +82,7 @@ impl Int8Weights {
         cols: std::ops::Range<usize>,
         out: &mut [MaybeUninit<f32>],
     ) {
-        let (k, kb, n) = (self.k, blocks(self.k), cols.len());
+        let (k, n) = (self.k, cols.len());
         assert!(
             x.len() >= m * k
                 && out.len() >= m * n
@@ -90,10 +90,13 @@ impl Int8Weights {
                 && cols.end <= self.n,
             "Int8Weights::rows_by_weights_uninit: sizes"
         );
-        let p = cols.start / PANEL;
         #[cfg(target_arch = "x86_64")]
         if crate::device::cpu_has_avx512_bw() {
-            let (q, scales) = (&self.q[p * k * PANEL..], &self.scales[p * kb * PANEL..]);
+            let p = cols.start / PANEL;
+            let (q, scales) = (
+                &self.q[p * k * PANEL..],
+                &self.scales[p * blocks(k) * PANEL..],
+            );
             // SAFETY: AVX-512 F is available (checked); the assert above bounds the rows and
             // outputs, and the panels from `p` hold the `n` features' values and scales.
             unsafe { super::packed::rows_by_int8_panels((m, n, k), x, (q, scales), out) };
