@@ -1,6 +1,7 @@
-//! `offline-bench compare`: throughput reports (`--output-json`), or shapes sweeps
-//! (`shapes.json`), side by side, with ratios against the first, the settings that differ
-//! between them, and a warning where they ran different workloads. A column may be several runs
+//! `offline-bench compare`: throughput reports (`--output-json`, ours or vLLM's `bench
+//! throughput` one, whose five figures it reads), or shapes sweeps (`shapes.json`), side by
+//! side, with ratios against the first, the settings that differ between them, and a warning
+//! where they ran different workloads. A column may be several runs
 //! of one configuration (comma-separated files): it then shows each figure's median and half
 //! its range, because one run on a noisy machine says little.
 
@@ -292,8 +293,16 @@ fn render(groups: &[Group]) -> Result<String> {
             1 => String::new(),
             n => format!(" ({n} runs: medians, ± half the range)"),
         };
-        let date = setting(&g.reports[0], "/date");
-        let _ = writeln!(s, "{}  {}{runs}, {date}", label(i), g.files.join(", "));
+        let first = &g.reports[0];
+        // vLLM's `bench throughput --output-json` holds five figures and nothing else.
+        let what = match first.get("commit") {
+            Some(_) => setting(first, "/date"),
+            None if first.get("tokens_per_second").is_some() => {
+                "vLLM's --output-json (its five figures only)".into()
+            }
+            None => "-".into(),
+        };
+        let _ = writeln!(s, "{}  {}{runs}, {what}", label(i), g.files.join(", "));
     }
     // Settings no column has (a shapes sweep has no workload) are left out.
     let (same, differ): (Vec<_>, Vec<_>) = SETTINGS
@@ -374,14 +383,29 @@ fn render(groups: &[Group]) -> Result<String> {
         }
         s.push('\n');
     }
-    if differ
-        .iter()
-        .any(|(_, ptr)| *ptr == "/workload/fingerprint")
-    {
-        let _ = writeln!(
-            s,
-            "\nwarning: the columns ran different workloads (fingerprints differ): their ratios compare different work"
-        );
+    // Throughput reports name their workload by its fingerprint; vLLM's have none.
+    if kind == Some(Kind::Throughput) {
+        let prints: Vec<String> = groups
+            .iter()
+            .map(|g| setting(&g.reports[0], "/workload/fingerprint"))
+            .collect();
+        let known: Vec<&String> = prints.iter().filter(|p| *p != "-").collect();
+        if known.iter().any(|p| *p != known[0]) {
+            let _ = writeln!(
+                s,
+                "\nwarning: the columns ran different workloads (fingerprints differ): their ratios compare different work"
+            );
+        } else if known.len() < prints.len() {
+            let blind: Vec<String> = (0..groups.len())
+                .filter(|&i| prints[i] == "-")
+                .map(label)
+                .collect();
+            let _ = writeln!(
+                s,
+                "\nnote: {} names no workload fingerprint: whether the columns ran the same work is not known",
+                blind.join(", ")
+            );
+        }
     }
     Ok(s)
 }
@@ -453,6 +477,34 @@ mod tests {
         .unwrap();
         assert!(
             text.contains("warning: the columns ran different workloads"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_vllm_report_gives_its_five_figures() {
+        let vllm = json!({
+            "elapsed_time": 20.0,
+            "num_requests": 64,
+            "total_num_tokens": 25000,
+            "requests_per_second": 3.2,
+            "tokens_per_second": 1250.0,
+        });
+        let ours = report(10.0, "f32", "x");
+        let text = render(&[group(vec![vllm]), group(vec![ours])]).unwrap();
+        assert!(
+            text.contains("vLLM's --output-json (its five figures only)"),
+            "{text}"
+        );
+        let line = |start: &str| text.lines().find(|l| l.starts_with(start)).unwrap();
+        assert!(line("Total Time").ends_with("0.50x"), "{text}");
+        assert!(line("Requests / s").ends_with("2.00x"), "{text}");
+        // Ours has no total tokens/s in this fixture, vLLM's no output tokens/s.
+        assert!(line("Total tok/s").ends_with("-"), "{text}");
+        assert!(line("Output tok/s").ends_with("-"), "{text}");
+        assert!(!text.contains("warning"), "{text}");
+        assert!(
+            text.contains("note: A names no workload fingerprint"),
             "{text}"
         );
     }
