@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::cli::CompareArgs;
+use crate::report::Distribution;
 
 /// The figures compared: label, where each sits in the report (`metric` scales some to the
 /// label's unit), and whether it is a count (printed without decimals).
@@ -100,20 +101,15 @@ impl Group {
 
     /// Median of one figure over the group's runs, and half its range relative to the median.
     fn figure(&self, get: &Getter) -> Option<(f64, f64)> {
-        let mut v: Vec<f64> = self.reports.iter().map(get).collect::<Option<_>>()?;
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        let spread = if median != 0.0 {
-            (v[n - 1] - v[0]) / 2.0 / median.abs()
+        let v: Vec<f64> = self.reports.iter().map(get).collect::<Option<_>>()?;
+        let d = Distribution::of(&v);
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let spread = if d.p50 != 0.0 {
+            (d.max - min) / 2.0 / d.p50.abs()
         } else {
             0.0
         };
-        Some((median, spread))
+        Some((d.p50, spread))
     }
 }
 
