@@ -1,7 +1,8 @@
-//! The quantized CPU matmul (candle's Q4_1 kernels, what the GGUF holds) against the
-//! dequantized f32 one the engine runs (`model::matmul::linear`) and its bf16 weights
-//! (`--dtype bf16`), on SmolLM2's fused gate/up projection (3072 x 576) for decode steps (1 to
-//! 64 rows) and a prefill chunk (512 rows).
+//! The quantized CPU matmuls against the dequantized f32 one the engine runs, on SmolLM2's fused
+//! gate/up projection (3072 x 576) for decode steps (1 to 64 rows) and a prefill chunk (512
+//! rows): candle's Q4_1 kernels (what the GGUF holds), our int8 blocks (`--quantization int8`,
+//! AVX-512 CPUs), f32 as rows (`model::matmul::linear`) and, where the CPU has AVX-512, packed
+//! into panels at load as the model keeps them (`f32_panels`), and bf16 weights (`--dtype bf16`).
 //! `cargo bench --bench matmul`.
 
 use std::hint::black_box;
@@ -11,6 +12,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::bf16;
 use offline_bench::gemm::bf16::{Bf16Kernel, Bf16Rows, rows_by_weights_bf16};
+use offline_bench::gemm::int8::Int8Weights;
+use offline_bench::model::linear::Linear;
+use offline_bench::model::matmul::{linear, linear_int8};
 
 /// The binary's allocator, so that buffers are aligned as in a run (`heap`).
 #[global_allocator]
@@ -23,6 +27,11 @@ fn matmul(c: &mut Criterion) {
     let q = QTensor::quantize(&w, GgmlDType::Q4_1).expect("quantize");
     let qm = QMatMul::from_qtensor(q).expect("qmatmul");
     let wb = w.to_dtype(DType::BF16).expect("bf16 weights");
+    let values = w.flatten_all().and_then(|v| v.to_vec1::<f32>());
+    let int8 = std::sync::Arc::new(Int8Weights::quantize(&values.expect("values"), n, k));
+    let has_int8 = offline_bench::device::cpu_has_avx512_bw();
+    let has_panels = offline_bench::gemm::pack_for_many_rows(&[0.0], 1, 1).is_some();
+    let panels = Linear::projection(w.clone()).expect("panels");
     let mut g = c.benchmark_group("gate_up_3072x576");
     for rows in [1usize, 8, 16, 32, 64, 512] {
         let x = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu).expect("input");
@@ -30,11 +39,21 @@ fn matmul(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("q4_1", rows), &x, |b, x| {
             b.iter(|| black_box(qm.forward(x).expect("q4_1 matmul")))
         });
+        if has_int8 {
+            g.bench_with_input(BenchmarkId::new("int8", rows), &x, |b, x| {
+                b.iter(|| black_box(linear_int8(x, &int8).expect("int8 matmul")))
+            });
+        }
         g.bench_with_input(BenchmarkId::new("f32", rows), &x, |b, x| {
-            b.iter(|| black_box(offline_bench::model::matmul::linear(x, &w).expect("f32 matmul")))
+            b.iter(|| black_box(linear(x, &w).expect("f32 matmul")))
         });
+        if has_panels {
+            g.bench_with_input(BenchmarkId::new("f32_panels", rows), &x, |b, x| {
+                b.iter(|| black_box(panels.forward(x).expect("f32 panel matmul")))
+            });
+        }
         g.bench_with_input(BenchmarkId::new("bf16", rows), &x, |b, x| {
-            b.iter(|| black_box(offline_bench::model::matmul::linear(x, &wb).expect("bf16 matmul")))
+            b.iter(|| black_box(linear(x, &wb).expect("bf16 matmul")))
         });
     }
     g.finish();

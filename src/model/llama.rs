@@ -1,158 +1,18 @@
 //! The Llama family (Llama 2/3/3.1, Mistral, SmolLM2; Qwen2 with its q/k/v biases) as a forward
 //! pass over a flattened batch: no batch dimension, no padding, attention through the paged cache.
 
-use std::sync::Arc;
-
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::ops::rms_norm;
 
 use super::Quantization;
 use super::config::ModelConfig;
+use super::linear::Linear;
 use super::norm::residual_rms_norm;
 use super::rotary::{Heads, split_rotate};
 use super::weights::WeightSource;
 use crate::attention::PagedAttention;
-use crate::gemm::int8::Int8Weights;
 use crate::profile::{Kernel, timed};
-
-/// `x W^T + b`, with `W` as `[out, in]`.
-#[derive(Clone, Debug)]
-pub struct Linear {
-    w: Tensor,
-    b: Option<Tensor>,
-    /// `Some((out, in))` where `w` holds the weights packed into panels of 32 output features
-    /// (`gemm::pack_for_many_rows`, f32 on AVX-512 CPUs: `Linear::into_panels`), `None` where
-    /// it holds them as rows.
-    panels: Option<(usize, usize)>,
-    /// The weights as int8 blocks (`--quantization int8`: `Linear::into_int8`), where `w` is
-    /// then empty.
-    int8: Option<Arc<Int8Weights>>,
-}
-
-impl Linear {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match (&self.int8, self.panels) {
-            (Some(q), _) => super::matmul::linear_int8(x, q)?,
-            (None, Some(nk)) => super::matmul::linear_panels(x, &self.w, nk)?,
-            (None, None) => super::matmul::linear(x, &self.w)?,
-        };
-        Ok(match &self.b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
-    }
-
-    /// A bias-free projection `w` (`[out, in]`) laid out as the model lays out its layers'
-    /// (packed into panels where [`Linear::into_panels`] packs them), so that a calibration
-    /// times the kernels the model runs.
-    pub fn projection(w: Tensor) -> Result<Self> {
-        Self::rows(w, None).into_panels()
-    }
-
-    /// `w` (`[out, in]`) and bias `b` as they are.
-    fn rows(w: Tensor, b: Option<Tensor>) -> Self {
-        Self {
-            w,
-            b,
-            panels: None,
-            int8: None,
-        }
-    }
-
-    /// Bytes of the weights and the bias.
-    fn bytes(&self) -> u64 {
-        let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-        size(&self.w)
-            + self.b.as_ref().map_or(0, size)
-            + self.int8.as_ref().map_or(0, |q| q.bytes())
-    }
-
-    /// The layout `quant` asks for: int8 blocks, or (without quantization) panels where the CPU
-    /// runs the packed kernel ([`Linear::into_panels`]).
-    fn prepared(self, quant: Quantization) -> Result<Self> {
-        match quant {
-            Quantization::None => self.into_panels(),
-            Quantization::Int8 => self.into_int8(),
-        }
-    }
-
-    /// The same projection with its weights quantized to int8 blocks (`gemm::int8`); the f32
-    /// rows are not kept.
-    fn into_int8(self) -> Result<Self> {
-        if self.int8.is_some() {
-            return Ok(self);
-        }
-        let (n, k) = self.w.dims2()?;
-        let rows = self
-            .w
-            .to_dtype(DType::F32)?
-            .contiguous()?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        Ok(Self {
-            w: Tensor::zeros(0, DType::F32, self.w.device())?,
-            b: self.b,
-            panels: None,
-            int8: Some(Arc::new(Int8Weights::quantize(&rows, n, k))),
-        })
-    }
-
-    /// Whether [`Linear::silu_mul`] runs for `x` (`matmul::gate_up_silu_fuses`, and no bias).
-    pub fn fuses_silu_mul(&self, x: &Tensor) -> Result<bool> {
-        Ok(self.b.is_none()
-            && self.panels.is_none()
-            && self.int8.is_none()
-            && super::matmul::gate_up_silu_fuses(x, &self.w)?)
-    }
-
-    /// `silu(gate) * up` of this gate/up projection (`[2h, in]`, gate rows first) in one op,
-    /// where [`Linear::fuses_silu_mul`].
-    pub fn silu_mul(&self, x: &Tensor) -> Result<Tensor> {
-        super::matmul::gate_up_silu(x, &self.w)
-    }
-
-    /// Several projections of the same input fused into one (rows stacked): one GEMM instead
-    /// of several smaller ones.
-    fn fused(parts: Vec<Linear>) -> Result<Self> {
-        let ws: Vec<&Tensor> = parts.iter().map(|p| &p.w).collect();
-        let w = Tensor::cat(&ws, 0)?;
-        let b = if parts.iter().all(|p| p.b.is_some()) {
-            let bs: Vec<&Tensor> = parts.iter().filter_map(|p| p.b.as_ref()).collect();
-            Some(Tensor::cat(&bs, 0)?)
-        } else {
-            None
-        };
-        Ok(Self::rows(w, b))
-    }
-
-    /// The same projection with f32 weights on the CPU packed into panels where the CPU runs
-    /// the packed kernel (`gemm::pack_for_many_rows`: AVX-512), which then serves every row
-    /// count; unchanged elsewhere. The rows are not kept: the panels hold the same values.
-    fn into_panels(self) -> Result<Self> {
-        if self.panels.is_some()
-            || self.int8.is_some()
-            || !self.w.device().is_cpu()
-            || self.w.dtype() != DType::F32
-        {
-            return Ok(self);
-        }
-        let (n, k) = self.w.dims2()?;
-        let rows = self.w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(match crate::gemm::pack_for_many_rows(&rows, n, k) {
-            Some(packed) => {
-                let len = packed.len();
-                Self {
-                    w: Tensor::from_vec(packed, len, &Device::Cpu)?,
-                    b: self.b,
-                    panels: Some((n, k)),
-                    int8: None,
-                }
-            }
-            None => self,
-        })
-    }
-}
 
 /// Reads weights by name: projections in the load dtype, biases and norms in the activations'
 /// dtype (`super::activation_dtype`).
@@ -409,9 +269,10 @@ impl Llama {
     /// Bytes per weight of the projections and the LM head as stored: the dtype's, or an int8
     /// value and its share of its block's f32 scale.
     pub fn bytes_per_weight(&self) -> f64 {
-        match self.lm_head.int8 {
-            Some(_) => 1.0 + 4.0 / crate::gemm::int8::BLOCK as f64,
-            None => self.weight_dtype.size_in_bytes() as f64,
+        if self.lm_head.is_int8() {
+            1.0 + 4.0 / crate::gemm::int8::BLOCK as f64
+        } else {
+            self.weight_dtype.size_in_bytes() as f64
         }
     }
 

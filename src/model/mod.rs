@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod hub;
+pub mod linear;
 pub mod llama;
 pub mod matmul;
 pub mod norm;

@@ -10,7 +10,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::Shape;
-use crate::model::llama::{Dims, Linear};
+use crate::model::linear::Linear;
+use crate::model::llama::Dims;
 
 /// The device's measured peaks (the best of several repetitions).
 #[derive(Clone, Debug, Serialize)]

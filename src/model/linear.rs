@@ -1,0 +1,251 @@
+//! `x W^T + b`, the projections of a layer and the LM head, in the weight layout the load chose:
+//! rows as loaded, f32 panels for the packed CPU kernel, or int8 blocks.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+use super::Quantization;
+use super::matmul;
+use crate::gemm::int8::Int8Weights;
+
+/// The weights of a [`Linear`], in the one form its products run on.
+#[derive(Clone, Debug)]
+enum Weights {
+    /// `[out, in]` in the load dtype: candle's matmul, or ours on the CPU (`matmul::linear`).
+    Rows(Tensor),
+    /// f32 packed into panels of 32 output features (`gemm::pack_for_many_rows`, AVX-512 CPUs:
+    /// [`Linear::into_panels`]), `n` (out) by `k` (in).
+    Panels { panels: Tensor, n: usize, k: usize },
+    /// int8 blocks (`--quantization int8`: [`Linear::into_int8`]).
+    Int8(Arc<Int8Weights>),
+}
+
+/// `x W^T + b`, with `W` as `[out, in]`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    w: Weights,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.w {
+            Weights::Rows(w) => matmul::linear(x, w)?,
+            Weights::Panels { panels, n, k } => matmul::linear_panels(x, panels, (*n, *k))?,
+            Weights::Int8(q) => matmul::linear_int8(x, q)?,
+        };
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// A bias-free projection `w` (`[out, in]`) laid out as the model lays out its layers'
+    /// (packed into panels where [`Linear::into_panels`] packs them), so that a calibration
+    /// times the kernels the model runs.
+    pub fn projection(w: Tensor) -> Result<Self> {
+        Self::rows(w, None).into_panels()
+    }
+
+    /// `w` (`[out, in]`) and bias `b` as they are.
+    pub(super) fn rows(w: Tensor, b: Option<Tensor>) -> Self {
+        Self {
+            w: Weights::Rows(w),
+            b,
+        }
+    }
+
+    /// Bytes of the weights and the bias.
+    pub(super) fn bytes(&self) -> u64 {
+        let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let w = match &self.w {
+            Weights::Rows(w) | Weights::Panels { panels: w, .. } => size(w),
+            Weights::Int8(q) => q.bytes(),
+        };
+        w + self.b.as_ref().map_or(0, size)
+    }
+
+    /// Whether the weights are int8 blocks.
+    pub(super) fn is_int8(&self) -> bool {
+        matches!(self.w, Weights::Int8(_))
+    }
+
+    /// The layout `quant` asks for: int8 blocks, or (without quantization) panels where the CPU
+    /// runs the packed kernel ([`Linear::into_panels`]).
+    pub(super) fn prepared(self, quant: Quantization) -> Result<Self> {
+        match quant {
+            Quantization::None => self.into_panels(),
+            Quantization::Int8 => self.into_int8(),
+        }
+    }
+
+    /// The same projection with its weights quantized to int8 blocks (`gemm::int8`); the f32
+    /// values are not kept.
+    pub(super) fn into_int8(self) -> Result<Self> {
+        let w = match &self.w {
+            Weights::Int8(_) => return Ok(self),
+            Weights::Rows(w) => w,
+            Weights::Panels { .. } => {
+                anyhow::bail!("Linear::into_int8: weights are quantized from rows, not panels")
+            }
+        };
+        let (n, k) = w.dims2()?;
+        let values = w.to_dtype(DType::F32)?.contiguous()?.flatten_all()?;
+        Ok(Self {
+            w: Weights::Int8(Arc::new(Int8Weights::quantize(
+                &values.to_vec1::<f32>()?,
+                n,
+                k,
+            ))),
+            b: self.b,
+        })
+    }
+
+    /// Whether [`Linear::silu_mul`] runs for `x` (`matmul::gate_up_silu_fuses`, and no bias).
+    pub fn fuses_silu_mul(&self, x: &Tensor) -> Result<bool> {
+        Ok(match &self.w {
+            Weights::Rows(w) => self.b.is_none() && matmul::gate_up_silu_fuses(x, w)?,
+            Weights::Panels { .. } | Weights::Int8(_) => false,
+        })
+    }
+
+    /// `silu(gate) * up` of this gate/up projection (`[2h, in]`, gate rows first) in one op,
+    /// where [`Linear::fuses_silu_mul`].
+    pub fn silu_mul(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.w {
+            Weights::Rows(w) => matmul::gate_up_silu(x, w),
+            _ => anyhow::bail!("Linear::silu_mul: only weights kept as rows fuse SiLU x mul"),
+        }
+    }
+
+    /// Several projections of the same input, loaded as rows, fused into one (rows stacked):
+    /// one GEMM instead of several smaller ones.
+    pub(super) fn fused(parts: Vec<Linear>) -> Result<Self> {
+        let mut ws = Vec::with_capacity(parts.len());
+        for p in &parts {
+            match &p.w {
+                Weights::Rows(w) => ws.push(w),
+                _ => anyhow::bail!("Linear::fused: projections are fused before they are laid out"),
+            }
+        }
+        let w = Tensor::cat(&ws, 0)?;
+        let b = if parts.iter().all(|p| p.b.is_some()) {
+            let bs: Vec<&Tensor> = parts.iter().filter_map(|p| p.b.as_ref()).collect();
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        };
+        Ok(Self::rows(w, b))
+    }
+
+    /// The same projection with f32 weights on the CPU packed into panels where the CPU runs
+    /// the packed kernel (`gemm::pack_for_many_rows`: AVX-512), which then serves every row
+    /// count; unchanged elsewhere. The rows are not kept: the panels hold the same values.
+    fn into_panels(self) -> Result<Self> {
+        let w = match &self.w {
+            Weights::Rows(w) if w.device().is_cpu() && w.dtype() == DType::F32 => w,
+            _ => return Ok(self),
+        };
+        let (n, k) = w.dims2()?;
+        let rows = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(match crate::gemm::pack_for_many_rows(&rows, n, k) {
+            Some(packed) => {
+                let len = packed.len();
+                Self {
+                    w: Weights::Panels {
+                        panels: Tensor::from_vec(packed, len, &Device::Cpu)?,
+                        n,
+                        k,
+                    },
+                    b: self.b,
+                }
+            }
+            None => self,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all());
+        d.and_then(|d| d.to_scalar::<f32>()).unwrap()
+    }
+
+    fn weights(n: usize, k: usize) -> Tensor {
+        Tensor::randn(0f32, 0.1, (n, k), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn every_layout_computes_the_rows_product() {
+        let (n, k) = (70, 96);
+        let (w, b) = (weights(n, k), weights(1, n).flatten_all().unwrap());
+        let rows = Linear::rows(w.clone(), Some(b.clone()));
+        let int8 = rows.clone().prepared(Quantization::Int8).unwrap();
+        let dequantized = match &int8.w {
+            Weights::Int8(q) => Tensor::from_vec(q.dequantize(), (n, k), &Device::Cpu).unwrap(),
+            _ => panic!("not int8"),
+        };
+        let panels = rows.clone().prepared(Quantization::None).unwrap();
+        for m in [1, 5, 80] {
+            let x = weights(m, k);
+            let want = x
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            assert!(
+                max_diff(&rows.forward(&x).unwrap(), &want) < 1e-4,
+                "rows, {m} rows"
+            );
+            assert!(
+                max_diff(&panels.forward(&x).unwrap(), &want) < 1e-4,
+                "panels, {m} rows"
+            );
+            let want8 = x.matmul(&dequantized.t().unwrap()).unwrap();
+            let want8 = want8.broadcast_add(&b).unwrap();
+            assert!(
+                max_diff(&int8.forward(&x).unwrap(), &want8) < 1e-4,
+                "int8, {m} rows"
+            );
+            // int8 against the unquantized weights: about half a step per weight.
+            assert!(
+                max_diff(&int8.forward(&x).unwrap(), &want) < 0.05,
+                "int8 error, {m} rows"
+            );
+        }
+        assert!(int8.is_int8() && !rows.is_int8() && !panels.is_int8());
+        let packed = matches!(panels.w, Weights::Panels { .. });
+        assert_eq!(
+            packed,
+            crate::gemm::pack_for_many_rows(&[0.0], 1, 1).is_some()
+        );
+        // 1 byte per value plus an f32 scale per 32, and the f32 bias, against 4 bytes per value.
+        let int8_bytes = (n.div_ceil(32) * 32 * (k + 4 * k / 32) + 4 * n) as u64;
+        assert_eq!(int8.bytes(), int8_bytes);
+        assert_eq!(rows.bytes(), (4 * n * k + 4 * n) as u64);
+    }
+
+    #[test]
+    fn fused_projections_stack_their_outputs() {
+        let k = 64;
+        let parts: Vec<Linear> = [32, 48]
+            .iter()
+            .map(|&n| Linear::rows(weights(n, k), Some(weights(1, n).flatten_all().unwrap())))
+            .collect();
+        let x = weights(3, k);
+        let separate: Vec<Tensor> = parts.iter().map(|p| p.forward(&x).unwrap()).collect();
+        let fused = Linear::fused(parts).unwrap();
+        let want = Tensor::cat(&separate, 1).unwrap();
+        assert!(max_diff(&fused.forward(&x).unwrap(), &want) < 1e-5);
+        let int8 = fused.prepared(Quantization::Int8).unwrap();
+        assert!(
+            Linear::fused(vec![int8]).is_err(),
+            "fusing after the layout is refused"
+        );
+    }
+}
