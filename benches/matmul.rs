@@ -1,8 +1,9 @@
 //! The quantized CPU matmuls against the dequantized f32 one the engine runs, on SmolLM2's fused
 //! gate/up projection (3072 x 576) for decode steps (1 to 64 rows) and a prefill chunk (512
 //! rows): candle's Q4_1 kernels (what the GGUF holds), our int8 blocks (`--quantization int8`,
-//! AVX-512 CPUs), f32 as rows (`model::matmul::linear`) and, where the CPU has AVX-512, packed
-//! into panels at load as the model keeps them (`f32_panels`), and bf16 weights (`--dtype bf16`).
+//! AVX-512 CPUs; `int8_bf16` as with `--dtype bf16`: on AMX from 12 rows), f32 as rows
+//! (`model::matmul::linear`) and, where the CPU has AVX-512, packed into panels at load as the
+//! model keeps them (`f32_panels`), and bf16 weights (`--dtype bf16`).
 //! `cargo bench --bench matmul`.
 
 use std::hint::black_box;
@@ -41,7 +42,10 @@ fn matmul(c: &mut Criterion) {
         });
         if has_int8 {
             g.bench_with_input(BenchmarkId::new("int8", rows), &x, |b, x| {
-                b.iter(|| black_box(linear_int8(x, &int8).expect("int8 matmul")))
+                b.iter(|| black_box(linear_int8(x, &int8, false).expect("int8 matmul")))
+            });
+            g.bench_with_input(BenchmarkId::new("int8_bf16", rows), &x, |b, x| {
+                b.iter(|| black_box(linear_int8(x, &int8, true).expect("int8 matmul, bf16")))
             });
         }
         g.bench_with_input(BenchmarkId::new("f32", rows), &x, |b, x| {

@@ -275,6 +275,23 @@ fn bad_flag_values() {
         ],
         &["--kv-cache-memory", "lots"],
     );
+    // int8 weights compute in f32 or bf16, not f16 (whatever the CPU).
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            "smollm2-135m",
+            "--load-format",
+            "dummy",
+            "--prompt",
+            "x",
+            "--quantization",
+            "int8",
+            "--dtype",
+            "f16",
+        ],
+        &["--quantization int8", "--dtype", "f16"],
+    );
     // An engine flag is checked before the workload is sampled.
     let gguf = path_str(&common::smollm_gguf());
     let args = [

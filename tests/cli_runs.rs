@@ -259,6 +259,36 @@ fn dummy_throughput(json: &Path, args: &[&str]) -> (String, serde_json::Value) {
 }
 
 #[test]
+fn int8_weights_with_bf16_products_run_and_are_reported() {
+    if !offline_bench::device::cpu_has_avx512_bw() {
+        return; // refused without AVX-512 (its one-line error: `check_quantization`)
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--dataset-name",
+        "random",
+        "--input-len",
+        "40",
+        "--output-len",
+        "4",
+    ];
+    let mut args = args.to_vec();
+    args.extend([
+        "--num-prompts",
+        "4",
+        "--quantization",
+        "int8",
+        "--dtype",
+        "bf16",
+    ]);
+    let (_, v) = dummy_throughput(&dir.path().join("q.json"), &args);
+    assert_eq!(v["model"]["quantization"], "int8");
+    assert_eq!(v["model"]["dtype"], "bf16");
+    assert_eq!(v["num_generations"], 4);
+    assert_eq!(v["total_output_tokens"], 16);
+}
+
+#[test]
 fn n_outputs_per_prompt_are_counted_as_vllm_counts_them() {
     // Two 40-token prompts, three outputs each: the later two of each find the prompt's two
     // full blocks and compute only its last 8 tokens.

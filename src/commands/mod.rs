@@ -166,9 +166,13 @@ impl Setup {
                 "load_format": self.info.load_format.name(),
                 "dtype": dtype_name(self.dtype),
                 "quantization": self.quantization.name(),
-                // Which kernel this CPU's bf16 products ran (it is chosen by measurement).
+                // Which kernel this CPU's bf16 products ran (it is chosen by measurement), or
+                // its int8 ones with bf16's precision.
                 "cpu_bf16_products": (self.device.is_cpu() && self.dtype == DType::BF16)
-                    .then(crate::gemm::bf16::Bf16Kernel::describe),
+                    .then(|| match self.quantization {
+                        Quantization::None => crate::gemm::bf16::Bf16Kernel::describe(),
+                        Quantization::Int8 => crate::gemm::int8::describe_bf16_products(),
+                    }),
                 "parameters": self.info.config.num_parameters(),
                 "weight_bytes": model.weight_bytes(),
                 "tokenizer": self.info.tokenizer.as_ref().map(|t| t.source.clone()),
@@ -259,9 +263,9 @@ fn check_quantization(
     if device != crate::device::DeviceSpec::Cpu {
         bail!("--quantization int8 runs on the CPU only; on CUDA choose the weights' --dtype");
     }
-    if dtype != DType::F32 {
+    if dtype != DType::F32 && dtype != DType::BF16 {
         bail!(
-            "--quantization int8 keeps the activations in f32: use it with --dtype f32 or auto, not {}",
+            "--quantization int8 computes in f32 or bf16: use it with --dtype f32, bf16 or auto, not {}",
             dtype_name(dtype)
         );
     }

@@ -204,19 +204,19 @@ impl Llama {
             let inter = dims.intermediate;
             layers.push(Layer {
                 attn_norm: ld.vector(&format!("{p}.input_layernorm.weight"), h)?,
-                qkv: qkv.prepared(quant)?,
+                qkv: qkv.prepared(quant, dtype)?,
                 o: ld
                     .linear(&format!("{attn}.o_proj"), h, q_size, false)?
-                    .prepared(quant)?,
+                    .prepared(quant, dtype)?,
                 mlp_norm: ld.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 gate_up: Linear::fused(vec![
                     ld.linear(&format!("{mlp}.gate_proj"), inter, h, false)?,
                     ld.linear(&format!("{mlp}.up_proj"), inter, h, false)?,
                 ])?
-                .prepared(quant)?,
+                .prepared(quant, dtype)?,
                 down: ld
                     .linear(&format!("{mlp}.down_proj"), h, inter, false)?
-                    .prepared(quant)?,
+                    .prepared(quant, dtype)?,
             });
             on_layer(i);
         }
@@ -235,7 +235,7 @@ impl Llama {
         // dot form serves), but quantized where asked.
         let lm_head = match quant {
             Quantization::None => lm_head,
-            Quantization::Int8 => lm_head.into_int8()?,
+            Quantization::Int8 => lm_head.into_int8(dtype)?,
         };
         let (cos, sin) = rotary_tables(cfg, max_positions, device)?;
         Ok(Self {

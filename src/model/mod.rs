@@ -273,13 +273,22 @@ pub fn load_weights(
         }
     }
     if device.is_cpu() && dtype == DType::BF16 {
-        progress.info(crate::gemm::bf16::Bf16Kernel::describe());
+        progress.info(match quant {
+            Quantization::None => crate::gemm::bf16::Bf16Kernel::describe(),
+            Quantization::Int8 => crate::gemm::int8::describe_bf16_products(),
+        });
     }
+    // int8 weights are quantized from the source's f32 values, whatever precision their
+    // products then keep (`dtype`).
+    let source_dtype = match quant {
+        Quantization::None => dtype,
+        Quantization::Int8 => DType::F32,
+    };
     let bar = progress.bar(cfg.num_hidden_layers as u64, "loading");
     let on_layer = |_: usize| bar.inc(1);
     let model = match (info.load_format, &info.source) {
         (LoadFormat::Dummy, _) => {
-            let mut w = DummyWeights::new(dtype, device);
+            let mut w = DummyWeights::new(source_dtype, device);
             Llama::load(cfg, &mut w, max_positions, (dtype, quant), device, on_layer)
         }
         (LoadFormat::Gguf, ModelSource::Gguf(p)) => {
@@ -291,11 +300,11 @@ pub fn load_weights(
                 .and_then(|v| v.to_string().ok())
                 .is_some_and(|a| a == "llama");
             let heads = llama_cpp_permuted.then(|| (cfg.num_attention_heads, cfg.num_kv_heads()));
-            w.configure(dtype, device, heads);
+            w.configure(source_dtype, device, heads);
             Llama::load(cfg, &mut w, max_positions, (dtype, quant), device, on_layer)
         }
         (LoadFormat::Safetensors, ModelSource::Folder(dir)) => {
-            let mut w = SafetensorsWeights::open(dir, dtype, device)?;
+            let mut w = SafetensorsWeights::open(dir, source_dtype, device)?;
             Llama::load(
                 cfg,
                 &mut w as &mut dyn WeightSource,

@@ -76,6 +76,13 @@ pub fn smollm_int8() -> &'static Llama {
     MODEL.get_or_init(|| load_smollm(DType::F32, Quantization::Int8).1)
 }
 
+/// SmolLM2 with int8 weights whose products keep bf16's precision (`--quantization int8
+/// --dtype bf16`), loaded once per test binary.
+pub fn smollm_int8_bf16() -> &'static Llama {
+    static MODEL: OnceLock<Llama> = OnceLock::new();
+    MODEL.get_or_init(|| load_smollm(DType::BF16, Quantization::Int8).1)
+}
+
 fn load_smollm(dtype: DType, quant: Quantization) -> (ModelInfo, Llama) {
     let info = model::inspect(
         &ModelOptions {

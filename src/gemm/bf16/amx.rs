@@ -194,9 +194,19 @@ pub unsafe fn rows_by_weights(
 unsafe fn on_tiles(f: impl FnOnce(&mut Results)) {
     // Every value is stored by `tilestored` before it is read; zeroed once per call.
     let mut results = Results([0.0; 4 * TILE * TILE]);
+    // SAFETY: AMX is usable (caller).
+    unsafe { configured(|| f(&mut results)) }
+}
+
+/// Runs `f` with the eight tiles configured as 16 rows of 64 bytes each, and releases them
+/// after.
+///
+/// # Safety
+/// [`usable`] must hold.
+pub(crate) unsafe fn configured(f: impl FnOnce()) {
     // SAFETY: AMX is usable (caller); the configuration is a valid palette-1 layout.
     unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
-    f(&mut results);
+    f();
     // SAFETY: as above; releasing configured tiles.
     unsafe { asm!("tilerelease", options(nostack, nomem)) };
 }

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use super::as_uninit;
 
 #[cfg(target_arch = "x86_64")]
-mod amx;
+pub(crate) mod amx;
 #[cfg(target_arch = "x86_64")]
 mod dot;
 #[cfg(target_arch = "x86_64")]

@@ -12,6 +12,9 @@ use std::mem::MaybeUninit;
 
 use super::PANEL;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
+
 /// Values per block (one scale each).
 pub const BLOCK: usize = 32;
 
@@ -114,6 +117,73 @@ impl Int8Weights {
             }
         }
     }
+
+    /// The rows `x` (`[m, k]`) rounded to bf16 for products on the AMX unit (`amx`), where this
+    /// CPU has it and `k` is a multiple of 32; `None` elsewhere.
+    pub fn amx_rows(&self, x: &[f32], m: usize) -> Option<AmxRows> {
+        #[cfg(target_arch = "x86_64")]
+        if self.k.is_multiple_of(BLOCK)
+            && x.len() >= m * self.k
+            && super::bf16::Bf16Kernel::Amx.runs_here()
+        {
+            // SAFETY: AVX-512 F and BF16 are available (`runs_here`), `k % 32 == 0`, `x` holds
+            // `m` rows (checked).
+            let values = unsafe { amx::rows_to_bf16(x, m, self.k) };
+            return Some(AmxRows { values, m });
+        }
+        let _ = (x, m);
+        None
+    }
+
+    /// As [`Int8Weights::rows_by_weights_uninit`] for the rows `range` of `x` (from
+    /// [`Int8Weights::amx_rows`]), on the AMX unit: each panel of `cols` widened to bf16 (`q *
+    /// scale` rounded) once per call, so the products are those of bf16 weights, summed in f32.
+    /// `out` is `[range.len(), cols.len()]`.
+    pub fn rows_by_amx_rows_uninit(
+        &self,
+        (x, range): (&AmxRows, std::ops::Range<usize>),
+        cols: std::ops::Range<usize>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        assert!(
+            range.end <= x.m
+                && out.len() >= range.len() * cols.len()
+                && cols.start.is_multiple_of(PANEL)
+                && cols.end <= self.n,
+            "Int8Weights::rows_by_amx_rows_uninit: sizes"
+        );
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `AmxRows` exists only where AMX, AVX-512 F, BW and BF16 run and `k % 32 ==
+        // 0`, made from `m` rows of `k` and 16 zero rows, so a tile from any row of `range`
+        // stays inside; the assert bounds the features and the outputs.
+        unsafe {
+            let rows = &x.values[range.start * self.k..];
+            amx::rows_by_panels(self, (rows, range.len()), cols, out)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("AmxRows are made only on x86-64");
+    }
+}
+
+/// One line for the user: how products with int8 weights and bf16's precision (`--dtype bf16`)
+/// run on this CPU.
+pub fn describe_bf16_products() -> String {
+    let f32_kernel = "f32 FMAs on panels widened in registers";
+    if cfg!(target_arch = "x86_64") && super::bf16::Bf16Kernel::Amx.runs_here() {
+        let rows = crate::model::matmul::INT8_AMX_MIN_ROWS;
+        let amx = "AMX tdpbf16ps on panels widened to bf16";
+        format!("int8 products: {amx} from {rows} rows, {f32_kernel} below")
+    } else {
+        format!("int8 products: {f32_kernel} (no AMX here: f32's precision)")
+    }
+}
+
+/// f32 rows rounded to bf16 for [`Int8Weights::rows_by_amx_rows_uninit`] (once per product);
+/// made only by [`Int8Weights::amx_rows`], where those products run.
+pub struct AmxRows {
+    #[cfg(target_arch = "x86_64")]
+    values: Vec<half::bf16>,
+    m: usize,
 }
 
 #[cfg(test)]
@@ -142,6 +212,47 @@ mod tests {
         assert!(back[k..2 * k].iter().all(|&v| v == 0.0));
         assert!((back[7] - 40.0).abs() < 1e-5);
         assert!(iw.q.iter().all(|&v| v != i8::MIN));
+    }
+
+    #[test]
+    fn amx_products_equal_bf16_rounded_weights_and_rows() {
+        // Row counts around the unit's tiles (16, two at a time), features around its halves
+        // of a panel (16) and the panels (32), partial last panels, a range of whole panels.
+        let mut rng = Rng64::new(3);
+        for (m, n, k, cols) in [
+            (1, 32, 32, 0..32),
+            (17, 70, 64, 32..70),
+            (40, 100, 576, 0..100),
+            (33, 64, 96, 0..64),
+            (16, 48, 32, 0..48),
+        ] {
+            let x = rng.uniform_f32(m * k, 1.0);
+            let iw = Int8Weights::quantize(&rng.uniform_f32(n * k, 0.5), n, k);
+            let Some(rows) = iw.amx_rows(&x, m) else {
+                return; // no AMX here: nothing to check
+            };
+            let round = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
+            let deq = iw.dequantize();
+            let width = cols.len();
+            // All the rows, and the last rows from one that is not the first of a tile.
+            for range in [0..m, m / 3..m] {
+                let mut out = vec![MaybeUninit::new(f32::NAN); range.len() * width];
+                iw.rows_by_amx_rows_uninit((&rows, range.clone()), cols.clone(), &mut out);
+                for (i, r) in range.enumerate() {
+                    for (c, j) in cols.clone().enumerate() {
+                        let want: f64 = (0..k)
+                            .map(|kk| round(x[r * k + kk]) * round(deq[j * k + kk]))
+                            .sum();
+                        // SAFETY: the kernel wrote every output (NaN would fail below).
+                        let got = unsafe { out[i * width + c].assume_init() } as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{m}x{n}x{k} [{r},{j}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
