@@ -110,10 +110,14 @@ impl Linear {
 
     /// Whether [`Linear::silu_mul`] runs for `x` (`matmul::gate_up_silu_fuses`, and no bias).
     pub fn fuses_silu_mul(&self, x: &Tensor) -> Result<bool> {
-        Ok(match &self.w {
-            Weights::Rows(w) => self.b.is_none() && matmul::gate_up_silu_fuses(x, w)?,
-            Weights::Panels { .. } | Weights::Int8 { .. } => false,
-        })
+        Ok(self.b.is_none()
+            && match &self.w {
+                Weights::Rows(w) => matmul::gate_up_silu_fuses(x, w)?,
+                Weights::Int8 { q, bf16_products } => {
+                    matmul::int8_gate_up_silu_fuses(x, q, *bf16_products)?
+                }
+                Weights::Panels { .. } => false,
+            })
     }
 
     /// `silu(gate) * up` of this gate/up projection (`[2h, in]`, gate rows first) in one op,
@@ -121,7 +125,8 @@ impl Linear {
     pub fn silu_mul(&self, x: &Tensor) -> Result<Tensor> {
         match &self.w {
             Weights::Rows(w) => matmul::gate_up_silu(x, w),
-            _ => anyhow::bail!("Linear::silu_mul: only weights kept as rows fuse SiLU x mul"),
+            Weights::Int8 { q, .. } => matmul::int8_gate_up_silu(x, q),
+            Weights::Panels { .. } => anyhow::bail!("Linear::silu_mul: f32 panels do not fuse"),
         }
     }
 

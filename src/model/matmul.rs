@@ -79,13 +79,40 @@ pub fn linear_int8(x: &Tensor, w: &Arc<Int8Weights>, bf16_products: bool) -> Res
     Ok(x.apply_op1_no_bwd(&Int8Matmul {
         w: w.clone(),
         bf16_products,
+        silu: false,
     })?)
 }
 
-/// [`linear_int8`]'s op.
+/// Whether [`int8_gate_up_silu`] runs for rows `x` and int8 gate/up weights `w` (`[2h, k]`,
+/// the gate rows first): where [`linear_int8`] would run them on the AMX unit (bf16 products,
+/// [`INT8_AMX_MIN_ROWS`] rows or more, `k` a multiple of 32), and `h` a multiple of 16.
+pub fn int8_gate_up_silu_fuses(x: &Tensor, w: &Int8Weights, bf16_products: bool) -> Result<bool> {
+    Ok(bf16_products
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && x.rank() == 2
+        && x.dim(0)? >= INT8_AMX_MIN_ROWS
+        && w.k.is_multiple_of(32)
+        && w.n.is_multiple_of(32)
+        && Bf16Kernel::Amx.runs_here())
+}
+
+/// `silu(x W_gate^T) * (x W_up^T)` for int8 gate/up weights in one op, where
+/// [`int8_gate_up_silu_fuses`]: as [`linear_int8`] with bf16 products followed by SiLU x mul
+/// (bit for bit), without writing the `[rows, 2h]` products.
+pub fn int8_gate_up_silu(x: &Tensor, w: &Arc<Int8Weights>) -> Result<Tensor> {
+    Ok(x.apply_op1_no_bwd(&Int8Matmul {
+        w: w.clone(),
+        bf16_products: true,
+        silu: true,
+    })?)
+}
+
+/// [`linear_int8`]'s op, and [`int8_gate_up_silu`]'s (`silu`).
 struct Int8Matmul {
     w: Arc<Int8Weights>,
     bf16_products: bool,
+    silu: bool,
 }
 
 impl CustomOp1 for Int8Matmul {
@@ -110,6 +137,29 @@ impl CustomOp1 for Int8Matmul {
             true => w.amx_rows(x, m),
             false => None,
         };
+        if self.silu {
+            let Some(x) = amx else {
+                candle_core::bail!(
+                    "int8_gate_up_silu: {m}x{k} by ({}x{k})^T does not fuse here",
+                    w.n
+                );
+            };
+            let h = w.n / 2;
+            let block = ((1 << 20) / (2 * k)).clamp(256, 1024);
+            // SAFETY: the kernel writes every output of its block.
+            let out = unsafe {
+                if m > 2 * block {
+                    by_row_blocks((m, h), block, |rows, part| {
+                        w.rows_by_amx_rows_silu_uninit((&x, rows), 0..h, part)
+                    })
+                } else {
+                    by_output_features((m, h), 16, |a, len, part| {
+                        w.rows_by_amx_rows_silu_uninit((&x, 0..m), a..a + len, part)
+                    })
+                }
+            };
+            return Ok((CpuStorage::F32(out), Shape::from((m, h))));
+        }
         // On AMX: over the panels, each widened once, up to two blocks of rows that stay in L2
         // (about 1 MiB of bf16, 256 to 1024 rows); over such blocks beyond, each widening every
         // panel again (a prefill of 8192 rows over the panels read its rows 96 times from
@@ -566,6 +616,36 @@ mod tests {
             for (r, (g, e)) in got.iter().zip(&want).enumerate() {
                 for (j, (a, b)) in g.iter().zip(e).enumerate() {
                     assert!((a - b).abs() < 0.05, "{m} rows [{r}][{j}]: {a} vs {b}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused int8 gate/up with SiLU x mul equals the product then the activation, bit for
+    /// bit, over the panels and over blocks of rows (beyond 2048 rows at this `k`); it runs
+    /// only where it fuses.
+    #[test]
+    fn int8_gate_up_silu_matches_product_then_activation() -> Result<()> {
+        let mut rng = Rng64::new(10);
+        let (h, k) = (48, 64);
+        let w = Arc::new(Int8Weights::quantize(
+            &rng.uniform_f32(2 * h * k, 0.5),
+            2 * h,
+            k,
+        ));
+        for m in [12, 100, 2100] {
+            let x = uniform(&mut rng, (m, k), 1.0)?;
+            if !int8_gate_up_silu_fuses(&x, &w, true)? {
+                assert!(int8_gate_up_silu(&x, &w).is_err());
+                return Ok(()); // no AMX here
+            }
+            assert!(!int8_gate_up_silu_fuses(&x, &w, false)?);
+            let got = int8_gate_up_silu(&x, &w)?.to_vec2::<f32>()?;
+            let want = crate::model::ops::silu_mul(&linear_int8(&x, &w, true)?)?;
+            for (r, (g, e)) in got.iter().zip(&want.to_vec2::<f32>()?).enumerate() {
+                for (j, (a, b)) in g.iter().zip(e).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{m} rows [{r}][{j}]: {a} vs {b}");
                 }
             }
         }

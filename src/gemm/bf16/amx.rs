@@ -130,6 +130,86 @@ const CONFIG: TileConfig = TileConfig {
     rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
 };
 
+/// Zeroes the four result tiles (tmm0-3).
+///
+/// # Safety
+/// The tiles configured ([`configured`]).
+pub(crate) unsafe fn zero_results() {
+    // SAFETY: the caller's contract.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        )
+    };
+}
+
+/// One `k` step of a 2 x 2 block of result tiles: `tmm0 += A0 B0`, `tmm1 += A0 B1`, `tmm2 +=
+/// A1 B0`, `tmm3 += A1 B1`, the A tiles loaded (into tmm4-5) from `a`, rows `a_bytes` apart,
+/// the B tiles (tmm6-7) from `b`, rows `b_bytes` apart. A second operand of `None` leaves out
+/// its products (the last, partial block of rows); both second operands cannot be left out.
+///
+/// # Safety
+/// The tiles configured ([`configured`]); each operand given has 16 rows of 64 bytes readable.
+pub(crate) unsafe fn block_step(
+    a: (*const u8, Option<*const u8>),
+    b: (*const u8, Option<*const u8>),
+    (a_bytes, b_bytes): (usize, usize),
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match (a.1, b.1) {
+            (Some(a1), Some(b1)) => asm!(
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a.0,
+                a1 = in(reg) a1,
+                b0 = in(reg) b.0,
+                b1 = in(reg) b1,
+                sa = in(reg) a_bytes,
+                sb = in(reg) b_bytes,
+                options(nostack, readonly)
+            ),
+            (None, Some(b1)) => asm!(
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                a0 = in(reg) a.0,
+                b0 = in(reg) b.0,
+                b1 = in(reg) b1,
+                sa = in(reg) a_bytes,
+                sb = in(reg) b_bytes,
+                options(nostack, readonly)
+            ),
+            (Some(a1), None) => asm!(
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                a0 = in(reg) a.0,
+                a1 = in(reg) a1,
+                b0 = in(reg) b.0,
+                sa = in(reg) a_bytes,
+                sb = in(reg) b_bytes,
+                options(nostack, readonly)
+            ),
+            (None, None) => unreachable!("block_step: one operand of each kind at least"),
+        }
+    }
+}
+
 /// Four result tiles, as `tilestored` leaves them: `[tile][weight][x row]`.
 #[repr(C, align(64))]
 struct Results([f32; 4 * TILE * TILE]);
@@ -292,50 +372,16 @@ impl Block {
         unsafe {
             while t < self.rows.end {
                 let two = self.rows.end - t > TILE;
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem)
-                );
+                zero_results();
                 for step in 0..k / K_STEP {
-                    let w0 = wp.add(step * K_STEP);
-                    let w1 = w0.add(second);
-                    let x0 = self.pairs.add(step * TILE * stride + t);
-                    if two {
-                        asm!(
-                            "tileloadd tmm4, [{w0} + {wb}*1]",
-                            "tileloadd tmm6, [{x0} + {xb}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tileloadd tmm7, [{x1} + {xb}*1]",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tileloadd tmm5, [{w1} + {wb}*1]",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            w0 = in(reg) w0,
-                            w1 = in(reg) w1,
-                            x0 = in(reg) x0,
-                            x1 = in(reg) x0.add(TILE),
-                            wb = in(reg) w_bytes,
-                            xb = in(reg) pair_bytes,
-                            options(nostack, readonly)
-                        );
-                    } else {
-                        asm!(
-                            "tileloadd tmm4, [{w0} + {wb}*1]",
-                            "tileloadd tmm6, [{x0} + {xb}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tileloadd tmm5, [{w1} + {wb}*1]",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            w0 = in(reg) w0,
-                            w1 = in(reg) w1,
-                            x0 = in(reg) x0,
-                            wb = in(reg) w_bytes,
-                            xb = in(reg) pair_bytes,
-                            options(nostack, readonly)
-                        );
-                    }
+                    let w0 = wp.add(step * K_STEP).cast::<u8>();
+                    let x0 = self.pairs.add(step * TILE * stride + t).cast::<u8>();
+                    let x1 = two.then(|| x0.add(TILE * 4));
+                    block_step(
+                        (w0, Some(w0.add(second * 2))),
+                        (x0, x1),
+                        (w_bytes, pair_bytes),
+                    );
                 }
                 let r = results.0.as_mut_ptr();
                 asm!(

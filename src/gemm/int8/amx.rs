@@ -8,7 +8,9 @@
 //! A B tile's row `p` holds, for 16 features, their values `2p` and `2p + 1` of `k` as a pair;
 //! in the panel (`[k][32]` int8) those are two consecutive 32-byte rows, so each pair row is two
 //! 16-byte loads, a widening, the scales (both values lie in one block of 32), a rounding and
-//! one interleave.
+//! one interleave. Each pass takes two groups of 16 features: the two halves of a panel, or, for
+//! a gate/up matrix, 16 gate features and the same 16 up ones, whose tiles become `silu(gate) *
+//! up` as they leave the unit ([`rows_by_gate_up_silu`]).
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -19,7 +21,7 @@ use half::bf16;
 
 use super::{BLOCK, Int8Weights};
 use crate::gemm::PANEL;
-use crate::gemm::bf16::amx::{K_STEP, configured};
+use crate::gemm::bf16::amx::{K_STEP, block_step, configured, zero_results};
 
 /// Rows of a tile (x rows or pair rows), and features per B tile.
 const TILE: usize = 16;
@@ -48,16 +50,17 @@ pub unsafe fn rows_to_bf16(x: &[f32], m: usize, k: usize) -> Vec<bf16> {
     dst
 }
 
-/// Panel `panel` of `w` as two B operands (features 0-15, then 16-31), each `k / 2` pair rows of
-/// 16 features: `dst[(h * k / 2 + p) * 16 + c]` holds feature `16h + c`'s values `2p` (low
-/// half) and `2p + 1` (high half), `q * scale` rounded to bf16.
+/// Features `f .. f + 16` of `w` as one B operand: `k / 2` pair rows of 16 features,
+/// `dst[p * 16 + c]` holding feature `f + c`'s values `2p` (low half) and `2p + 1` (high
+/// half), `q * scale` rounded to bf16.
 ///
 /// # Safety
-/// AVX-512 F, BW and BF16 must be available; `w.k % 32 == 0`; `panel < w.n.div_ceil(32)`;
-/// `dst.len() >= 32 * w.k / 2`.
+/// AVX-512 F, BW and BF16 must be available; `w.k % 32 == 0`; `f % 16 == 0`, `f <
+/// w.n.next_multiple_of(32)` (features past `n` are a panel's zeros); `dst.len() >= 8 * w.k`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn widen_panel(w: &Int8Weights, panel: usize, dst: &mut [u32]) {
+unsafe fn widen_features(w: &Int8Weights, f: usize, dst: &mut [u32]) {
     let k = w.k;
+    let (panel, h) = (f / PANEL, f % PANEL);
     let q = &w.q[panel * k * PANEL..][..k * PANEL];
     let scales = &w.scales[panel * (k / BLOCK) * PANEL..][..(k / BLOCK) * PANEL];
     // Word 2i of the result takes word i (value 2p of feature i), word 2i + 1 word 16 + i.
@@ -67,20 +70,16 @@ unsafe fn widen_panel(w: &Int8Weights, panel: usize, dst: &mut [u32]) {
     );
     for p in 0..k / 2 {
         let block = 2 * p / BLOCK;
-        for h in 0..2 {
-            // SAFETY: rows 2p and 2p + 1 of the panel's `k` rows of 32 values, 16 of them from
-            // 16h; the block's 32 scales; one store of 16 pairs within `dst` (caller).
-            unsafe {
-                let even = _mm_loadu_si128(q.as_ptr().add(2 * p * PANEL + 16 * h).cast());
-                let odd = _mm_loadu_si128(q.as_ptr().add((2 * p + 1) * PANEL + 16 * h).cast());
-                let s = _mm512_loadu_ps(scales.as_ptr().add(block * PANEL + 16 * h));
-                let widen = |v| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s);
-                let both: __m512i =
-                    std::mem::transmute(_mm512_cvtne2ps_pbh(widen(odd), widen(even)));
-                let pairs = _mm512_permutexvar_epi16(interleave, both);
-                let at = dst.as_mut_ptr().add((h * k / 2 + p) * TILE);
-                _mm512_storeu_si512(at.cast(), pairs);
-            }
+        // SAFETY: rows 2p and 2p + 1 of the panel's `k` rows of 32 values, 16 of them from `h`
+        // (0 or 16); the block's 32 scales; one store of 16 pairs within `dst` (caller).
+        unsafe {
+            let even = _mm_loadu_si128(q.as_ptr().add(2 * p * PANEL + h).cast());
+            let odd = _mm_loadu_si128(q.as_ptr().add((2 * p + 1) * PANEL + h).cast());
+            let s = _mm512_loadu_ps(scales.as_ptr().add(block * PANEL + h));
+            let widen = |v| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s);
+            let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(widen(odd), widen(even)));
+            let pairs = _mm512_permutexvar_epi16(interleave, both);
+            _mm512_storeu_si512(dst.as_mut_ptr().add(p * TILE).cast(), pairs);
         }
     }
 }
@@ -100,97 +99,122 @@ pub unsafe fn rows_by_panels(
     cols: Range<usize>,
     out: &mut [MaybeUninit<f32>],
 ) {
-    let (k, width) = (w.k, cols.len());
-    let mut pairs = vec![0u32; PANEL * k / 2];
+    let width = cols.len();
     // A result tile that does not fit whole in `out` (the last rows or features) lands here.
     let mut spill = [0f32; TILE * TILE];
-    let (x_bytes, b_bytes, out_bytes) = (k * 2, TILE * 4, width * 4);
+    // SAFETY: the caller's contract; features `j0 .. j0 + 32` lie in one panel. The stores go
+    // to whole tiles inside `out` (rows below `m`, features below `cols.end`) or to `spill`.
+    unsafe {
+        let features = cols.clone().step_by(PANEL).map(|j0| [j0, j0 + TILE]);
+        tile_products(w, (xb, m), features, |[j0, _], t| {
+            let c = j0 - cols.start;
+            for (tile, (dt, dc)) in [(0, 0), (0, TILE), (TILE, 0), (TILE, TILE)]
+                .into_iter()
+                .enumerate()
+            {
+                if t + dt >= m || c + dc >= width {
+                    continue;
+                }
+                let rows = (m - t - dt).min(TILE);
+                let feats = (width - c - dc).min(TILE);
+                let at = (t + dt) * width + c + dc;
+                if rows == TILE && feats == TILE {
+                    store_tile(tile, out.as_mut_ptr().add(at).cast(), width * 4);
+                    continue;
+                }
+                store_tile(tile, spill.as_mut_ptr(), TILE * 4);
+                for r in 0..rows {
+                    let src = &spill[r * TILE..][..feats];
+                    for (o, v) in out[at + r * width..][..feats].iter_mut().zip(src) {
+                        o.write(*v);
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// `out[r * cols.len() + c] = silu(x[r] . w[j]) * (x[r] . w[h + j])` for `j = cols.start + c`
+/// and a gate/up matrix `w` (`[2h, k]`: the gate rows, then the up rows), as
+/// [`rows_by_panels`] followed by SiLU x mul without writing the `[m, 2h]` products: each pass
+/// widens 16 gate features and the same 16 up features.
+///
+/// # Safety
+/// As [`rows_by_panels`], with `w.n == 2 * h`, `h % 16 == 0`, `cols.start % 16 == 0`,
+/// `cols.end <= h`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn rows_by_gate_up_silu(
+    w: &Int8Weights,
+    h: usize,
+    (xb, m): (&[bf16], usize),
+    cols: Range<usize>,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let width = cols.len();
+    let (mut gate, mut up) = ([0f32; TILE * TILE], [0f32; TILE * TILE]);
+    // SAFETY: the caller's contract; gate features `j0 ..` and up features `h + j0 ..` are 16
+    // within `w`'s `2h`. The writes go to rows below `m` and features below `cols.end`.
+    unsafe {
+        let features = cols.clone().step_by(TILE).map(|j0| [j0, h + j0]);
+        tile_products(w, (xb, m), features, |[j0, _], t| {
+            let c = j0 - cols.start;
+            let feats = (width - c).min(TILE);
+            // Tiles 0 and 1: the gate and up products of rows `t ..`; 2 and 3: of `t + 16 ..`.
+            for (tiles, dt) in [((0, 1), 0), ((2, 3), TILE)] {
+                if t + dt >= m {
+                    continue;
+                }
+                store_tile(tiles.0, gate.as_mut_ptr(), TILE * 4);
+                store_tile(tiles.1, up.as_mut_ptr(), TILE * 4);
+                for r in 0..(m - t - dt).min(TILE) {
+                    let at = (t + dt + r) * width + c;
+                    let (g, u) = (&gate[r * TILE..][..feats], &up[r * TILE..][..feats]);
+                    for ((o, &g), &u) in out[at..][..feats].iter_mut().zip(g).zip(u) {
+                        o.write(crate::fastmath::silu(g) * u);
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// For each pair of feature groups `[f0, f1]` (16 features from each), widens them into B
+/// operands and multiplies every 32 x rows by them: `place([f0, f1], t)` then finds, in tiles 0
+/// and 1, rows `t .. t + 16` times the groups `f0` and `f1`, in tiles 2 and 3 rows `t + 16 ..
+/// t + 32` (where `t + 16 < m`; stale otherwise), to store with [`store_tile`].
+///
+/// # Safety
+/// AVX-512 F, BW and BF16 and `bf16::amx::usable` must hold; `w.k % 32 == 0`; `xb` holds
+/// `m + 16` rows of `w.k`; every group as [`widen_features`] requires.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn tile_products(
+    w: &Int8Weights,
+    (xb, m): (&[bf16], usize),
+    features: impl Iterator<Item = [usize; 2]>,
+    mut place: impl FnMut([usize; 2], usize),
+) {
+    let k = w.k;
+    let mut pairs = vec![0u32; 2 * TILE * k / 2];
+    let (x_bytes, b_bytes) = (k * 2, TILE * 4);
     // SAFETY: AMX is usable (caller). Tiles read `xb` rows below `m + 16` and pair rows within
-    // `pairs`; stores go to whole tiles inside `out` or to `spill`.
+    // `pairs`.
     unsafe {
         configured(|| {
-            for j0 in cols.clone().step_by(PANEL) {
-                widen_panel(w, j0 / PANEL, &mut pairs);
-                let halves = [0, 1].map(|h| pairs.as_ptr().add(h * k / 2 * TILE));
+            for groups in features {
+                let (first, second) = pairs.split_at_mut(TILE * k / 2);
+                widen_features(w, groups[0], first);
+                widen_features(w, groups[1], second);
+                let halves = [0, 1].map(|g| pairs.as_ptr().add(g * TILE * k / 2));
                 for t in (0..m).step_by(2 * TILE) {
                     let two = m - t > TILE;
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack, nomem)
-                    );
+                    zero_results();
                     for step in 0..k / K_STEP {
                         let a0 = xb.as_ptr().add(t * k + step * K_STEP);
-                        let (b0, b1) = (
-                            halves[0].add(step * TILE * TILE),
-                            halves[1].add(step * TILE * TILE),
-                        );
-                        if two {
-                            asm!(
-                                "tileloadd tmm4, [{a0} + {xs}*1]",
-                                "tileloadd tmm6, [{b0} + {bs}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tileloadd tmm7, [{b1} + {bs}*1]",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tileloadd tmm5, [{a1} + {xs}*1]",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                a0 = in(reg) a0,
-                                a1 = in(reg) a0.add(TILE * k),
-                                b0 = in(reg) b0,
-                                b1 = in(reg) b1,
-                                xs = in(reg) x_bytes,
-                                bs = in(reg) b_bytes,
-                                options(nostack, readonly)
-                            );
-                        } else {
-                            asm!(
-                                "tileloadd tmm4, [{a0} + {xs}*1]",
-                                "tileloadd tmm6, [{b0} + {bs}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tileloadd tmm7, [{b1} + {bs}*1]",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                a0 = in(reg) a0,
-                                b0 = in(reg) b0,
-                                b1 = in(reg) b1,
-                                xs = in(reg) x_bytes,
-                                bs = in(reg) b_bytes,
-                                options(nostack, readonly)
-                            );
-                        }
+                        let a1 = two.then(|| a0.add(TILE * k).cast::<u8>());
+                        let b = halves.map(|h| h.add(step * TILE * TILE).cast::<u8>());
+                        block_step((a0.cast(), a1), (b[0], Some(b[1])), (x_bytes, b_bytes));
                     }
-                    let c = j0 - cols.start;
-                    for (tile, (dt, dc)) in [(0, 0), (0, TILE), (TILE, 0), (TILE, TILE)]
-                        .into_iter()
-                        .enumerate()
-                    {
-                        if t + dt >= m || c + dc >= width {
-                            continue;
-                        }
-                        let rows = (m - t - dt).min(TILE);
-                        let feats = (width - c - dc).min(TILE);
-                        let whole = rows == TILE && feats == TILE;
-                        let dst = if whole {
-                            out.as_mut_ptr()
-                                .add((t + dt) * width + c + dc)
-                                .cast::<f32>()
-                        } else {
-                            spill.as_mut_ptr()
-                        };
-                        let stride = if whole { out_bytes } else { b_bytes };
-                        store_tile(tile, dst, stride);
-                        if !whole {
-                            for r in 0..rows {
-                                let at = (t + dt + r) * width + c + dc;
-                                for (o, v) in out[at..at + feats].iter_mut().zip(&spill[r * TILE..])
-                                {
-                                    o.write(*v);
-                                }
-                            }
-                        }
-                    }
+                    place(groups, t);
                 }
             }
         })

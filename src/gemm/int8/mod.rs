@@ -163,6 +163,36 @@ impl Int8Weights {
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("AmxRows are made only on x86-64");
     }
+
+    /// `silu(gate) * up` of these weights as a gate/up matrix (`[2h, k]`, the gate rows first)
+    /// for the rows `range` of `x` and the output features `cols` (of `h`), as
+    /// [`Int8Weights::rows_by_amx_rows_uninit`] then SiLU x mul, without the `[rows, 2h]`
+    /// products in between. `h` must be a multiple of 16.
+    pub fn rows_by_amx_rows_silu_uninit(
+        &self,
+        (x, range): (&AmxRows, std::ops::Range<usize>),
+        cols: std::ops::Range<usize>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let h = self.n / 2;
+        assert!(
+            range.end <= x.m
+                && out.len() >= range.len() * cols.len()
+                && self.n == 2 * h
+                && h.is_multiple_of(16)
+                && cols.start.is_multiple_of(16)
+                && cols.end <= h,
+            "Int8Weights::rows_by_amx_rows_silu_uninit: sizes"
+        );
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `rows_by_amx_rows_uninit`; the assert gives the gate/up shape.
+        unsafe {
+            let rows = &x.values[range.start * self.k..];
+            amx::rows_by_gate_up_silu(self, h, (rows, range.len()), cols, out)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("AmxRows are made only on x86-64");
+    }
 }
 
 /// One line for the user: how products with int8 weights and bf16's precision (`--dtype bf16`)
@@ -250,6 +280,44 @@ mod tests {
                             "{m}x{n}x{k} [{r},{j}]: {got} vs {want}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn amx_gate_up_silu_equals_products_then_activation() {
+        // h = 48: three groups of 16, the last not in a whole panel; rows around the tiles.
+        let mut rng = Rng64::new(4);
+        let (h, k) = (48, 64);
+        let iw = Int8Weights::quantize(&rng.uniform_f32(2 * h * k, 0.5), 2 * h, k);
+        for (m, cols) in [(1, 0..48), (20, 16..48), (37, 0..32)] {
+            let x = rng.uniform_f32(m * k, 1.0);
+            let Some(rows) = iw.amx_rows(&x, m) else {
+                return; // no AMX here: nothing to check
+            };
+            let mut products = vec![MaybeUninit::new(f32::NAN); m * 2 * h];
+            iw.rows_by_amx_rows_uninit((&rows, 0..m), 0..2 * h, &mut products);
+            let width = cols.len();
+            let mut out = vec![MaybeUninit::new(f32::NAN); m * width];
+            iw.rows_by_amx_rows_silu_uninit((&rows, 0..m), cols.clone(), &mut out);
+            for r in 0..m {
+                for (c, j) in cols.clone().enumerate() {
+                    // SAFETY: both kernels wrote every output (NaN would fail below).
+                    let (g, u, got) = unsafe {
+                        let p = &products[r * 2 * h..];
+                        (
+                            p[j].assume_init(),
+                            p[h + j].assume_init(),
+                            out[r * width + c].assume_init(),
+                        )
+                    };
+                    let want = crate::fastmath::silu(g) * u;
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{m} rows [{r},{j}]: {got} vs {want}"
+                    );
                 }
             }
         }
