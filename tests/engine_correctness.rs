@@ -290,29 +290,23 @@ fn bf16_weights_keep_greedy_tokens_close() {
 /// (and the GGUF's Q4_1 values do not fall on them): greedy tokens stay close to the f32
 /// reference, whether a product widens the weights step by step (up to 12 rows: the decode
 /// steps of the eight sequences) or a panel at a time for several tiles of rows (prefills, whole
-/// or in chunks of 24 tokens). Measured (Intel Xeon, 2026-12-06), both ways alike:
-/// [32, 32, 32, 32, 32, 9, 32, 17] tokens. A wrong kernel or scale parts at the first token.
+/// or in chunks of 24 tokens); and with `--dtype bf16` as well, whose products of 12 rows or
+/// more (the prefills here) run on the AMX unit where the CPU has it, rows and widened weights
+/// rounded to bf16. Measured (Intel Xeon, 2026-12-06), all four ways alike: [32, 32, 32, 32, 32,
+/// 9, 32, 17] tokens. A wrong kernel or scale parts at the first token.
 #[test]
 fn int8_weights_keep_greedy_tokens_close() {
-    for limits in [(16, 512, 256, 8192), (16, 512, 256, 24)] {
-        let agree = greedy_agreement(common::smollm_int8(), limits);
-        assert!(agree.iter().all(|&n| n >= 8), "tokens agreeing: {agree:?}");
-        let whole = agree.iter().filter(|&&n| n == TOKENS).count();
-        assert!(whole * 2 >= agree.len(), "tokens agreeing: {agree:?}");
-    }
-}
-
-/// `--quantization int8 --dtype bf16`: the same int8 weights, their products of 12 rows or more
-/// on the AMX unit where the CPU has it, rows and widened weights rounded to bf16 (prefills here;
-/// the decode steps of eight sequences keep the f32 kernel). Measured (Intel Xeon, 2026-12-06):
-/// [32, 32, 32, 32, 32, 9, 32, 17] tokens with whole prompts, the same in chunks of 24.
-#[test]
-fn int8_weights_with_bf16_products_keep_greedy_tokens_close() {
-    for limits in [(16, 512, 256, 8192), (16, 512, 256, 24)] {
-        let agree = greedy_agreement(common::smollm_int8_bf16(), limits);
-        assert!(agree.iter().all(|&n| n >= 8), "tokens agreeing: {agree:?}");
-        let whole = agree.iter().filter(|&&n| n == TOKENS).count();
-        assert!(whole * 2 >= agree.len(), "tokens agreeing: {agree:?}");
+    for (model, products) in [
+        (common::smollm_int8(), "f32"),
+        (common::smollm_int8_bf16(), "bf16"),
+    ] {
+        for limits in [(16, 512, 256, 8192), (16, 512, 256, 24)] {
+            let agree = greedy_agreement(model, limits);
+            let what = format!("{products} products, {limits:?}: tokens agreeing {agree:?}");
+            assert!(agree.iter().all(|&n| n >= 8), "{what}");
+            let whole = agree.iter().filter(|&&n| n == TOKENS).count();
+            assert!(whole * 2 >= agree.len(), "{what}");
+        }
     }
 }
 
