@@ -1,15 +1,18 @@
 //! The `vdpbf16ps` kernel: rows rounded to bf16, 32 products of bf16 pairs per instruction.
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use half::bf16;
 
 use super::super::x86::{Prefetch, sum4, walk_tiles};
 
+/// `dst[i] = bf16(src[i])`, rounded to nearest even; every element of `dst` is written.
+///
 /// # Safety
 /// AVX-512 F, BW and BF16 must be available; `src` and `dst` have the same length.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub unsafe fn round(src: &[f32], dst: &mut [bf16]) {
+pub unsafe fn round(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
     // SAFETY: 32 values per step while 32 remain; the rest one by one.
     unsafe {
         let mut i = 0;
@@ -21,7 +24,7 @@ pub unsafe fn round(src: &[f32], dst: &mut [bf16]) {
             i += 32;
         }
         for (d, s) in dst[i..].iter_mut().zip(&src[i..]) {
-            *d = bf16::from_f32(*s);
+            d.write(bf16::from_f32(*s));
         }
     }
 }

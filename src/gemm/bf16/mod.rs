@@ -236,11 +236,14 @@ impl Bf16Rows {
                 RowData::Pairs { pairs, stride }
             }
             _ => {
-                let mut dst = vec![bf16::ZERO; m * k];
-                dst.par_chunks_mut(k)
+                let mut dst = Vec::with_capacity(m * k);
+                dst.spare_capacity_mut()[..m * k]
+                    .par_chunks_mut(k)
                     .zip(x.par_chunks(k))
                     .with_min_len(8)
                     .for_each(|(d, s)| round_to_bf16(kernel, s, d));
+                // SAFETY: `round_to_bf16` wrote every element of the `m` rows of `k`.
+                unsafe { dst.set_len(m * k) };
                 RowData::Bf16(dst)
             }
         };
@@ -305,18 +308,20 @@ pub fn rows_by_weights_bf16_silu_uninit(
 }
 
 /// `dst[i] = bf16(src[i])`, rounded to nearest even (as `vcvtne2ps2bf16` does; subnormal inputs
-/// there become zero, which no activation of a model at work is).
-fn round_to_bf16(kernel: Bf16Kernel, src: &[f32], dst: &mut [bf16]) {
+/// there become zero, which no activation of a model at work is); every element of `dst` is
+/// written, so it need not be initialised.
+fn round_to_bf16(kernel: Bf16Kernel, src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+    assert_eq!(src.len(), dst.len(), "round_to_bf16: lengths");
     #[cfg(target_arch = "x86_64")]
-    if matches!(kernel, Bf16Kernel::Dot | Bf16Kernel::Amx) {
-        // SAFETY: `Bf16Rows::prepare`, the only caller, checked that this CPU has the kernel,
-        // and `Amx` needs what `Dot` does; the lengths are equal (rows of `k`).
+    if matches!(kernel, Bf16Kernel::Dot | Bf16Kernel::Amx) && kernel.runs_here() {
+        // SAFETY: this CPU has the kernel (checked), and `Amx` needs what `Dot` does; the
+        // lengths are equal (checked).
         unsafe { dot::round(src, dst) };
         return;
     }
     let _ = kernel;
     for (d, s) in dst.iter_mut().zip(src) {
-        *d = bf16::from_f32(*s);
+        d.write(bf16::from_f32(*s));
     }
 }
 
@@ -394,10 +399,9 @@ pub fn rows_by_weights_bf16_uninit(
 }
 
 /// `dst[i] = bf16(src[i])`, rounded to nearest even, 32 values per instruction where AMX runs
-/// (whose CPUs have AVX-512 BF16), one by one elsewhere: for callers preparing operands of
-/// [`amx_rows_by_weights`].
-pub fn round_for_amx(src: &[f32], dst: &mut [bf16]) {
-    assert_eq!(src.len(), dst.len(), "round_for_amx: lengths");
+/// (whose CPUs have AVX-512 BF16), one by one elsewhere: for callers preparing AMX operands (the
+/// int8 kernel's rows, `gemm::int8`). Every element of `dst` is written.
+pub fn round_for_amx(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
     let kernel = if Bf16Kernel::Amx.runs_here() {
         Bf16Kernel::Amx
     } else {
@@ -499,8 +503,10 @@ mod tests {
             if !kernels().contains(&kernel) {
                 continue;
             }
-            let mut got = vec![bf16::NAN; src.len()];
+            let mut got = vec![MaybeUninit::new(bf16::NAN); src.len()];
             round_to_bf16(kernel, &src, &mut got);
+            // SAFETY: every element was initialised (NaN) before the rounding overwrote it.
+            let got: Vec<bf16> = got.iter().map(|v| unsafe { v.assume_init() }).collect();
             assert_eq!(got, to_bf16(&src), "{kernel:?}");
         }
     }

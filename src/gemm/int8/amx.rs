@@ -23,17 +23,16 @@ use rayon::prelude::*;
 use super::{BLOCK, Int8Weights};
 use crate::gemm::PANEL;
 use crate::gemm::bf16::amx::{K_STEP, block_step, configured, zero_results};
+use crate::gemm::bf16::round_for_amx;
 
 /// Rows of a tile (x rows or pair rows), and features per B tile.
 const TILE: usize = 16;
 
-/// The f32 rows `x` (`[m, k]`) rounded to bf16, in rows of `k`, and 16 zero rows after them
-/// (so that a tile read from any row stays inside); rows in parallel (for a prefill of 8192
-/// rows this is tens of MB, which one thread would take milliseconds per product to convert).
-///
-/// # Safety
-/// AVX-512 F and BF16 must be available; `k % 32 == 0`; `x.len() >= m * k`.
-pub unsafe fn rows_to_bf16(x: &[f32], m: usize, k: usize) -> Vec<bf16> {
+/// The f32 rows `x` (`[m, k]`) rounded to bf16 (`bf16::round_for_amx`), in rows of `k`, and 16
+/// zero rows after them (so that a tile read from any row stays inside); rows in parallel,
+/// written once (for a prefill of 8192 rows this is tens of MB, which one thread would take
+/// milliseconds per product to convert).
+pub fn rows_to_bf16(x: &[f32], m: usize, k: usize) -> Vec<bf16> {
     let len = (m + TILE) * k;
     let mut dst = Vec::with_capacity(len);
     dst.spare_capacity_mut()[..len]
@@ -41,32 +40,12 @@ pub unsafe fn rows_to_bf16(x: &[f32], m: usize, k: usize) -> Vec<bf16> {
         .enumerate()
         .with_min_len(8)
         .for_each(|(r, row)| match r < m {
-            // SAFETY: the caller's contract; row `r` of `x` is `k` long, as is `row`.
-            true => unsafe { row_to_bf16(&x[r * k..][..k], row) },
+            true => round_for_amx(&x[r * k..][..k], row),
             false => row.fill(MaybeUninit::new(bf16::ZERO)),
         });
     // SAFETY: the `m + 16` rows of `k` cover `len`, and each was written above.
     unsafe { dst.set_len(len) };
     dst
-}
-
-/// `dst[i] = bf16(src[i])`, rounded to nearest even.
-///
-/// # Safety
-/// AVX-512 F and BF16 must be available; `src.len() == dst.len()`, a multiple of 32.
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn row_to_bf16(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
-    for (s, d) in src.chunks_exact(K_STEP).zip(dst.chunks_exact_mut(K_STEP)) {
-        // SAFETY: 32 values read from `s` and written to `d`, both that long.
-        unsafe {
-            let (lo, hi) = (
-                _mm512_loadu_ps(s.as_ptr()),
-                _mm512_loadu_ps(s.as_ptr().add(16)),
-            );
-            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-            _mm512_storeu_si512(d.as_mut_ptr().cast(), v);
-        }
-    }
 }
 
 /// Features `f .. f + 16` of `w` as one B operand: `k / 2` pair rows of 16 features,

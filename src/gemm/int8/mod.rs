@@ -126,9 +126,7 @@ impl Int8Weights {
             && x.len() >= m * self.k
             && super::bf16::Bf16Kernel::Amx.runs_here()
         {
-            // SAFETY: AVX-512 F and BF16 are available (`runs_here`), `k % 32 == 0`, `x` holds
-            // `m` rows (checked).
-            let values = unsafe { amx::rows_to_bf16(x, m, self.k) };
+            let values = amx::rows_to_bf16(x, m, self.k);
             return Some(AmxRows { values, m });
         }
         let _ = (x, m);
