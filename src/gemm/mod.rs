@@ -132,6 +132,29 @@ pub fn pack_for_many_rows(w: &[f32], n: usize, k: usize) -> Option<Vec<f32>> {
     None
 }
 
+/// Rows `ids` of an `[n, k]` matrix packed by [`pack_for_many_rows`], row-major `[ids.len(),
+/// k]`: the embedding lookup where the tied LM head is kept only as panels. `None` where an id
+/// is not below `n` or `panels` is shorter than `n` rows packed.
+pub fn unpack_rows(panels: &[f32], (n, k): (usize, usize), ids: &[u32]) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    if ids.iter().any(|&j| j as usize >= n) || panels.len() < n.div_ceil(PANEL) * PANEL * k {
+        return None;
+    }
+    let mut out = vec![0f32; ids.len() * k];
+    // A row is one value in each of its panel's `k` steps, 128 bytes apart.
+    out.par_chunks_mut(k.max(1))
+        .zip(ids.par_iter())
+        .with_min_len(64)
+        .for_each(|(row, &j)| {
+            let (p, c) = (j as usize / PANEL, j as usize % PANEL);
+            let panel = &panels[p * k * PANEL..][..k * PANEL];
+            for (v, step) in row.iter_mut().zip(panel.chunks_exact(PANEL)) {
+                *v = step[c];
+            }
+        });
+    Some(out)
+}
+
 /// `out[r * n + j] = x[r] . w[j]` for `x` `[m, k]` and weights packed by
 /// [`pack_for_many_rows`] (`packed::rows_by_packed`: the outer-product form on 12 x 32 tiles),
 /// into outputs not yet written (every one of the `m * n` is).
@@ -314,5 +337,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Any rows of packed panels, a ragged last panel included, come back as they were; an id
+    /// past the last row is refused.
+    #[test]
+    fn unpack_rows_gives_back_the_rows() {
+        let (n, k) = (70, 45);
+        let w = Rng64::new(5).uniform_f32(n * k, 1.0);
+        let Some(panels) = pack_for_many_rows(&w, n, k) else {
+            return; // no packed layout on this CPU
+        };
+        let ids = [0u32, 69, 31, 32, 64, 5, 5];
+        let rows = unpack_rows(&panels, (n, k), &ids).expect("ids below n");
+        for (i, &j) in ids.iter().enumerate() {
+            assert_eq!(&rows[i * k..][..k], &w[j as usize * k..][..k], "row {j}");
+        }
+        assert!(unpack_rows(&panels, (n, k), &[70]).is_none());
+        assert!(unpack_rows(&panels[..k], (n, k), &[0]).is_none());
+        assert_eq!(unpack_rows(&panels, (n, k), &[]), Some(vec![]));
     }
 }

@@ -2,8 +2,8 @@
 //! the outer-product form, each row value broadcast against the panel's two registers of a step,
 //! 12 rows x 32 features of accumulators (24 of the 32 registers), no horizontal sums at the end,
 //! and two 64-byte loads per 24 FMAs where the dot form (`avx512`) loads 22 per 48. The model
-//! packs its f32 projections once at load (`Linear::into_panels`); `linear` packs per product
-//! for rows of many rows against weights kept as rows (the LM head). The tiles of each panel
+//! packs its f32 projections and LM head once at load (`Linear::into_panels`); `linear` packs
+//! per product for many rows against weights kept as rows. The tiles of each panel
 //! prefetch the next one, each its share: decode steps stream the weights from memory, and
 //! without it they were 15-25% slower than the dot form (docs/cpu-performance.md).
 //!

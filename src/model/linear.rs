@@ -72,9 +72,24 @@ impl Linear {
         w + self.b.as_ref().map_or(0, size)
     }
 
+    /// Whether the weights are f32 panels.
+    pub(super) fn is_panels(&self) -> bool {
+        matches!(self.w, Weights::Panels { .. })
+    }
+
     /// Whether the weights are int8 blocks.
     pub(super) fn is_int8(&self) -> bool {
         matches!(self.w, Weights::Int8 { .. })
+    }
+
+    /// The weight rows `ids` (`[tokens]`, u32) as `[tokens, in]`, in the weights' dtype: the
+    /// token embedding, where a tied LM head holds it. Not for int8 blocks.
+    pub(super) fn weight_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.w {
+            Weights::Rows(w) => Ok(w.index_select(ids, 0)?),
+            Weights::Panels { panels, n, k } => matmul::panel_rows(panels, ids, (*n, *k)),
+            Weights::Int8 { .. } => anyhow::bail!("Linear::weight_rows: int8 blocks have no rows"),
+        }
     }
 
     /// The layout `quant` asks for: int8 blocks, or (without quantization) panels where the CPU
@@ -153,7 +168,7 @@ impl Linear {
     /// The same projection with f32 weights on the CPU packed into panels where the CPU runs
     /// the packed kernel (`gemm::pack_for_many_rows`: AVX-512), which then serves every row
     /// count; unchanged elsewhere. The rows are not kept: the panels hold the same values.
-    fn into_panels(self) -> Result<Self> {
+    pub(super) fn into_panels(self) -> Result<Self> {
         let w = match &self.w {
             Weights::Rows(w) if w.device().is_cpu() && w.dtype() == DType::F32 => w,
             _ => return Ok(self),
@@ -223,11 +238,27 @@ mod tests {
             assert!(diff(&int8, &want) < 0.05, "int8 error, {m} rows");
         }
         assert!(int8.is_int8() && !rows.is_int8() && !panels.is_int8());
-        let packed = matches!(panels.w, Weights::Panels { .. });
         assert_eq!(
-            packed,
+            panels.is_panels(),
             crate::gemm::pack_for_many_rows(&[0.0], 1, 1).is_some()
         );
+        assert!(!rows.is_panels() && !int8.is_panels());
+        // The rows the embedding looks up, from any layout but int8's; an id past the last
+        // row is an error.
+        let ids = Tensor::new(&[69u32, 0, 31, 32, 31], &Device::Cpu).unwrap();
+        let want = w.index_select(&ids, 0).unwrap();
+        for l in [&rows, &panels] {
+            let got = l.weight_rows(&ids).unwrap();
+            assert_eq!(
+                got.to_vec2::<f32>().unwrap(),
+                want.to_vec2::<f32>().unwrap()
+            );
+            assert!(
+                l.weight_rows(&Tensor::new(&[70u32], &Device::Cpu).unwrap())
+                    .is_err()
+            );
+        }
+        assert!(int8.weight_rows(&ids).is_err());
         // 1 byte per value plus an f32 scale per 32, and the f32 bias, against 4 bytes per value.
         let int8_bytes = (n.div_ceil(32) * 32 * (k + 4 * k / 32) + 4 * n) as u64;
         assert_eq!(int8.bytes(), int8_bytes);

@@ -97,16 +97,25 @@ pub fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
+/// Where the token embedding is looked up.
+#[derive(Clone)]
+enum Embedding {
+    /// Its own table `[vocab, hidden]`, which a tied LM head kept as rows shares (`shared`: its
+    /// bytes not counted twice).
+    Table { rows: Tensor, shared: bool },
+    /// The tied LM head's weights, packed into panels (f32 on CPUs with AVX-512): the table is
+    /// not kept twice.
+    InHead,
+}
+
 /// A loaded Llama-family model. Cloning shares the weights.
 #[derive(Clone)]
 pub struct Llama {
     dims: Dims,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
-    /// The LM head is the embedding matrix itself (not counted twice): tied, not quantized.
-    head_is_embed: bool,
     cos: Tensor,
     sin: Tensor,
     /// Of the activations (and norms, biases, rotary tables).
@@ -231,11 +240,18 @@ impl Llama {
             },
             None,
         );
-        // Never packed into panels (it runs on the sampled rows alone, few per step, which the
-        // dot form serves), but quantized where asked.
-        let lm_head = match quant {
-            Quantization::None => lm_head,
-            Quantization::Int8 => lm_head.into_int8(dtype)?,
+        // Laid out as the projections: the LM head runs on the sampled rows, up to one per
+        // sequence of a decode step, where the panels beat the dot form over rows (SmolLM2's
+        // 49152 x 576 on the Intel Xeon: 15-20% less time at 64 rows, 30% at 128 and 256;
+        // docs/cpu-performance.md). Tied and packed, it serves the embedding too.
+        let lm_head = lm_head.prepared(quant, dtype)?;
+        let embed = if tied && lm_head.is_panels() {
+            Embedding::InHead
+        } else {
+            Embedding::Table {
+                rows: embed,
+                shared: tied && quant == Quantization::None,
+            }
         };
         let (cos, sin) = rotary_tables(cfg, max_positions, device)?;
         Ok(Self {
@@ -243,7 +259,6 @@ impl Llama {
             embed,
             layers,
             norm,
-            head_is_embed: tied && quant == Quantization::None,
             lm_head,
             cos: cos.to_dtype(act)?,
             sin: sin.to_dtype(act)?,
@@ -308,10 +323,11 @@ impl Llama {
             ))
         })?;
         let mut x = timed(Kernel::Embedding, || {
-            Ok(self
-                .embed
-                .index_select(input_ids, 0)?
-                .to_dtype(self.dtype)?)
+            let rows = match &self.embed {
+                Embedding::Table { rows, .. } => rows.index_select(input_ids, 0)?,
+                Embedding::InHead => self.lm_head.weight_rows(input_ids)?,
+            };
+            Ok(rows.to_dtype(self.dtype)?)
         })?;
         // Each residual add goes with the norm that follows it (`residual_rms_norm`, one kernel),
         // except after the last layer, whose norm runs only on the sampled rows (`logits`).
@@ -381,11 +397,12 @@ impl Llama {
                     + l.down.bytes()
             })
             .sum();
-        let head = if self.head_is_embed {
-            0
-        } else {
-            self.lm_head.bytes()
+        let (embed, head) = match &self.embed {
+            Embedding::Table { rows, shared } => {
+                (size(rows), if *shared { 0 } else { self.lm_head.bytes() })
+            }
+            Embedding::InHead => (0, self.lm_head.bytes()),
         };
-        layers + size(&self.embed) + size(&self.norm) + head
+        layers + embed + size(&self.norm) + head
     }
 }

@@ -261,6 +261,46 @@ impl CustomOp2 for PanelMatmul {
     }
 }
 
+/// Rows `ids` (`[tokens]`, u32) of an `[n, k]` matrix packed into panels, as `[tokens, k]`:
+/// the token embedding where the tied LM head keeps it only as panels (`gemm::unpack_rows`).
+pub fn panel_rows(panels: &Tensor, ids: &Tensor, (n, k): (usize, usize)) -> Result<Tensor> {
+    Ok(panels.apply_op2_no_bwd(ids, &PanelRows { n, k })?)
+}
+
+/// [`panel_rows`]' op.
+struct PanelRows {
+    n: usize,
+    k: usize,
+}
+
+impl CustomOp2 for PanelRows {
+    fn name(&self) -> &'static str {
+        "panel-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ps: &CpuStorage,
+        pl: &Layout,
+        is: &CpuStorage,
+        il: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(p), CpuStorage::U32(ids)) = (ps, is) else {
+            candle_core::bail!("panel_rows: f32 panels and u32 ids only");
+        };
+        let (Some((pa, pb)), Some((ia, ib))) = (pl.contiguous_offsets(), il.contiguous_offsets())
+        else {
+            candle_core::bail!("panel_rows: inputs must be contiguous");
+        };
+        let (n, k, ids) = (self.n, self.k, &ids[ia..ib]);
+        let Some(rows) = crate::gemm::unpack_rows(&p[pa..pb], (n, k), ids) else {
+            let max = ids.iter().max().copied().unwrap_or(0);
+            candle_core::bail!("panel_rows: id {max} of {} ids, {n} rows", ids.len());
+        };
+        Ok((CpuStorage::F32(rows), Shape::from((ids.len(), k))))
+    }
+}
+
 /// The contiguous operands of `x W^T` on the CPU, and its `(m, n, k)`.
 struct Operands<'a, T> {
     x: &'a [f32],
