@@ -1,7 +1,8 @@
 //! The quantized CPU matmuls against the dequantized f32 one the engine runs, on SmolLM2's fused
 //! gate/up projection (3072 x 576) for decode steps (1 to 64 rows) and a prefill chunk (512
 //! rows): candle's Q4_1 kernels (what the GGUF holds), our int8 blocks (`--quantization int8`,
-//! AVX-512 CPUs; `int8_bf16` as with `--dtype bf16`: on AMX from 12 rows), f32 as rows
+//! AVX-512 CPUs; `int8_bf16` as with `--dtype bf16`: on AMX from 12 rows) and 4-bit blocks
+//! (`--quantization int4`, Q4_1's scheme), f32 as rows
 //! (`model::matmul::linear`) and, where the CPU has AVX-512, packed into panels at load as the
 //! model keeps them (`f32_panels`), and bf16 weights (`--dtype bf16`).
 //! `cargo bench --bench matmul`.
@@ -13,9 +14,10 @@ use candle_core::{DType, Device, Module, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::bf16;
 use offline_bench::gemm::bf16::{Bf16Kernel, Bf16Rows, rows_by_weights_bf16};
+use offline_bench::gemm::int4::Int4Weights;
 use offline_bench::gemm::int8::Int8Weights;
 use offline_bench::model::linear::Linear;
-use offline_bench::model::matmul::{linear, linear_int8};
+use offline_bench::model::matmul::{linear, linear_int4, linear_int8};
 
 /// The binary's allocator, so that buffers are aligned as in a run (`heap`).
 #[global_allocator]
@@ -29,7 +31,9 @@ fn matmul(c: &mut Criterion) {
     let qm = QMatMul::from_qtensor(q).expect("qmatmul");
     let wb = w.to_dtype(DType::BF16).expect("bf16 weights");
     let values = w.flatten_all().and_then(|v| v.to_vec1::<f32>());
-    let int8 = std::sync::Arc::new(Int8Weights::quantize(&values.expect("values"), n, k));
+    let values = values.expect("values");
+    let int8 = std::sync::Arc::new(Int8Weights::quantize(&values, n, k));
+    let int4 = std::sync::Arc::new(Int4Weights::quantize(&values, n, k));
     let has_int8 = offline_bench::device::cpu_has_avx512_bw();
     let has_panels = offline_bench::gemm::pack_for_many_rows(&[0.0], 1, 1).is_some();
     let panels = Linear::projection(w.clone()).expect("panels");
@@ -46,6 +50,9 @@ fn matmul(c: &mut Criterion) {
             });
             g.bench_with_input(BenchmarkId::new("int8_bf16", rows), &x, |b, x| {
                 b.iter(|| black_box(linear_int8(x, &int8, true).expect("int8 matmul, bf16")))
+            });
+            g.bench_with_input(BenchmarkId::new("int4", rows), &x, |b, x| {
+                b.iter(|| black_box(linear_int4(x, &int4).expect("int4 matmul")))
             });
         }
         g.bench_with_input(BenchmarkId::new("f32", rows), &x, |b, x| {

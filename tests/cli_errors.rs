@@ -292,6 +292,23 @@ fn bad_flag_values() {
         ],
         &["--quantization int8", "--dtype", "f16"],
     );
+    // int4 weights compute in f32 only.
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            "smollm2-135m",
+            "--load-format",
+            "dummy",
+            "--prompt",
+            "x",
+            "--quantization",
+            "int4",
+            "--dtype",
+            "bf16",
+        ],
+        &["--quantization int4", "--dtype f32", "bf16"],
+    );
     // An engine flag is checked before the workload is sampled.
     let gguf = path_str(&common::smollm_gguf());
     let args = [

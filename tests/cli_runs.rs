@@ -258,34 +258,40 @@ fn dummy_throughput(json: &Path, args: &[&str]) -> (String, serde_json::Value) {
     (out, v)
 }
 
+/// int8 weights with bf16 products, and int4 weights (f32 products, the LM head int8): both
+/// run and say so in the report, whose weight bytes are the quantized ones.
 #[test]
-fn int8_weights_with_bf16_products_run_and_are_reported() {
+fn quantized_weights_run_and_are_reported() {
     if !offline_bench::device::cpu_has_avx512_bw() {
         return; // refused without AVX-512 (its one-line error: `check_quantization`)
     }
     let dir = tempfile::tempdir().unwrap();
-    let args = [
-        "--dataset-name",
-        "random",
-        "--input-len",
-        "40",
-        "--output-len",
-        "4",
-    ];
-    let mut args = args.to_vec();
-    args.extend([
-        "--num-prompts",
-        "4",
-        "--quantization",
-        "int8",
-        "--dtype",
-        "bf16",
-    ]);
-    let (_, v) = dummy_throughput(&dir.path().join("q.json"), &args);
-    assert_eq!(v["model"]["quantization"], "int8");
-    assert_eq!(v["model"]["dtype"], "bf16");
-    assert_eq!(v["num_generations"], 4);
-    assert_eq!(v["total_output_tokens"], 16);
+    let mut bytes = Vec::new();
+    for (quant, dtype) in [("int8", "bf16"), ("int4", "f32")] {
+        let args = [
+            "--dataset-name",
+            "random",
+            "--input-len",
+            "40",
+            "--output-len",
+            "4",
+            "--num-prompts",
+            "4",
+            "--quantization",
+            quant,
+            "--dtype",
+            dtype,
+        ];
+        let (_, v) = dummy_throughput(&dir.path().join(format!("{quant}.json")), &args);
+        assert_eq!(v["model"]["quantization"], quant);
+        assert_eq!(v["model"]["dtype"], dtype);
+        assert_eq!(v["num_generations"], 4);
+        assert_eq!(v["total_output_tokens"], 16);
+        bytes.push(v["model"]["weight_bytes"].as_u64().unwrap());
+    }
+    // SmolLM2's projections (106M weights) at 0.75 bytes instead of 1.125: 40 MB fewer.
+    let saved = bytes[0] - bytes[1];
+    assert!((35_000_000..45_000_000).contains(&saved), "{bytes:?}");
 }
 
 #[test]

@@ -310,6 +310,25 @@ fn int8_weights_keep_greedy_tokens_close() {
     }
 }
 
+/// `--quantization int4` rounds each block of 32 weights to 16 levels between its smallest and
+/// largest value, and keeps the LM head int8: the GGUF's Q4_1 projections and Q8_0 embedding
+/// are such levels, so they come back as stored and only the order of the products' f32 sums
+/// differs from the f32 reference, in decode steps (one tile of rows, widened step by step) and
+/// prefills (panels widened once for many tiles), whole or chunked. Measured (Intel Xeon,
+/// 2026-12-06): all 32 tokens of all 8 prompts both ways; the bound leaves one prompt room to
+/// part late at a near-tie. A wrong code, scale or minimum parts at once (an int4 LM head did:
+/// [10, 3, 6, 3, 11, 0, 6, 14]).
+#[test]
+fn int4_weights_keep_greedy_tokens() {
+    for limits in [(16, 512, 256, 8192), (16, 512, 256, 24)] {
+        let agree = greedy_agreement(common::smollm_int4(), limits);
+        let what = format!("{limits:?}: tokens agreeing {agree:?}");
+        assert!(agree.iter().all(|&n| n >= 16), "{what}");
+        let whole = agree.iter().filter(|&&n| n == TOKENS).count();
+        assert!(whole + 1 >= agree.len(), "{what}");
+    }
+}
+
 /// An fp8 cache rounds every K and V to 3 mantissa bits: greedy tokens stay close to the f32
 /// reference, in one batch and with chunked prompts reading K/V from the prefix cache. (Not
 /// equal between the two: the products' f32 sums change order with the batch's shape, and the

@@ -169,10 +169,7 @@ impl Setup {
                 // Which kernel this CPU's bf16 products ran (it is chosen by measurement), or
                 // its int8 ones with bf16's precision.
                 "cpu_bf16_products": (self.device.is_cpu() && self.dtype == DType::BF16)
-                    .then(|| match self.quantization {
-                        Quantization::None => crate::gemm::bf16::Bf16Kernel::describe(),
-                        Quantization::Int8 => crate::gemm::int8::describe_bf16_products(),
-                    }),
+                    .then(|| self.quantization.describe_bf16_products()),
                 "parameters": self.info.config.num_parameters(),
                 "weight_bytes": model.weight_bytes(),
                 "tokenizer": self.info.tokenizer.as_ref().map(|t| t.source.clone()),
@@ -257,21 +254,27 @@ fn check_quantization(
     device: crate::device::DeviceSpec,
     dtype: DType,
 ) -> Result<()> {
+    let name = quant.name();
     if quant == Quantization::None {
         return Ok(());
     }
     if device != crate::device::DeviceSpec::Cpu {
-        bail!("--quantization int8 runs on the CPU only; on CUDA choose the weights' --dtype");
+        bail!("--quantization {name} runs on the CPU only; on CUDA choose the weights' --dtype");
     }
-    if dtype != DType::F32 && dtype != DType::BF16 {
-        bail!(
-            "--quantization int8 computes in f32 or bf16: use it with --dtype f32, bf16 or auto, not {}",
+    match quant {
+        Quantization::Int4 if dtype != DType::F32 => bail!(
+            "--quantization int4 computes in f32: use it with --dtype f32 or auto, not {}",
             dtype_name(dtype)
-        );
+        ),
+        _ if dtype != DType::F32 && dtype != DType::BF16 => bail!(
+            "--quantization {name} computes in f32 or bf16: use it with --dtype f32, bf16 or auto, not {}",
+            dtype_name(dtype)
+        ),
+        _ => {}
     }
     if !crate::device::cpu_has_avx512_bw() {
         bail!(
-            "--quantization int8 needs a CPU with AVX-512 (its kernel); without it, keep the f32 weights"
+            "--quantization {name} needs a CPU with AVX-512 (its kernel); without it, keep the f32 weights"
         );
     }
     Ok(())

@@ -1,7 +1,8 @@
 //! Single-threaded matrix products for the CPU kernels (which parallelise across their own work
 //! items): f32 through the `gemm` crate with every access bounds-checked up front, few f32 rows
 //! against weight rows (`rows_by_weights`), f32 rows against bf16 weights (`bf16`, whose rows
-//! are prepared once per product in parallel), and against int8 weights (`int8`).
+//! are prepared once per product in parallel), and against int8 and 4-bit weights (`int8`,
+//! `int4`).
 
 use std::mem::MaybeUninit;
 
@@ -273,6 +274,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod bf16;
+pub mod int4;
 pub mod int8;
 #[cfg(target_arch = "x86_64")]
 mod packed;

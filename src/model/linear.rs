@@ -1,5 +1,5 @@
 //! `x W^T + b`, the projections of a layer and the LM head, in the weight layout the load chose:
-//! rows as loaded, f32 panels for the packed CPU kernel, or int8 blocks.
+//! rows as loaded, f32 panels for the packed CPU kernel, or int8 or int4 blocks.
 
 use std::sync::Arc;
 
@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::Quantization;
 use super::matmul;
+use crate::gemm::int4::Int4Weights;
 use crate::gemm::int8::Int8Weights;
 
 /// The weights of a [`Linear`], in the one form its products run on.
@@ -25,6 +26,8 @@ enum Weights {
         q: Arc<Int8Weights>,
         bf16_products: bool,
     },
+    /// 4-bit blocks (`--quantization int4`: [`Linear::into_int4`]), f32 products.
+    Int4(Arc<Int4Weights>),
 }
 
 /// `x W^T + b`, with `W` as `[out, in]`.
@@ -40,6 +43,7 @@ impl Linear {
             Weights::Rows(w) => matmul::linear(x, w)?,
             Weights::Panels { panels, n, k } => matmul::linear_panels(x, panels, (*n, *k))?,
             Weights::Int8 { q, bf16_products } => matmul::linear_int8(x, q, *bf16_products)?,
+            Weights::Int4(q) => matmul::linear_int4(x, q)?,
         };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
@@ -68,6 +72,7 @@ impl Linear {
         let w = match &self.w {
             Weights::Rows(w) | Weights::Panels { panels: w, .. } => size(w),
             Weights::Int8 { q, .. } => q.bytes(),
+            Weights::Int4(q) => q.bytes(),
         };
         w + self.b.as_ref().map_or(0, size)
     }
@@ -77,9 +82,14 @@ impl Linear {
         matches!(self.w, Weights::Panels { .. })
     }
 
-    /// Whether the weights are int8 blocks.
-    pub(super) fn is_int8(&self) -> bool {
-        matches!(self.w, Weights::Int8 { .. })
+    /// Bytes per weight as stored, where quantized: a code and its share of its block's scale
+    /// (and minimum); `None` for weights in a dtype.
+    pub(super) fn quantized_bytes_per_weight(&self) -> Option<f64> {
+        match self.w {
+            Weights::Int8 { .. } => Some(1.0 + 4.0 / crate::gemm::int8::BLOCK as f64),
+            Weights::Int4(_) => Some(0.5 + 8.0 / crate::gemm::int4::BLOCK as f64),
+            Weights::Rows(_) | Weights::Panels { .. } => None,
+        }
     }
 
     /// The weight rows `ids` (`[tokens]`, u32) as `[tokens, in]`, in the weights' dtype: the
@@ -88,7 +98,9 @@ impl Linear {
         match &self.w {
             Weights::Rows(w) => Ok(w.index_select(ids, 0)?),
             Weights::Panels { panels, n, k } => matmul::panel_rows(panels, ids, (*n, *k)),
-            Weights::Int8 { .. } => anyhow::bail!("Linear::weight_rows: int8 blocks have no rows"),
+            Weights::Int8 { .. } | Weights::Int4(_) => {
+                anyhow::bail!("Linear::weight_rows: quantized blocks have no rows")
+            }
         }
     }
 
@@ -98,25 +110,41 @@ impl Linear {
         match quant {
             Quantization::None => self.into_panels(),
             Quantization::Int8 => self.into_int8(dtype),
+            Quantization::Int4 => self.into_int4(),
         }
+    }
+
+    /// The same projection with its weights quantized to 4-bit blocks (`gemm::int4`); the
+    /// values it had are not kept.
+    pub(super) fn into_int4(self) -> Result<Self> {
+        let (values, (n, k)) = self.row_values("into_int4")?;
+        Ok(Self {
+            w: Weights::Int4(Arc::new(Int4Weights::quantize(&values, n, k))),
+            b: self.b,
+        })
+    }
+
+    /// The weights as f32 rows, for a quantization (`op` names it in the error where the
+    /// weights are not rows).
+    fn row_values(&self, op: &str) -> Result<(Vec<f32>, (usize, usize))> {
+        let Weights::Rows(w) = &self.w else {
+            anyhow::bail!("Linear::{op}: weights are quantized from rows");
+        };
+        let values = w.to_dtype(DType::F32)?.contiguous()?.flatten_all()?;
+        Ok((values.to_vec1::<f32>()?, w.dims2()?))
     }
 
     /// The same projection with its weights quantized to int8 blocks (`gemm::int8`), their
     /// products computed with `dtype`'s precision where it is bf16 (`matmul::linear_int8`); the
     /// values it had are not kept.
     pub(super) fn into_int8(self, dtype: DType) -> Result<Self> {
-        let w = match &self.w {
-            Weights::Int8 { .. } => return Ok(self),
-            Weights::Rows(w) => w,
-            Weights::Panels { .. } => {
-                anyhow::bail!("Linear::into_int8: weights are quantized from rows, not panels")
-            }
-        };
-        let (n, k) = w.dims2()?;
-        let values = w.to_dtype(DType::F32)?.contiguous()?.flatten_all()?;
+        if matches!(self.w, Weights::Int8 { .. }) {
+            return Ok(self);
+        }
+        let (values, (n, k)) = self.row_values("into_int8")?;
         Ok(Self {
             w: Weights::Int8 {
-                q: Arc::new(Int8Weights::quantize(&values.to_vec1::<f32>()?, n, k)),
+                q: Arc::new(Int8Weights::quantize(&values, n, k)),
                 bf16_products: dtype == DType::BF16,
             },
             b: self.b,
@@ -131,7 +159,7 @@ impl Linear {
                 Weights::Int8 { q, bf16_products } => {
                     matmul::int8_gate_up_silu_fuses(x, q, *bf16_products)?
                 }
-                Weights::Panels { .. } => false,
+                Weights::Panels { .. } | Weights::Int4(_) => false,
             })
     }
 
@@ -141,7 +169,9 @@ impl Linear {
         match &self.w {
             Weights::Rows(w) => matmul::gate_up_silu(x, w),
             Weights::Int8 { q, .. } => matmul::int8_gate_up_silu(x, q),
-            Weights::Panels { .. } => anyhow::bail!("Linear::silu_mul: f32 panels do not fuse"),
+            Weights::Panels { .. } | Weights::Int4(_) => {
+                anyhow::bail!("Linear::silu_mul: f32 panels and int4 blocks do not fuse")
+            }
         }
     }
 
@@ -215,10 +245,12 @@ mod tests {
         // Products with bf16's precision (on AMX from `INT8_AMX_MIN_ROWS` rows, where it runs).
         let int8_bf16 = laid_out(Quantization::Int8, DType::BF16);
         let panels = laid_out(Quantization::None, DType::F32);
-        let Weights::Int8 { q, .. } = &int8.w else {
-            panic!("not int8")
+        let int4 = laid_out(Quantization::Int4, DType::F32);
+        let (Weights::Int8 { q, .. }, Weights::Int4(q4)) = (&int8.w, &int4.w) else {
+            panic!("not int8 and int4")
         };
         let dequantized = Tensor::from_vec(q.dequantize(), (n, k), &Device::Cpu).unwrap();
+        let dequantized4 = Tensor::from_vec(q4.dequantize(), (n, k), &Device::Cpu).unwrap();
         let product = |x: &Tensor, w: &Tensor| {
             let y = x.matmul(&w.t().unwrap()).unwrap();
             y.broadcast_add(&b).unwrap()
@@ -226,18 +258,24 @@ mod tests {
         for m in [1, 5, 12, 80] {
             let x = weights(m, k);
             let (want, want8) = (product(&x, &w), product(&x, &dequantized));
+            let want4 = product(&x, &dequantized4);
             let diff = |l: &Linear, want: &Tensor| max_diff(&l.forward(&x).unwrap(), want);
             assert!(diff(&rows, &want) < 1e-4, "rows, {m} rows");
             assert!(diff(&panels, &want) < 1e-4, "panels, {m} rows");
             assert!(diff(&int8, &want8) < 1e-4, "int8, {m} rows");
+            assert!(diff(&int4, &want4) < 1e-4, "int4, {m} rows");
             assert!(
                 diff(&int8_bf16, &want8) < 5e-3,
                 "int8, bf16 products, {m} rows"
             );
-            // int8 against the unquantized weights: about half a step per weight.
+            // Against the unquantized weights: about half a step (int8) or level (int4) per weight.
             assert!(diff(&int8, &want) < 0.05, "int8 error, {m} rows");
+            assert!(diff(&int4, &want) < 0.1, "int4 error, {m} rows");
         }
-        assert!(int8.is_int8() && !rows.is_int8() && !panels.is_int8());
+        assert_eq!(int8.quantized_bytes_per_weight(), Some(1.125));
+        assert_eq!(int4.quantized_bytes_per_weight(), Some(0.75));
+        assert_eq!(rows.quantized_bytes_per_weight(), None);
+        assert_eq!(panels.quantized_bytes_per_weight(), None);
         assert_eq!(
             panels.is_panels(),
             crate::gemm::pack_for_many_rows(&[0.0], 1, 1).is_some()
@@ -258,7 +296,7 @@ mod tests {
                     .is_err()
             );
         }
-        assert!(int8.weight_rows(&ids).is_err());
+        assert!(int8.weight_rows(&ids).is_err() && int4.weight_rows(&ids).is_err());
         // 1 byte per value plus an f32 scale per 32, and the f32 bias, against 4 bytes per value.
         let int8_bytes = (n.div_ceil(32) * 32 * (k + 4 * k / 32) + 4 * n) as u64;
         assert_eq!(int8.bytes(), int8_bytes);

@@ -244,7 +244,12 @@ impl Llama {
         // sequence of a decode step, where the panels beat the dot form over rows (SmolLM2's
         // 49152 x 576 on the Intel Xeon: 15-20% less time at 64 rows, 30% at 128 and 256;
         // docs/cpu-performance.md). Tied and packed, it serves the embedding too.
-        let lm_head = lm_head.prepared(quant, dtype)?;
+        // Under int4 projections the head keeps int8, as llama.cpp's 4-bit files keep theirs
+        // at 6 or 8 bits: 16 levels a block in the head moved SmolLM2's greedy tokens at once.
+        let lm_head = match quant {
+            Quantization::Int4 => lm_head.into_int8(dtype)?,
+            quant => lm_head.prepared(quant, dtype)?,
+        };
         let embed = if tied && lm_head.is_panels() {
             Embedding::InHead
         } else {
@@ -281,14 +286,15 @@ impl Llama {
         self.weight_dtype
     }
 
-    /// Bytes per weight of the projections and the LM head as stored: the dtype's, or an int8
-    /// value and its share of its block's f32 scale.
-    pub fn bytes_per_weight(&self) -> f64 {
-        if self.lm_head.is_int8() {
-            1.0 + 4.0 / crate::gemm::int8::BLOCK as f64
-        } else {
-            self.weight_dtype.size_in_bytes() as f64
-        }
+    /// Bytes per weight as stored, of the projections and of the LM head: the dtype's, or a
+    /// quantized code and its share of its block's scale (and minimum).
+    pub fn bytes_per_weight(&self) -> (f64, f64) {
+        let of = |l: &Linear| {
+            l.quantized_bytes_per_weight()
+                .unwrap_or(self.weight_dtype.size_in_bytes() as f64)
+        };
+        let head = of(&self.lm_head);
+        (self.layers.first().map_or(head, |l| of(&l.down)), head)
     }
 
     pub fn device(&self) -> &Device {

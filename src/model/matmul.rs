@@ -14,6 +14,7 @@ use crate::util::Disjoint;
 use crate::gemm::bf16::{
     Bf16Kernel, Bf16Rows, rows_by_weights_bf16_silu_uninit, rows_by_weights_bf16_uninit, silu_fits,
 };
+use crate::gemm::int4::Int4Weights;
 use crate::gemm::int8::Int8Weights;
 use crate::gemm::{PANEL, rows_by_packed_uninit, rows_by_weights_uninit};
 
@@ -130,18 +131,8 @@ impl CustomOp1 for Int8Matmul {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(x) = xs else {
-            candle_core::bail!("int8_matmul: f32 rows only");
-        };
-        let Some((a, b)) = xl.contiguous_offsets() else {
-            candle_core::bail!("int8_matmul: rows must be contiguous");
-        };
-        let x = &x[a..b];
-        let (m, k) = xl.shape().dims2()?;
         let w = &self.w;
-        if k != w.k {
-            candle_core::bail!("int8_matmul: {m}x{k} by ({}x{})^T", w.n, w.k);
-        }
+        let (x, m, k) = quantized_operand("int8_matmul", (xs, xl), (w.n, w.k))?;
         let amx = match self.bf16_products && m >= INT8_AMX_MIN_ROWS {
             true => w.amx_rows(x, m),
             false => None,
@@ -185,6 +176,59 @@ impl CustomOp1 for Int8Matmul {
         };
         Ok((CpuStorage::F32(out), Shape::from((m, w.n))))
     }
+}
+
+/// `x W^T` for f32 rows and 4-bit weights (`gemm::int4`, `--quantization int4`), by the packed
+/// kernel over the 4-bit panels, split as [`linear_panels`] splits. On CPUs without AVX-512
+/// (where `--quantization int4` is refused) by [`linear`] over the weights dequantized for this
+/// product.
+pub fn linear_int4(x: &Tensor, w: &Arc<Int4Weights>) -> Result<Tensor> {
+    if !crate::device::cpu_has_avx512_bw() {
+        let rows = Tensor::from_vec(w.dequantize(), (w.n, w.k), x.device())?;
+        return linear(x, &rows);
+    }
+    Ok(x.apply_op1_no_bwd(&Int4Matmul(w.clone()))?)
+}
+
+/// [`linear_int4`]'s op.
+struct Int4Matmul(Arc<Int4Weights>);
+
+impl CustomOp1 for Int4Matmul {
+    fn name(&self) -> &'static str {
+        "int4-matmul"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = &self.0;
+        let (x, m, k) = quantized_operand("int4_matmul", (xs, xl), (w.n, w.k))?;
+        // SAFETY: the kernel writes every output of its block.
+        let out = unsafe {
+            split_product((m, w.n), m <= SPLIT_MAX_ROWS, PANEL, |rows, cols, part| {
+                w.rows_by_weights_uninit((rows.len(), &x[rows.start * k..]), cols, part)
+            })
+        };
+        Ok((CpuStorage::F32(out), Shape::from((m, w.n))))
+    }
+}
+
+/// The contiguous f32 rows `[m, k]` of a product with quantized weights of `n` rows of `k`,
+/// and `(m, k)`; `op` names the op in errors.
+fn quantized_operand<'a>(
+    op: &str,
+    (xs, xl): (&'a CpuStorage, &Layout),
+    (n, wk): (usize, usize),
+) -> candle_core::Result<(&'a [f32], usize, usize)> {
+    let CpuStorage::F32(x) = xs else {
+        candle_core::bail!("{op}: f32 rows only");
+    };
+    let Some((a, b)) = xl.contiguous_offsets() else {
+        candle_core::bail!("{op}: rows must be contiguous");
+    };
+    let (m, k) = xl.shape().dims2()?;
+    if k != wk {
+        candle_core::bail!("{op}: {m}x{k} by ({n}x{wk})^T");
+    }
+    Ok((&x[a..b], m, k))
 }
 
 /// Whether [`gate_up_silu`] runs for rows `x` and a gate/up matrix `w`: on the CPU, bf16

@@ -52,6 +52,9 @@ pub enum Quantization {
     /// int8 in blocks of 32 values with an f32 scale each (llama.cpp's Q8_0 scheme; CPU with
     /// AVX-512, f32 activations): a quarter of f32's weight bytes.
     Int8,
+    /// 4-bit codes in blocks of 32 values with an f32 scale and minimum each (llama.cpp's Q4_1
+    /// scheme; CPU with AVX-512, f32 activations and products): 0.75 bytes a weight.
+    Int4,
 }
 
 impl Quantization {
@@ -59,6 +62,17 @@ impl Quantization {
         match self {
             Self::None => "none",
             Self::Int8 => "int8",
+            Self::Int4 => "int4",
+        }
+    }
+
+    /// One line for the user: how products with bf16's precision (`--dtype bf16` on the CPU)
+    /// run with these weights on this CPU.
+    pub fn describe_bf16_products(self) -> String {
+        match self {
+            Self::None => crate::gemm::bf16::Bf16Kernel::describe(),
+            Self::Int8 => crate::gemm::int8::describe_bf16_products(),
+            Self::Int4 => "int4 products: f32 only (--dtype bf16 is refused with int4)".into(),
         }
     }
 }
@@ -239,9 +253,14 @@ pub fn load_weights(
     let cfg = &info.config;
     let need = match quant {
         Quantization::None => cfg.num_parameters() * dtype.size_in_bytes() as u64,
-        // A byte and an eighth per weight, and the embedding kept in f32 as well.
+        // A byte and an eighth (int8) or three quarters (int4, its LM head int8) per weight,
+        // and the embedding kept in f32 as well.
         Quantization::Int8 => {
             cfg.num_parameters() * 9 / 8 + (cfg.vocab_size * cfg.hidden_size * 4) as u64
+        }
+        Quantization::Int4 => {
+            let head = (cfg.vocab_size * cfg.hidden_size) as u64;
+            cfg.num_parameters() * 3 / 4 + head * 3 / 8 + head * 4
         }
     };
     if device.is_cpu()
@@ -273,16 +292,13 @@ pub fn load_weights(
         }
     }
     if device.is_cpu() && dtype == DType::BF16 {
-        progress.info(match quant {
-            Quantization::None => crate::gemm::bf16::Bf16Kernel::describe(),
-            Quantization::Int8 => crate::gemm::int8::describe_bf16_products(),
-        });
+        progress.info(quant.describe_bf16_products());
     }
-    // int8 weights are quantized from the source's f32 values, whatever precision their
+    // Quantized weights are made from the source's f32 values, whatever precision their
     // products then keep (`dtype`).
     let source_dtype = match quant {
         Quantization::None => dtype,
-        Quantization::Int8 => DType::F32,
+        Quantization::Int8 | Quantization::Int4 => DType::F32,
     };
     let bar = progress.bar(cfg.num_hidden_layers as u64, "loading");
     let on_layer = |_: usize| bar.inc(1);

@@ -392,7 +392,7 @@ mod tests {
         let costs = ModelCosts {
             linear_params: 1e6,
             head_params: 1e5,
-            weight_elem_bytes: 4.0,
+            weight_elem_bytes: (4.0, 4.0),
             kv_token_bytes: 100.0,
             attn_pair_flops: 10.0,
         };

@@ -132,7 +132,9 @@ pub struct ModelCosts {
     pub linear_params: f64,
     /// Parameters of the LM head.
     pub head_params: f64,
-    pub weight_elem_bytes: f64,
+    /// Bytes per weight as stored: the projections', the LM head's (they differ where the
+    /// head keeps int8 under int4 projections).
+    pub weight_elem_bytes: (f64, f64),
     /// K and V bytes of one token, all layers.
     pub kv_token_bytes: f64,
     /// FLOPs of one (query, key) pair: q.k and p.v for every head of every layer.
@@ -140,8 +142,9 @@ pub struct ModelCosts {
 }
 
 impl ModelCosts {
-    /// `weight_elem_bytes`: bytes per projection weight as stored (`Llama::bytes_per_weight`).
-    pub fn new(d: &Dims, weight_elem_bytes: f64, kv_token_bytes: u64) -> Self {
+    /// `weight_elem_bytes`: bytes per weight as stored, the projections' and the LM head's
+    /// (`Llama::bytes_per_weight`).
+    pub fn new(d: &Dims, weight_elem_bytes: (f64, f64), kv_token_bytes: u64) -> Self {
         let (h, q, kv) = (
             d.hidden as f64,
             (d.heads * d.head_dim) as f64,
@@ -158,7 +161,8 @@ impl ModelCosts {
     }
 
     fn weight_bytes(&self) -> f64 {
-        (self.linear_params + self.head_params) * self.weight_elem_bytes
+        let (projection, head) = self.weight_elem_bytes;
+        self.linear_params * projection + self.head_params * head
     }
 
     /// The whole prefill of `s` in `steps` steps: every prompt token through the projections,
@@ -208,7 +212,7 @@ mod tests {
     #[test]
     fn counts_match_the_parameter_count() {
         // SmolLM2-135M: 134.5M parameters, of which 28.3M embedding (tied LM head) and the norms.
-        let c = ModelCosts::new(&smollm2(), 4.0, 2 * 30 * 3 * 64 * 2);
+        let c = ModelCosts::new(&smollm2(), (4.0, 4.0), 2 * 30 * 3 * 64 * 2);
         let norms = (30 * 2 + 1) * 576;
         let total = c.linear_params + c.head_params + norms as f64;
         assert!((total - 134_515_008.0).abs() < 1.0, "{total}");

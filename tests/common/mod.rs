@@ -83,6 +83,12 @@ pub fn smollm_int8_bf16() -> &'static Llama {
     MODEL.get_or_init(|| load_smollm(DType::BF16, Quantization::Int8).1)
 }
 
+/// SmolLM2 with 4-bit weights (`--quantization int4`), loaded once per test binary.
+pub fn smollm_int4() -> &'static Llama {
+    static MODEL: OnceLock<Llama> = OnceLock::new();
+    MODEL.get_or_init(|| load_smollm(DType::F32, Quantization::Int4).1)
+}
+
 fn load_smollm(dtype: DType, quant: Quantization) -> (ModelInfo, Llama) {
     let info = model::inspect(
         &ModelOptions {

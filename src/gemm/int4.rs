@@ -1,0 +1,201 @@
+//! Weights as 4-bit codes in blocks of 32 values along each row, with an f32 scale and minimum
+//! per block (llama.cpp's Q4_1 scheme, f32 where it keeps f16): a weight is `code * scale +
+//! min`, codes 0 to 15, so a block spans its own range. An eighth of f32's bytes plus a quarter
+//! for the scales and minimums (0.75 bytes a weight against int8's 1.125), for `--quantization
+//! int4` on the CPU, where a decode step of few sequences is bound by reading the weights. A
+//! block is rounded to the 16 levels between its smallest and largest value, so a value's error
+//! is at most half a level; the weights of a Q4_1 GGUF come back as they were stored.
+//!
+//! Kept in the panels of the packed f32 kernel (`packed`: 32 output features per panel, a step
+//! of 16 bytes per `k`, two codes a byte), which widens each step to f32 in registers.
+
+use std::mem::MaybeUninit;
+
+use super::PANEL;
+
+/// Values per block (one scale and one minimum each).
+pub const BLOCK: usize = 32;
+
+/// Blocks per row of `k` values (the last may be partial).
+pub fn blocks(k: usize) -> usize {
+    k.div_ceil(BLOCK)
+}
+
+/// A weight matrix of `n` rows of `k` values in 4-bit blocks, in panels of 32 rows.
+#[derive(Debug)]
+pub struct Int4Weights {
+    /// `n.div_ceil(32)` panels of `[k][16]` bytes: byte `c` of a step holds row `c` of the
+    /// panel in its low four bits and row `c + 16` in its high four (zeros past row `n`).
+    pub q: Vec<u8>,
+    /// `n.div_ceil(32)` panels of `[blocks(k)][64]`: a block's 32 scales, then its 32 minimums.
+    pub dm: Vec<f32>,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl Int4Weights {
+    /// Quantizes `w` (`n` rows of `k`, row-major). A block of equal values gets scale 0.
+    pub fn quantize(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "Int4Weights::quantize: sizes");
+        let (panels, kb) = (n.div_ceil(PANEL), blocks(k));
+        let mut q = vec![0u8; panels * k * PANEL / 2];
+        let mut dm = vec![0f32; panels * kb * 2 * PANEL];
+        for (j, row) in w.chunks_exact(k.max(1)).enumerate() {
+            let (p, c) = (j / PANEL, j % PANEL);
+            let (byte, shift) = (c % 16, 4 * (c / 16));
+            for (b, block) in row.chunks(BLOCK).enumerate() {
+                let min = block.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+                let max = block.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                let scale = (max - min) / 15.0;
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                let at = (p * kb + b) * 2 * PANEL;
+                (dm[at + c], dm[at + PANEL + c]) = (scale, min);
+                for (i, &v) in block.iter().enumerate() {
+                    let code = ((v - min) * inv).round().clamp(0.0, 15.0) as u8;
+                    q[(p * k + b * BLOCK + i) * PANEL / 2 + byte] |= code << shift;
+                }
+            }
+        }
+        Self { q, dm, n, k }
+    }
+
+    /// Weight `(j, kk)` as the kernel computes it: `code * scale + min`, one rounding.
+    fn value(&self, j: usize, kk: usize) -> f32 {
+        let (p, c) = (j / PANEL, j % PANEL);
+        let byte = self.q[(p * self.k + kk) * PANEL / 2 + c % 16];
+        let code = (byte >> (4 * (c / 16))) & 0x0f;
+        let at = (p * blocks(self.k) + kk / BLOCK) * 2 * PANEL;
+        (code as f32).mul_add(self.dm[at + c], self.dm[at + PANEL + c])
+    }
+
+    /// The f32 values, row-major `[n, k]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        (0..self.n)
+            .flat_map(|j| (0..self.k).map(move |kk| self.value(j, kk)))
+            .collect()
+    }
+
+    /// Bytes held: the codes, the scales and the minimums.
+    pub fn bytes(&self) -> u64 {
+        (self.q.len() + 4 * self.dm.len()) as u64
+    }
+
+    /// `out[r * n + j] = x[r] . w[j]` for f32 rows `x` (`[m, k]`) and the weight rows `cols`
+    /// (a range of whole panels, or the last), into outputs not yet written (every one of the
+    /// `m * cols.len()` is, `[m, cols.len()]`).
+    pub fn rows_by_weights_uninit(
+        &self,
+        (m, x): (usize, &[f32]),
+        cols: std::ops::Range<usize>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let (k, n) = (self.k, cols.len());
+        assert!(
+            x.len() >= m * k
+                && out.len() >= m * n
+                && cols.start.is_multiple_of(PANEL)
+                && cols.end <= self.n,
+            "Int4Weights::rows_by_weights_uninit: sizes"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if crate::device::cpu_has_avx512_bw() {
+            let p = cols.start / PANEL;
+            let (q, dm) = (
+                &self.q[p * k * PANEL / 2..],
+                &self.dm[p * blocks(k) * 2 * PANEL..],
+            );
+            // SAFETY: AVX-512 F is available (checked); the assert above bounds the rows and
+            // outputs, and the panels from `p` hold the `n` features' codes, scales and minimums.
+            unsafe { super::packed::rows_by_int4_panels((m, n, k), x, (q, dm), out) };
+            return;
+        }
+        for r in 0..m {
+            let row = &x[r * k..][..k];
+            for (c, j) in cols.clone().enumerate() {
+                let sum = row
+                    .iter()
+                    .enumerate()
+                    .map(|(kk, &a)| a * self.value(j, kk))
+                    .sum::<f32>();
+                out[r * n + c].write(sum);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::Rng64;
+
+    #[test]
+    fn quantization_error_is_at_most_half_a_level() {
+        let (n, k) = (40, 70);
+        let mut rng = Rng64::new(1);
+        let mut w = rng.uniform_f32(n * k, 3.0);
+        w[7] = 40.0; // an outlier coarsens only its own block
+        w[k..2 * k].fill(0.25); // a row of equal values
+        let iw = Int4Weights::quantize(&w, n, k);
+        // Two panels (rows padded to 64) of 70 steps of 16 bytes, 3 blocks of 64 f32.
+        assert_eq!((iw.q.len(), iw.dm.len()), (2 * 70 * 16, 2 * 3 * 64));
+        assert_eq!(iw.bytes(), (2 * 70 * 16 + 4 * 2 * 3 * 64) as u64);
+        let back = iw.dequantize();
+        assert_eq!(back.len(), n * k);
+        for (i, (a, b)) in w.iter().zip(&back).enumerate() {
+            let (j, kk) = (i / k, i % k);
+            let at = ((j / PANEL) * 3 + kk / BLOCK) * 2 * PANEL + j % PANEL;
+            let level = iw.dm[at];
+            assert!((a - b).abs() <= level / 2.0 + 1e-5, "value {i}: {a} -> {b}");
+        }
+        assert!(back[k..2 * k].iter().all(|&v| v == 0.25));
+        assert!((back[7] - 40.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn a_q4_1_block_comes_back_as_stored() {
+        // Values on 16 levels of a block, both ends used (as llama.cpp's quantizer leaves
+        // them): requantizing finds the same levels.
+        let (scale, min) = (0.0625f32, -0.5f32);
+        let w: Vec<f32> = (0..64)
+            .map(|i| ((i * 7 % 16) as f32).mul_add(scale, min))
+            .collect();
+        let back = Int4Weights::quantize(&w, 2, 32).dequantize();
+        assert_eq!(back, w);
+    }
+
+    #[test]
+    fn products_equal_the_dequantized_weights() {
+        // Row counts around the kernel's tile (12), features around its panels (32) and their
+        // halves (16), `k` not a multiple of a block; all features, and a range of whole panels.
+        let mut rng = Rng64::new(2);
+        for (m, n, k, cols) in [
+            (1, 1, 32, 0..1),
+            (3, 7, 70, 0..7),
+            (12, 40, 64, 0..40),
+            (13, 70, 576, 32..70),
+            (25, 64, 5, 0..32),
+            (2, 20, 33, 0..20),
+        ] {
+            let x = rng.uniform_f32(m * k, 1.0);
+            let w = rng.uniform_f32(n * k, 0.5);
+            let iw = Int4Weights::quantize(&w, n, k);
+            let deq = iw.dequantize();
+            let width = cols.len();
+            let mut out = vec![MaybeUninit::new(f32::NAN); m * width];
+            iw.rows_by_weights_uninit((m, &x), cols.clone(), &mut out);
+            for r in 0..m {
+                for (c, j) in cols.clone().enumerate() {
+                    let want: f64 = (0..k)
+                        .map(|i| x[r * k + i] as f64 * deq[j * k + i] as f64)
+                        .sum();
+                    // SAFETY: the kernel wrote every output (NaN would fail below).
+                    let got = unsafe { out[r * width + c].assume_init() } as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{m}x{n}x{k} [{r},{j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
