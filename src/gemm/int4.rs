@@ -11,7 +11,7 @@
 
 use std::mem::MaybeUninit;
 
-use super::PANEL;
+use super::{BlockValues, PANEL};
 
 /// Values per block (one scale and one minimum each).
 pub const BLOCK: usize = 32;
@@ -59,20 +59,9 @@ impl Int4Weights {
         Self { q, dm, n, k }
     }
 
-    /// Weight `(j, kk)` as the kernel computes it: `code * scale + min`, one rounding.
-    fn value(&self, j: usize, kk: usize) -> f32 {
-        let (p, c) = (j / PANEL, j % PANEL);
-        let byte = self.q[(p * self.k + kk) * PANEL / 2 + c % 16];
-        let code = (byte >> (4 * (c / 16))) & 0x0f;
-        let at = (p * blocks(self.k) + kk / BLOCK) * 2 * PANEL;
-        (code as f32).mul_add(self.dm[at + c], self.dm[at + PANEL + c])
-    }
-
     /// The f32 values, row-major `[n, k]`.
     pub fn dequantize(&self) -> Vec<f32> {
-        (0..self.n)
-            .flat_map(|j| (0..self.k).map(move |kk| self.value(j, kk)))
-            .collect()
+        self.values()
     }
 
     /// Bytes held: the codes, the scales and the minimums.
@@ -89,37 +78,35 @@ impl Int4Weights {
         cols: std::ops::Range<usize>,
         out: &mut [MaybeUninit<f32>],
     ) {
-        let (k, n) = (self.k, cols.len());
-        assert!(
-            x.len() >= m * k
-                && out.len() >= m * n
-                && cols.start.is_multiple_of(PANEL)
-                && cols.end <= self.n,
-            "Int4Weights::rows_by_weights_uninit: sizes"
-        );
+        self.check_product("Int4Weights::rows_by_weights_uninit", (m, x), &cols, out);
         #[cfg(target_arch = "x86_64")]
         if crate::device::cpu_has_avx512_bw() {
-            let p = cols.start / PANEL;
+            let (k, n, p) = (self.k, cols.len(), cols.start / PANEL);
             let (q, dm) = (
                 &self.q[p * k * PANEL / 2..],
                 &self.dm[p * blocks(k) * 2 * PANEL..],
             );
-            // SAFETY: AVX-512 F is available (checked); the assert above bounds the rows and
+            // SAFETY: AVX-512 F is available (checked); `check_product` bounds the rows and
             // outputs, and the panels from `p` hold the `n` features' codes, scales and minimums.
             unsafe { super::packed::rows_by_int4_panels((m, n, k), x, (q, dm), out) };
             return;
         }
-        for r in 0..m {
-            let row = &x[r * k..][..k];
-            for (c, j) in cols.clone().enumerate() {
-                let sum = row
-                    .iter()
-                    .enumerate()
-                    .map(|(kk, &a)| a * self.value(j, kk))
-                    .sum::<f32>();
-                out[r * n + c].write(sum);
-            }
-        }
+        self.rows_by_values((m, x), cols, out);
+    }
+}
+
+impl BlockValues for Int4Weights {
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Weight `(j, kk)` as the kernel computes it: `code * scale + min`, one rounding.
+    fn value(&self, j: usize, kk: usize) -> f32 {
+        let (p, c) = (j / PANEL, j % PANEL);
+        let byte = self.q[(p * self.k + kk) * PANEL / 2 + c % 16];
+        let code = (byte >> (4 * (c / 16))) & 0x0f;
+        let at = (p * blocks(self.k) + kk / BLOCK) * 2 * PANEL;
+        (code as f32).mul_add(self.dm[at + c], self.dm[at + PANEL + c])
     }
 }
 
@@ -161,41 +148,5 @@ mod tests {
             .collect();
         let back = Int4Weights::quantize(&w, 2, 32).dequantize();
         assert_eq!(back, w);
-    }
-
-    #[test]
-    fn products_equal_the_dequantized_weights() {
-        // Row counts around the kernel's tile (12), features around its panels (32) and their
-        // halves (16), `k` not a multiple of a block; all features, and a range of whole panels.
-        let mut rng = Rng64::new(2);
-        for (m, n, k, cols) in [
-            (1, 1, 32, 0..1),
-            (3, 7, 70, 0..7),
-            (12, 40, 64, 0..40),
-            (13, 70, 576, 32..70),
-            (25, 64, 5, 0..32),
-            (2, 20, 33, 0..20),
-        ] {
-            let x = rng.uniform_f32(m * k, 1.0);
-            let w = rng.uniform_f32(n * k, 0.5);
-            let iw = Int4Weights::quantize(&w, n, k);
-            let deq = iw.dequantize();
-            let width = cols.len();
-            let mut out = vec![MaybeUninit::new(f32::NAN); m * width];
-            iw.rows_by_weights_uninit((m, &x), cols.clone(), &mut out);
-            for r in 0..m {
-                for (c, j) in cols.clone().enumerate() {
-                    let want: f64 = (0..k)
-                        .map(|i| x[r * k + i] as f64 * deq[j * k + i] as f64)
-                        .sum();
-                    // SAFETY: the kernel wrote every output (NaN would fail below).
-                    let got = unsafe { out[r * width + c].assume_init() } as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{m}x{n}x{k} [{r},{j}]: {got} vs {want}"
-                    );
-                }
-            }
-        }
     }
 }

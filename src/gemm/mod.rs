@@ -271,6 +271,64 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// Weights kept as blocks of codes in panels (`int8`, `int4`), read a value at a time: what
+/// their dequantization and their plain loops (CPUs without AVX-512) share.
+pub(crate) trait BlockValues {
+    /// `(n, k)`: weight rows, and values per row.
+    fn dims(&self) -> (usize, usize);
+
+    /// Weight `(j, kk)` as the kernels compute it.
+    fn value(&self, j: usize, kk: usize) -> f32;
+
+    /// The f32 values, row-major `[n, k]`.
+    fn values(&self) -> Vec<f32> {
+        let (n, k) = self.dims();
+        (0..n)
+            .flat_map(|j| (0..k).map(move |kk| self.value(j, kk)))
+            .collect()
+    }
+
+    /// Checks the operands of a product of `m` rows `x` by the weight rows `cols` (a range of
+    /// whole panels, or the last) into `out` (`[m, cols.len()]`); `op` names it in the panic.
+    fn check_product(
+        &self,
+        op: &str,
+        (m, x): (usize, &[f32]),
+        cols: &std::ops::Range<usize>,
+        out: &[MaybeUninit<f32>],
+    ) {
+        let (n, k) = self.dims();
+        assert!(
+            x.len() >= m * k
+                && out.len() >= m * cols.len()
+                && cols.start.is_multiple_of(PANEL)
+                && cols.end <= n,
+            "{op}: sizes"
+        );
+    }
+
+    /// The product [`BlockValues::check_product`] checks, by plain loops.
+    fn rows_by_values(
+        &self,
+        (m, x): (usize, &[f32]),
+        cols: std::ops::Range<usize>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let (k, width) = (self.dims().1, cols.len());
+        for r in 0..m {
+            let row = &x[r * k..][..k];
+            for (c, j) in cols.clone().enumerate() {
+                let sum = row
+                    .iter()
+                    .enumerate()
+                    .map(|(kk, &a)| a * self.value(j, kk))
+                    .sum::<f32>();
+                out[r * width + c].write(sum);
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod bf16;
@@ -358,5 +416,63 @@ mod tests {
         assert!(unpack_rows(&panels, (n, k), &[70]).is_none());
         assert!(unpack_rows(&panels[..k], (n, k), &[0]).is_none());
         assert_eq!(unpack_rows(&panels, (n, k), &[]), Some(vec![]));
+    }
+
+    /// The int8 and int4 kernels against products of their dequantized values: row counts
+    /// around the kernel's tile (12), features around its panels (32) and their halves, `k` not
+    /// a multiple of a block; all features, and a range of whole panels.
+    #[test]
+    fn block_products_equal_their_values() {
+        #[allow(clippy::type_complexity)]
+        fn check<W: BlockValues>(
+            (m, x): (usize, &[f32]),
+            cols: std::ops::Range<usize>,
+            (w, product): (
+                &W,
+                fn(&W, (usize, &[f32]), std::ops::Range<usize>, &mut [MaybeUninit<f32>]),
+            ),
+        ) {
+            let ((n, k), width) = (w.dims(), cols.len());
+            let values = w.values();
+            let mut out = vec![MaybeUninit::new(f32::NAN); m * width];
+            product(w, (m, x), cols.clone(), &mut out);
+            for r in 0..m {
+                for (c, j) in cols.clone().enumerate() {
+                    let want: f64 = (0..k)
+                        .map(|i| x[r * k + i] as f64 * values[j * k + i] as f64)
+                        .sum();
+                    // SAFETY: the kernel wrote every output (NaN would fail below).
+                    let got = unsafe { out[r * width + c].assume_init() } as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{m}x{n}x{k} [{r},{j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        let mut rng = Rng64::new(2);
+        for (m, n, k, cols) in [
+            (1, 1, 32, 0..1),
+            (3, 7, 70, 0..7),
+            (12, 40, 64, 0..40),
+            (13, 70, 576, 32..70),
+            (25, 64, 5, 0..32),
+            (2, 20, 33, 0..20),
+        ] {
+            let x = rng.uniform_f32(m * k, 1.0);
+            let w = rng.uniform_f32(n * k, 0.5);
+            let q8 = int8::Int8Weights::quantize(&w, n, k);
+            check(
+                (m, &x),
+                cols.clone(),
+                (&q8, |w, x, c, o| w.rows_by_weights_uninit(x, c, o)),
+            );
+            let q4 = int4::Int4Weights::quantize(&w, n, k);
+            check(
+                (m, &x),
+                cols,
+                (&q4, |w, x, c, o| w.rows_by_weights_uninit(x, c, o)),
+            );
+        }
     }
 }

@@ -10,7 +10,7 @@
 
 use std::mem::MaybeUninit;
 
-use super::PANEL;
+use super::{BlockValues, PANEL};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -57,18 +57,9 @@ impl Int8Weights {
         Self { q, scales, n, k }
     }
 
-    /// Weight `(j, kk)` as the kernel computes it: `q * scale`.
-    fn value(&self, j: usize, kk: usize) -> f32 {
-        let (p, c) = (j / PANEL, j % PANEL);
-        let q = self.q[(p * self.k + kk) * PANEL + c];
-        q as f32 * self.scales[(p * blocks(self.k) + kk / BLOCK) * PANEL + c]
-    }
-
     /// The f32 values, row-major `[n, k]`.
     pub fn dequantize(&self) -> Vec<f32> {
-        (0..self.n)
-            .flat_map(|j| (0..self.k).map(move |kk| self.value(j, kk)))
-            .collect()
+        self.values()
     }
 
     /// Bytes held: the values and the scales.
@@ -85,37 +76,20 @@ impl Int8Weights {
         cols: std::ops::Range<usize>,
         out: &mut [MaybeUninit<f32>],
     ) {
-        let (k, n) = (self.k, cols.len());
-        assert!(
-            x.len() >= m * k
-                && out.len() >= m * n
-                && cols.start.is_multiple_of(PANEL)
-                && cols.end <= self.n,
-            "Int8Weights::rows_by_weights_uninit: sizes"
-        );
+        self.check_product("Int8Weights::rows_by_weights_uninit", (m, x), &cols, out);
         #[cfg(target_arch = "x86_64")]
         if crate::device::cpu_has_avx512_bw() {
-            let p = cols.start / PANEL;
+            let (k, n, p) = (self.k, cols.len(), cols.start / PANEL);
             let (q, scales) = (
                 &self.q[p * k * PANEL..],
                 &self.scales[p * blocks(k) * PANEL..],
             );
-            // SAFETY: AVX-512 F is available (checked); the assert above bounds the rows and
+            // SAFETY: AVX-512 F is available (checked); `check_product` bounds the rows and
             // outputs, and the panels from `p` hold the `n` features' values and scales.
             unsafe { super::packed::rows_by_int8_panels((m, n, k), x, (q, scales), out) };
             return;
         }
-        for r in 0..m {
-            let row = &x[r * k..][..k];
-            for (c, j) in cols.clone().enumerate() {
-                let sum = row
-                    .iter()
-                    .enumerate()
-                    .map(|(kk, &a)| a * self.value(j, kk))
-                    .sum::<f32>();
-                out[r * n + c].write(sum);
-            }
-        }
+        self.rows_by_values((m, x), cols, out);
     }
 
     /// The rows `x` (`[m, k]`) rounded to bf16 for products on the AMX unit (`amx`), where this
@@ -190,6 +164,19 @@ impl Int8Weights {
         };
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("AmxRows are made only on x86-64");
+    }
+}
+
+impl BlockValues for Int8Weights {
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Weight `(j, kk)` as the kernel computes it: `q * scale`.
+    fn value(&self, j: usize, kk: usize) -> f32 {
+        let (p, c) = (j / PANEL, j % PANEL);
+        let q = self.q[(p * self.k + kk) * PANEL + c];
+        q as f32 * self.scales[(p * blocks(self.k) + kk / BLOCK) * PANEL + c]
     }
 }
 
@@ -315,41 +302,6 @@ mod tests {
                         got.to_bits(),
                         want.to_bits(),
                         "{m} rows [{r},{j}]: {got} vs {want}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn products_equal_the_dequantized_weights() {
-        // Row counts around the kernel's tile (12), features around its panels (32), `k` not a
-        // multiple of a block; all features, and a range of whole panels.
-        let mut rng = Rng64::new(2);
-        for (m, n, k, cols) in [
-            (1, 1, 32, 0..1),
-            (3, 7, 70, 0..7),
-            (12, 40, 64, 0..40),
-            (13, 70, 576, 32..70),
-            (25, 64, 5, 0..32),
-        ] {
-            let x = rng.uniform_f32(m * k, 1.0);
-            let w = rng.uniform_f32(n * k, 0.5);
-            let iw = Int8Weights::quantize(&w, n, k);
-            let deq = iw.dequantize();
-            let width = cols.len();
-            let mut out = vec![MaybeUninit::new(f32::NAN); m * width];
-            iw.rows_by_weights_uninit((m, &x), cols.clone(), &mut out);
-            for r in 0..m {
-                for (c, j) in cols.clone().enumerate() {
-                    let want: f64 = (0..k)
-                        .map(|i| x[r * k + i] as f64 * deq[j * k + i] as f64)
-                        .sum();
-                    // SAFETY: the kernel wrote every output (NaN would fail below).
-                    let got = unsafe { out[r * width + c].assume_init() } as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{m}x{n}x{k} [{r},{j}]: {got} vs {want}"
                     );
                 }
             }
