@@ -4,7 +4,8 @@
 //! for the scales and minimums (0.75 bytes a weight against int8's 1.125), for `--quantization
 //! int4` on the CPU, where a decode step of few sequences is bound by reading the weights. A
 //! block is rounded to the 16 levels between its smallest and largest value, so a value's error
-//! is at most half a level; the weights of a Q4_1 GGUF come back as they were stored.
+//! is at most half a level; the weights of a Q4_1 GGUF come back as they were stored (to
+//! within the f32 rounding of a recomputed scale).
 //!
 //! Kept in the panels of the packed f32 kernel (`packed`: 32 output features per panel, a step
 //! of 16 bytes per `k`, two codes a byte), which widens each step to f32 in registers.

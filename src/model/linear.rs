@@ -93,7 +93,7 @@ impl Linear {
     }
 
     /// The weight rows `ids` (`[tokens]`, u32) as `[tokens, in]`, in the weights' dtype: the
-    /// token embedding, where a tied LM head holds it. Not for int8 blocks.
+    /// token embedding, where a tied LM head holds it. Not for quantized blocks.
     pub(super) fn weight_rows(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.w {
             Weights::Rows(w) => Ok(w.index_select(ids, 0)?),

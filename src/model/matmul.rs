@@ -339,7 +339,7 @@ impl CustomOp2 for PanelRows {
         let (n, k, ids) = (self.n, self.k, &ids[ia..ib]);
         let Some(rows) = crate::gemm::unpack_rows(&p[pa..pb], (n, k), ids) else {
             let max = ids.iter().max().copied().unwrap_or(0);
-            candle_core::bail!("panel_rows: id {max} of {} ids, {n} rows", ids.len());
+            candle_core::bail!("panel_rows: id {max} is not below the matrix's {n} rows");
         };
         Ok((CpuStorage::F32(rows), Shape::from((ids.len(), k))))
     }
