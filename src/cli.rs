@@ -71,8 +71,9 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// none, int8 or int4: the projections and the LM head as int8 in blocks of 32 with an f32
-    /// scale each (llama.cpp's Q8_0 scheme) or as 4-bit codes in blocks of 32 with an f32 scale
-    /// and minimum each (Q4_1's), quantized at load; CPU with AVX-512, f32 activations.
+    /// scale each (llama.cpp's Q8_0 scheme), or the projections as 4-bit codes in blocks of 32
+    /// with an f32 scale and minimum each (Q4_1's) and the LM head as int8; quantized at load;
+    /// CPU with AVX-512, f32 activations.
     #[arg(long, value_enum, default_value_t = Quantization::None)]
     pub quantization: Quantization,
     /// cpu, cuda or cuda:N.

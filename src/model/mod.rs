@@ -53,7 +53,8 @@ pub enum Quantization {
     /// AVX-512, f32 activations): a quarter of f32's weight bytes.
     Int8,
     /// 4-bit codes in blocks of 32 values with an f32 scale and minimum each (llama.cpp's Q4_1
-    /// scheme; CPU with AVX-512, f32 activations and products): 0.75 bytes a weight.
+    /// scheme; CPU with AVX-512, f32 activations and products): 0.75 bytes a weight, the LM
+    /// head int8.
     Int4,
 }
 
