@@ -272,9 +272,9 @@ fn check_quantization(
         ),
         _ => {}
     }
-    if !crate::device::cpu_has_avx512_bw() {
+    if !crate::gemm::quantized_panels_run_here() {
         bail!(
-            "--quantization {name} needs a CPU with AVX-512 (its kernel); without it, keep the f32 weights"
+            "--quantization {name} needs a CPU with AVX2 and FMA, or AVX-512 (its kernels); without them, keep the f32 weights"
         );
     }
     Ok(())

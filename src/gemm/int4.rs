@@ -17,6 +17,10 @@ use super::{BlockValues, PANEL};
 /// Values per block (one scale and one minimum each).
 pub const BLOCK: usize = 32;
 
+/// Bytes a weight: half a byte of code, and a block's f32 scale and minimum shared by its 32
+/// values.
+pub const BYTES_PER_WEIGHT: f64 = 0.5 + 8.0 / BLOCK as f64;
+
 /// Blocks per row of `k` values (the last may be partial).
 pub fn blocks(k: usize) -> usize {
     k.div_ceil(BLOCK)
@@ -90,6 +94,15 @@ impl Int4Weights {
             // SAFETY: AVX-512 F is available (checked); `check_product` bounds the rows and
             // outputs, and the panels from `p` hold the `n` features' codes, scales and minimums.
             unsafe { super::packed::rows_by_int4_panels((m, n, k), x, (q, dm), out) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::device::cpu_has_avx2_fma() {
+            let (k, n, p, kb) = (self.k, cols.len(), cols.start / PANEL, blocks(self.k));
+            let (q, dm) = (&self.q[p * k * PANEL / 2..], &self.dm[p * kb * 2 * PANEL..]);
+            let panels = ((q, k * PANEL / 2), (dm, kb * 2 * PANEL));
+            // SAFETY: AVX2 and FMA are available (checked); as above.
+            unsafe { super::packed_avx2::rows_by_panels((m, n, k), x, panels.0, panels.1, out) };
             return;
         }
         self.rows_by_values((m, x), cols, out);

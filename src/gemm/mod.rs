@@ -126,7 +126,7 @@ pub fn rows_by_weights_uninit(
 /// [`rows_by_weights_uninit`]; docs/cpu-performance.md).
 pub fn pack_for_many_rows(w: &[f32], n: usize, k: usize) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
-    if crate::device::cpu_has_avx512_bw() {
+    if panels_run_here() {
         return Some(packed::pack(w, n, k));
     }
     let _ = (w, n, k);
@@ -168,14 +168,14 @@ pub fn rows_by_packed_uninit(
     #[cfg(target_arch = "x86_64")]
     {
         assert!(
-            crate::device::cpu_has_avx512_bw()
+            panels_run_here()
                 && x.len() >= m * k
                 && packed.len() >= n.div_ceil(PANEL) * PANEL * k
                 && out.len() >= m * n,
             "rows_by_packed_uninit: sizes, or weights not packed here"
         );
-        // SAFETY: AVX-512 F is available and the assert bounds every access.
-        unsafe { packed::rows_by_packed((m, n, k), x, (packed, k * PANEL), out) };
+        // SAFETY: AVX-512 F, or AVX2 and FMA, are available and the assert bounds every access.
+        unsafe { rows_by_f32_panels((m, n, k), x, (packed, k * PANEL), out) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -197,15 +197,15 @@ pub fn rows_by_panels(
     {
         let count = n.div_ceil(PANEL);
         assert!(
-            crate::device::cpu_has_avx512_bw()
+            panels_run_here()
                 && stride >= k * PANEL
                 && x.len() >= m * k
                 && (count == 0 || panels.len() >= (count - 1) * stride + k * PANEL)
                 && out.len() >= m * n,
-            "rows_by_panels: sizes ({m} x {k} by {n} x {k}, panels {stride} apart), or no AVX-512"
+            "rows_by_panels: sizes ({m} x {k} by {n} x {k}, panels {stride} apart), or no AVX2"
         );
-        // SAFETY: AVX-512 F is available and the assert bounds every access.
-        unsafe { packed::rows_by_packed((m, n, k), x, (panels, stride), as_uninit(out)) };
+        // SAFETY: AVX-512 F, or AVX2 and FMA, are available and the assert bounds every access.
+        unsafe { rows_by_f32_panels((m, n, k), x, (panels, stride), as_uninit(out)) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -232,6 +232,40 @@ pub fn rows_by_packed(
 
 /// Output features per panel of packed weights.
 pub const PANEL: usize = 32;
+
+/// Whether this CPU runs a kernel over panels: `packed` (AVX-512) or `packed_avx2`.
+#[cfg(target_arch = "x86_64")]
+fn panels_run_here() -> bool {
+    crate::device::cpu_has_avx512_bw() || crate::device::cpu_has_avx2_fma()
+}
+
+/// The product over f32 panels `stride` apart by the kernel this CPU runs.
+///
+/// # Safety
+/// As `packed::rows_by_packed`, with AVX-512 F, or AVX2 and FMA, available.
+#[cfg(target_arch = "x86_64")]
+unsafe fn rows_by_f32_panels(
+    (m, n, k): (usize, usize, usize),
+    x: &[f32],
+    panels: (&[f32], usize),
+    out: &mut [MaybeUninit<f32>],
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if crate::device::cpu_has_avx512_bw() {
+            packed::rows_by_packed((m, n, k), x, panels, out)
+        } else {
+            packed_avx2::rows_by_panels((m, n, k), x, panels, (&[], 0), out)
+        }
+    }
+}
+
+/// Whether the products with quantized weights (`int8`, `int4`) run a vector kernel over their
+/// panels on this CPU: the 512-bit one (`packed`) or, without AVX-512, the AVX2 one
+/// (`packed_avx2`). Elsewhere they are plain loops, and `--quantization` is refused.
+pub fn quantized_panels_run_here() -> bool {
+    rows_by_weights_is_vectorised()
+}
 
 /// `out` seen as possibly uninitialised, for kernels that only write it.
 #[cfg(target_arch = "x86_64")]
@@ -337,6 +371,8 @@ pub mod int8;
 #[cfg(target_arch = "x86_64")]
 mod packed;
 #[cfg(target_arch = "x86_64")]
+mod packed_avx2;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 #[cfg(test)]
@@ -418,8 +454,53 @@ mod tests {
         assert_eq!(unpack_rows(&panels, (n, k), &[]), Some(vec![]));
     }
 
+    /// A row's products do not depend on the rows beside it: each output sums its `k` products
+    /// in order whatever tile the row falls in and whether its panel was widened in registers
+    /// (few rows) or once into a buffer (many), so a request's greedy tokens do not depend on
+    /// its batch.
+    #[test]
+    fn a_row_s_products_do_not_depend_on_its_batch() {
+        fn check(
+            which: &str,
+            (n, k, m): (usize, usize, usize),
+            x: &[f32],
+            product: impl Fn(usize, &[f32], &mut [MaybeUninit<f32>]),
+        ) {
+            let run = |m: usize, x: &[f32]| {
+                let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
+                product(m, x, &mut out);
+                // SAFETY: every element was initialised (to NaN) before the product.
+                out.iter()
+                    .map(|v| unsafe { v.assume_init() })
+                    .collect::<Vec<f32>>()
+            };
+            let all = run(m, x);
+            for r in [0, 5, 30] {
+                let alone = run(1, &x[r * k..][..k]);
+                assert_eq!(alone, all[r * n..][..n], "{which}, row {r}");
+                let pair = run(2, &x[r.min(29) * k..][..2 * k]);
+                assert_eq!(
+                    pair,
+                    all[r.min(29) * n..][..2 * n],
+                    "{which}, rows from {r}"
+                );
+            }
+        }
+        let mut rng = Rng64::new(4);
+        let (n, k, m) = (70, 96, 31);
+        let (w, x) = (rng.uniform_f32(n * k, 0.5), rng.uniform_f32(m * k, 1.0));
+        let q8 = int8::Int8Weights::quantize(&w, n, k);
+        check("int8", (n, k, m), &x, |m, x, out| {
+            q8.rows_by_weights_uninit((m, x), 0..n, out)
+        });
+        let q4 = int4::Int4Weights::quantize(&w, n, k);
+        check("int4", (n, k, m), &x, |m, x, out| {
+            q4.rows_by_weights_uninit((m, x), 0..n, out)
+        });
+    }
+
     /// The int8 and int4 kernels against products of their dequantized values: row counts
-    /// around the kernel's tile (12), features around its panels (32) and their halves, `k` not
+    /// around the kernels' tiles (12; 6 on AVX2), features around its panels (32) and their halves, `k` not
     /// a multiple of a block; all features, and a range of whole panels.
     #[test]
     fn block_products_equal_their_values() {
@@ -458,6 +539,7 @@ mod tests {
             (13, 70, 576, 32..70),
             (25, 64, 5, 0..32),
             (2, 20, 33, 0..20),
+            (7, 57, 40, 0..57),
         ] {
             let x = rng.uniform_f32(m * k, 1.0);
             let w = rng.uniform_f32(n * k, 0.5);

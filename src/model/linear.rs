@@ -86,8 +86,8 @@ impl Linear {
     /// (and minimum); `None` for weights in a dtype.
     pub(super) fn quantized_bytes_per_weight(&self) -> Option<f64> {
         match self.w {
-            Weights::Int8 { .. } => Some(1.0 + 4.0 / crate::gemm::int8::BLOCK as f64),
-            Weights::Int4(_) => Some(0.5 + 8.0 / crate::gemm::int4::BLOCK as f64),
+            Weights::Int8 { .. } => Some(crate::gemm::int8::BYTES_PER_WEIGHT),
+            Weights::Int4(_) => Some(crate::gemm::int4::BYTES_PER_WEIGHT),
             Weights::Rows(_) | Weights::Panels { .. } => None,
         }
     }

@@ -70,10 +70,10 @@ pub const INT8_AMX_MIN_ROWS: usize = 12;
 /// [`INT8_AMX_MIN_ROWS`] rows or more run on the AMX unit where the CPU has it, the rows and
 /// the widened weights rounded to bf16 (`Int8Weights::rows_by_amx_rows_uninit`), split over
 /// the panels so that each is widened once, or over large blocks of rows. On CPUs
-/// without AVX-512, where the packed kernel would be plain loops, by [`linear`] over the
-/// weights dequantized for this product.
+/// without AVX2 (where `--quantization` is refused), by [`linear`] over the weights
+/// dequantized for this product.
 pub fn linear_int8(x: &Tensor, w: &Arc<Int8Weights>, bf16_products: bool) -> Result<Tensor> {
-    if !crate::device::cpu_has_avx512_bw() {
+    if !crate::gemm::quantized_panels_run_here() {
         let rows = Tensor::from_vec(w.dequantize(), (w.n, w.k), x.device())?;
         return linear(x, &rows);
     }
@@ -179,11 +179,11 @@ impl CustomOp1 for Int8Matmul {
 }
 
 /// `x W^T` for f32 rows and 4-bit weights (`gemm::int4`, `--quantization int4`), by the packed
-/// kernel over the 4-bit panels, split as [`linear_panels`] splits. On CPUs without AVX-512
+/// kernel over the 4-bit panels, split as [`linear_panels`] splits. On CPUs without AVX2
 /// (where `--quantization int4` is refused) by [`linear`] over the weights dequantized for this
 /// product.
 pub fn linear_int4(x: &Tensor, w: &Arc<Int4Weights>) -> Result<Tensor> {
-    if !crate::device::cpu_has_avx512_bw() {
+    if !crate::gemm::quantized_panels_run_here() {
         let rows = Tensor::from_vec(w.dequantize(), (w.n, w.k), x.device())?;
         return linear(x, &rows);
     }

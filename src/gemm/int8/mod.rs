@@ -18,6 +18,9 @@ mod amx;
 /// Values per block (one scale each).
 pub const BLOCK: usize = 32;
 
+/// Bytes a weight: its value, and a block's f32 scale shared by its 32 values.
+pub const BYTES_PER_WEIGHT: f64 = 1.0 + 4.0 / BLOCK as f64;
+
 /// Blocks per row of `k` values (the last may be partial).
 pub fn blocks(k: usize) -> usize {
     k.div_ceil(BLOCK)
@@ -87,6 +90,19 @@ impl Int8Weights {
             // SAFETY: AVX-512 F is available (checked); `check_product` bounds the rows and
             // outputs, and the panels from `p` hold the `n` features' values and scales.
             unsafe { super::packed::rows_by_int8_panels((m, n, k), x, (q, scales), out) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::device::cpu_has_avx2_fma() {
+            let (k, n, p, kb) = (self.k, cols.len(), cols.start / PANEL, blocks(self.k));
+            let (q, scales) = (
+                (&self.q[p * k * PANEL..], k * PANEL),
+                &self.scales[p * kb * PANEL..],
+            );
+            // SAFETY: AVX2 and FMA are available (checked); as above.
+            unsafe {
+                super::packed_avx2::rows_by_panels((m, n, k), x, q, (scales, kb * PANEL), out)
+            };
             return;
         }
         self.rows_by_values((m, x), cols, out);
