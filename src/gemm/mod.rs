@@ -119,8 +119,8 @@ pub fn rows_by_weights_uninit(
     rows_by_weights((m, n, k), x, w, zeroed(&mut out[..m * n]));
 }
 
-/// `w` (`[n, k]`) packed for [`rows_by_packed_uninit`], where the CPU runs that kernel
-/// (AVX-512); `None` elsewhere. Once at load for the model's projections, or per product of
+/// `w` (`[n, k]`) packed for [`rows_by_packed_uninit`], where the CPU runs a panel kernel
+/// (AVX-512, or AVX2 and FMA); `None` elsewhere. Once at load for the model's projections, or per product of
 /// many rows, where reading and writing the weights once more is a few percent (on the Intel
 /// Xeon of 2026-12-06 the f32 products of a 32 x 512 prefill took 17% less time so than with
 /// [`rows_by_weights_uninit`]; docs/cpu-performance.md).
@@ -157,7 +157,8 @@ pub fn unpack_rows(panels: &[f32], (n, k): (usize, usize), ids: &[u32]) -> Optio
 }
 
 /// `out[r * n + j] = x[r] . w[j]` for `x` `[m, k]` and weights packed by
-/// [`pack_for_many_rows`] (`packed::rows_by_packed`: the outer-product form on 12 x 32 tiles),
+/// [`pack_for_many_rows`] (`packed::rows_by_packed`: the outer-product form on 12 x 32 tiles;
+/// without AVX-512 `packed_avx2`'s 6 x 16 and 2 x 32),
 /// into outputs not yet written (every one of the `m * n` is).
 pub fn rows_by_packed_uninit(
     (m, n, k): (usize, usize, usize),

@@ -16,7 +16,7 @@ use crate::gemm::int8::Int8Weights;
 enum Weights {
     /// `[out, in]` in the load dtype: candle's matmul, or ours on the CPU (`matmul::linear`).
     Rows(Tensor),
-    /// f32 packed into panels of 32 output features (`gemm::pack_for_many_rows`, AVX-512 CPUs:
+    /// f32 packed into panels of 32 output features (`gemm::pack_for_many_rows`, AVX2 or AVX-512 CPUs:
     /// [`Linear::into_panels`]), `n` (out) by `k` (in).
     Panels { panels: Tensor, n: usize, k: usize },
     /// int8 blocks (`--quantization int8`: [`Linear::into_int8`]); `bf16_products` where the
@@ -196,7 +196,7 @@ impl Linear {
     }
 
     /// The same projection with f32 weights on the CPU packed into panels where the CPU runs
-    /// the packed kernel (`gemm::pack_for_many_rows`: AVX-512), which then serves every row
+    /// the packed kernel (`gemm::pack_for_many_rows`: AVX2 or AVX-512), which then serves every row
     /// count; unchanged elsewhere. The rows are not kept: the panels hold the same values.
     pub(super) fn into_panels(self) -> Result<Self> {
         let w = match &self.w {
