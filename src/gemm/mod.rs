@@ -133,6 +133,31 @@ pub fn pack_for_many_rows(w: &[f32], n: usize, k: usize) -> Option<Vec<f32>> {
     None
 }
 
+/// `w` packed as [`pack_for_many_rows`] packs it, where the panels serve every row count better
+/// than rows do, so that a model keeps its f32 projections as panels from load: AVX-512 CPUs.
+/// With AVX2 alone, products of 1, 4 and 8 rows ran 6-48% slower over panels than as dot
+/// products over rows (one core, AMD EPYC Zen 3, 2026-12-07: 14336 x 4096 from memory, 8 rows
+/// 25.6 against 17.3 ms): there the rows are kept, and only products of many rows pack them.
+pub fn pack_at_load(w: &[f32], n: usize, k: usize) -> Option<Vec<f32>> {
+    if !crate::device::cpu_has_avx512_bw() {
+        return None;
+    }
+    pack_for_many_rows(w, n, k)
+}
+
+/// Whether [`crate::model::matmul::linear`]'s f32 products of many rows pack the weights per
+/// product for the panel kernel rather than leave them to candle's GEMM: where
+/// [`rows_by_weights_suits_many_rows`], or where the panel kernel is the AVX2 one (a prefill of
+/// 128 tokens of SmolLM2 on an AMD EPYC Zen 3 took 0.21-0.28 s over panels against candle's
+/// 0.35-0.36).
+pub fn packs_many_rows(k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if !crate::device::cpu_has_avx512_bw() && crate::device::cpu_has_avx2_fma() {
+        return true;
+    }
+    rows_by_weights_suits_many_rows(k)
+}
+
 /// Rows `ids` of an `[n, k]` matrix packed by [`pack_for_many_rows`], row-major `[ids.len(),
 /// k]`: the embedding lookup where the tied LM head is kept only as panels. `None` where an id
 /// is not below `n` or `panels` is shorter than `n` rows packed.

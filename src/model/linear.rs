@@ -16,7 +16,7 @@ use crate::gemm::int8::Int8Weights;
 enum Weights {
     /// `[out, in]` in the load dtype: candle's matmul, or ours on the CPU (`matmul::linear`).
     Rows(Tensor),
-    /// f32 packed into panels of 32 output features (`gemm::pack_for_many_rows`, AVX2 or AVX-512 CPUs:
+    /// f32 packed into panels of 32 output features (`gemm::pack_at_load`, AVX-512 CPUs:
     /// [`Linear::into_panels`]), `n` (out) by `k` (in).
     Panels { panels: Tensor, n: usize, k: usize },
     /// int8 blocks (`--quantization int8`: [`Linear::into_int8`]); `bf16_products` where the
@@ -196,7 +196,7 @@ impl Linear {
     }
 
     /// The same projection with f32 weights on the CPU packed into panels where the CPU runs
-    /// the packed kernel (`gemm::pack_for_many_rows`: AVX2 or AVX-512), which then serves every row
+    /// the packed kernel (`gemm::pack_at_load`: AVX-512), which then serves every row
     /// count; unchanged elsewhere. The rows are not kept: the panels hold the same values.
     pub(super) fn into_panels(self) -> Result<Self> {
         let w = match &self.w {
@@ -205,7 +205,7 @@ impl Linear {
         };
         let (n, k) = w.dims2()?;
         let rows = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(match crate::gemm::pack_for_many_rows(&rows, n, k) {
+        Ok(match crate::gemm::pack_at_load(&rows, n, k) {
             Some(packed) => {
                 let len = packed.len();
                 Self {
@@ -278,7 +278,7 @@ mod tests {
         assert_eq!(panels.quantized_bytes_per_weight(), None);
         assert_eq!(
             panels.is_panels(),
-            crate::gemm::pack_for_many_rows(&[0.0], 1, 1).is_some()
+            crate::gemm::pack_at_load(&[0.0], 1, 1).is_some()
         );
         assert!(!rows.is_panels() && !int8.is_panels());
         // The rows the embedding looks up, from any layout but int8's; an id past the last

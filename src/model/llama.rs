@@ -103,7 +103,7 @@ enum Embedding {
     /// Its own table `[vocab, hidden]`, which a tied LM head kept as rows shares (`shared`: its
     /// bytes not counted twice).
     Table { rows: Tensor, shared: bool },
-    /// The tied LM head's weights, packed into panels (f32 on CPUs with AVX2 or AVX-512): the table is
+    /// The tied LM head's weights, packed into panels (f32 on CPUs with AVX-512): the table is
     /// not kept twice.
     InHead,
 }

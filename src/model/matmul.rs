@@ -39,15 +39,14 @@ const ROW_BLOCK: usize = 64;
 
 /// `x W^T` for `x` `[rows, in]` and `W` `[out, in]`; on the CPU, `W` may be bf16 under an f32 `x`
 /// (`--dtype bf16` there keeps activations in f32). On the CPU, f32 products of many rows run
-/// candle's GEMM unless ours suits them (`gemm::rows_by_weights_suits_many_rows`), and all of
+/// candle's GEMM unless ours suits them (`gemm::packs_many_rows`), and all of
 /// them do on CPUs where ours has no vector kernel (`gemm::rows_by_weights_is_vectorised`).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         match w.dtype() {
             DType::F32
                 if crate::gemm::rows_by_weights_is_vectorised()
-                    && (x.dim(0)? <= SPLIT_MAX_ROWS
-                        || crate::gemm::rows_by_weights_suits_many_rows(x.dim(1)?)) =>
+                    && (x.dim(0)? <= SPLIT_MAX_ROWS || crate::gemm::packs_many_rows(x.dim(1)?)) =>
             {
                 return Ok(x.apply_op2_no_bwd(w, &SplitMatmul)?);
             }
@@ -254,7 +253,7 @@ pub fn gate_up_silu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// `x W^T` for f32 rows `x` and the weights of an `[n, k]` matrix packed into panels
-/// (`gemm::pack_for_many_rows`, which `Linear` does at load on AVX2 or AVX-512 CPUs): over the panels
+/// (`gemm::pack_for_many_rows`, `gemm::pack_at_load`, which `Linear` does at load on AVX-512 CPUs): over the panels
 /// for up to [`SPLIT_MAX_ROWS`] rows, over blocks of rows beyond.
 pub fn linear_panels(x: &Tensor, panels: &Tensor, (n, k): (usize, usize)) -> Result<Tensor> {
     Ok(x.apply_op2_no_bwd(panels, &PanelMatmul { n, k })?)
@@ -480,8 +479,8 @@ unsafe fn by_row_blocks(
 }
 
 /// f32 rows times f32 weights by `rows_by_weights`: over the output features for few rows, over
-/// blocks of rows for many (a prefill, where `gemm::rows_by_weights_suits_many_rows`), then
-/// against weights packed once per product where the CPU has AVX-512 (`gemm::packed`).
+/// blocks of rows for many (a prefill, where `gemm::packs_many_rows`), then against weights
+/// packed once per product (`gemm::packed`, or `gemm::packed_avx2` without AVX-512).
 struct SplitMatmul;
 
 impl CustomOp2 for SplitMatmul {
