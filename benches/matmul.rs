@@ -1,7 +1,7 @@
 //! The quantized CPU matmuls against the dequantized f32 one the engine runs, on SmolLM2's fused
 //! gate/up projection (3072 x 576) for decode steps (1 to 64 rows) and a prefill chunk (512
 //! rows): candle's Q4_1 kernels (what the GGUF holds), our int8 blocks (`--quantization int8`,
-//! AVX-512 CPUs; `int8_bf16` as with `--dtype bf16`: on AMX from 12 rows) and 4-bit blocks
+//! AVX2 or AVX-512 CPUs; `int8_bf16` as with `--dtype bf16`: on AMX from 12 rows) and 4-bit blocks
 //! (`--quantization int4`, Q4_1's scheme), f32 as rows
 //! (`model::matmul::linear`) and, where the CPU has AVX-512, packed into panels at load as the
 //! model keeps them (`f32_panels`), and bf16 weights (`--dtype bf16`).
@@ -35,7 +35,7 @@ fn matmul(c: &mut Criterion) {
     let int8 = std::sync::Arc::new(Int8Weights::quantize(&values, n, k));
     let int4 = std::sync::Arc::new(Int4Weights::quantize(&values, n, k));
     let has_int8 = offline_bench::gemm::quantized_panels_run_here();
-    let has_panels = offline_bench::gemm::pack_for_many_rows(&[0.0], 1, 1).is_some();
+    let has_panels = offline_bench::gemm::pack_at_load(&[0.0], 1, 1).is_some();
     let panels = Linear::projection(w.clone()).expect("panels");
     let mut g = c.benchmark_group("gate_up_3072x576");
     for rows in [1usize, 8, 16, 32, 64, 512] {

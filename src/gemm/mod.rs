@@ -120,10 +120,10 @@ pub fn rows_by_weights_uninit(
 }
 
 /// `w` (`[n, k]`) packed for [`rows_by_packed_uninit`], where the CPU runs a panel kernel
-/// (AVX-512, or AVX2 and FMA); `None` elsewhere. Once at load for the model's projections, or per product of
-/// many rows, where reading and writing the weights once more is a few percent (on the Intel
-/// Xeon of 2026-12-06 the f32 products of a 32 x 512 prefill took 17% less time so than with
-/// [`rows_by_weights_uninit`]; docs/cpu-performance.md).
+/// (AVX-512, or AVX2 and FMA); `None` elsewhere. Once at load for the model's projections
+/// ([`pack_at_load`]), or per product of many rows, where reading and writing the weights once
+/// more is a few percent (on the Intel Xeon of 2026-12-06 the f32 products of a 32 x 512
+/// prefill took 17% less time so than with [`rows_by_weights_uninit`]; docs/cpu-performance.md).
 pub fn pack_for_many_rows(w: &[f32], n: usize, k: usize) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     if panels_run_here() {
@@ -183,8 +183,8 @@ pub fn unpack_rows(panels: &[f32], (n, k): (usize, usize), ids: &[u32]) -> Optio
 
 /// `out[r * n + j] = x[r] . w[j]` for `x` `[m, k]` and weights packed by
 /// [`pack_for_many_rows`] (`packed::rows_by_packed`: the outer-product form on 12 x 32 tiles;
-/// without AVX-512 `packed_avx2`'s 6 x 16 and 2 x 32),
-/// into outputs not yet written (every one of the `m * n` is).
+/// without AVX-512, `packed_avx2`'s 6 x 16 and 2 x 32), into outputs not yet written (every one
+/// of the `m * n` is).
 pub fn rows_by_packed_uninit(
     (m, n, k): (usize, usize, usize),
     x: &[f32],
@@ -526,8 +526,8 @@ mod tests {
     }
 
     /// The int8 and int4 kernels against products of their dequantized values: row counts
-    /// around the kernels' tiles (12; 6 on AVX2), features around its panels (32) and their halves, `k` not
-    /// a multiple of a block; all features, and a range of whole panels.
+    /// around the kernels' tiles (12; 6 on AVX2), features around the panels (32) and their
+    /// halves, `k` not a multiple of a block; all features, and a range of whole panels.
     #[test]
     fn block_products_equal_their_values() {
         #[allow(clippy::type_complexity)]

@@ -253,8 +253,8 @@ pub fn gate_up_silu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// `x W^T` for f32 rows `x` and the weights of an `[n, k]` matrix packed into panels
-/// (`gemm::pack_for_many_rows`, `gemm::pack_at_load`, which `Linear` does at load on AVX-512 CPUs): over the panels
-/// for up to [`SPLIT_MAX_ROWS`] rows, over blocks of rows beyond.
+/// (`gemm::pack_at_load`, which `Linear` does at load on AVX-512 CPUs): over the panels for up
+/// to [`SPLIT_MAX_ROWS`] rows, over blocks of rows beyond.
 pub fn linear_panels(x: &Tensor, panels: &Tensor, (n, k): (usize, usize)) -> Result<Tensor> {
     Ok(x.apply_op2_no_bwd(panels, &PanelMatmul { n, k })?)
 }
