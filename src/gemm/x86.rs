@@ -1,13 +1,64 @@
-//! The AVX2/FMA kernel of `rows_by_weights` (CPUs without AVX-512), and what the 512-bit kernels
-//! share with it: the walk over output tiles with its L2 prefetch of the next weight block, and a
-//! sum of four vectors.
+//! The AVX2/FMA kernel of `rows_by_weights` (CPUs without AVX-512), for f32 weights and for bf16
+//! ones widened in registers (`--dtype bf16` there), and what the 512-bit kernels share with it:
+//! the walk over output tiles with its L2 prefetch of the next weight block, and a sum of four
+//! vectors.
 
 use std::arch::x86_64::*;
+
+use half::bf16;
+
+/// A weight type the tile reads eight at a time as f32.
+pub(super) trait Lanes: Copy {
+    /// The 8 values at `p`, as f32.
+    ///
+    /// # Safety
+    /// AVX2 must be available; `p` points at 8 values.
+    unsafe fn load8(p: *const Self) -> __m256;
+
+    fn to_f32(self) -> f32;
+}
+
+impl Lanes for f32 {
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+/// A bf16 is the top half of the f32 of the same value: each widened by a shift.
+impl Lanes for bf16 {
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn load8(p: *const bf16) -> __m256 {
+        // SAFETY: the caller's contract: 8 values, 16 bytes.
+        unsafe {
+            let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v))
+        }
+    }
+
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
 
 /// # Safety
 /// AVX2 and FMA must be available; `x` holds `m * k` values, `w` `n * k`, `out` `m * n`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn rows_by_weights(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], out: &mut [f32]) {
+pub unsafe fn rows_by_weights<W: Lanes>(
+    m: usize,
+    k: usize,
+    n: usize,
+    x: &[f32],
+    w: &[W],
+    out: &mut [f32],
+) {
     // SAFETY: the caller's contract bounds every tile's accesses.
     unsafe {
         walk_tiles(
@@ -15,14 +66,14 @@ pub unsafe fn rows_by_weights(m: usize, k: usize, n: usize, x: &[f32], w: &[f32]
             w,
             (X_ROWS, W_ROWS, W_ROWS),
             |mr, full, at, pf| match (mr, full) {
-                (4, true) => tile::<4, 3>(k, n, x, w, out, at, pf),
-                (3, true) => tile::<3, 3>(k, n, x, w, out, at, pf),
-                (2, true) => tile::<2, 3>(k, n, x, w, out, at, pf),
-                (_, true) => tile::<1, 3>(k, n, x, w, out, at, pf),
-                (4, false) => tile::<4, 1>(k, n, x, w, out, at, pf),
-                (3, false) => tile::<3, 1>(k, n, x, w, out, at, pf),
-                (2, false) => tile::<2, 1>(k, n, x, w, out, at, pf),
-                (_, false) => tile::<1, 1>(k, n, x, w, out, at, pf),
+                (4, true) => tile::<W, 4, 3>(k, n, x, w, out, at, pf),
+                (3, true) => tile::<W, 3, 3>(k, n, x, w, out, at, pf),
+                (2, true) => tile::<W, 2, 3>(k, n, x, w, out, at, pf),
+                (_, true) => tile::<W, 1, 3>(k, n, x, w, out, at, pf),
+                (4, false) => tile::<W, 4, 1>(k, n, x, w, out, at, pf),
+                (3, false) => tile::<W, 3, 1>(k, n, x, w, out, at, pf),
+                (2, false) => tile::<W, 2, 1>(k, n, x, w, out, at, pf),
+                (_, false) => tile::<W, 1, 1>(k, n, x, w, out, at, pf),
             },
         );
     }
@@ -165,11 +216,11 @@ impl Prefetch {
 /// eight lanes at a time, in registers.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn tile<const MR: usize, const NR: usize>(
+unsafe fn tile<W: Lanes, const MR: usize, const NR: usize>(
     k: usize,
     n: usize,
     x: &[f32],
-    w: &[f32],
+    w: &[W],
     out: &mut [f32],
     (r, j): (usize, usize),
     mut pf: Prefetch,
@@ -185,7 +236,7 @@ unsafe fn tile<const MR: usize, const NR: usize>(
             pf.step(iters);
             let mut wv = [_mm256_setzero_ps(); NR];
             for (c, v) in wv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(wp.add(c * k + kk));
+                *v = W::load8(wp.add(c * k + kk));
             }
             for (i, row) in acc.iter_mut().enumerate() {
                 let xv = _mm256_loadu_ps(xp.add(i * k + kk));
@@ -202,7 +253,7 @@ unsafe fn tile<const MR: usize, const NR: usize>(
                 _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
                 let mut s: f32 = lanes.iter().sum();
                 for t in kk..k {
-                    s += *xp.add(i * k + t) * *wp.add(c * k + t);
+                    s += *xp.add(i * k + t) * (*wp.add(c * k + t)).to_f32();
                 }
                 *out.get_unchecked_mut((r + i) * n + j + c) = s;
             }

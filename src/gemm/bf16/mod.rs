@@ -5,12 +5,14 @@
 //! - [`widen`]: the weights widened to f32 in registers and multiplied by f32 FMAs, the rows
 //!   kept in f32;
 //! - [`amx`]: the rows rounded to bf16 too, multiplied by the matrix unit of Intel CPUs with
-//!   AMX, 8192 products per `tdpbf16ps`.
+//!   AMX, 8192 products per `tdpbf16ps`;
+//! - on CPUs without AVX-512, `gemm::x86`'s AVX2 dot products with the weights widened to f32
+//!   in registers (a shift each), the rows kept in f32.
 //!
 //! Which is faster depends on the CPU, not on its vendor's feature list: on the AMD EPYC (Zen 4)
 //! build machine one core ran 233 GFLOP/s of `vdpbf16ps` against 117 of f32 FMAs, on an Intel
 //! Xeon with AVX-512 BF16 107 against 214 (docs/cpu-performance.md). So the process times those
-//! it has once, at its first product ([`Bf16Kernel::chosen`]). Without AVX-512 the same products
+//! it has once, at its first product ([`Bf16Kernel::chosen`]). Without AVX2 the same products
 //! run as plain loops (correct, slow).
 
 use std::mem::MaybeUninit;
@@ -42,6 +44,9 @@ pub enum Bf16Kernel {
     /// `tdpbf16ps` on rows rounded to bf16 (`Dot`'s features, AMX-TILE and AMX-BF16); products
     /// whose `k` is not a multiple of 32 run `Dot`.
     Amx,
+    /// f32 FMAs on weights widened in registers, rows in f32, 256 bits at a time (AVX2 and FMA,
+    /// on CPUs without AVX-512, which have none of the others).
+    Avx2,
     /// Plain loops on rows rounded to bf16 (any CPU).
     Plain,
 }
@@ -49,7 +54,7 @@ pub enum Bf16Kernel {
 impl Bf16Kernel {
     /// The fast kernels this CPU can run (none without AVX-512).
     pub fn available() -> Vec<Self> {
-        [Self::Dot, Self::Widen, Self::Amx]
+        [Self::Dot, Self::Widen, Self::Amx, Self::Avx2]
             .into_iter()
             .filter(|k| k.runs_here())
             .collect()
@@ -66,6 +71,7 @@ impl Bf16Kernel {
                 Self::Dot => dot,
                 Self::Widen => avx512,
                 Self::Amx => dot && amx::usable(),
+                Self::Avx2 => !avx512 && crate::device::cpu_has_avx2_fma(),
                 Self::Plain => true,
             }
         }
@@ -88,7 +94,8 @@ impl Bf16Kernel {
             Self::Dot => "vdpbf16ps on rows rounded to bf16",
             Self::Widen => "f32 FMAs on weights widened in registers",
             Self::Amx => "AMX tdpbf16ps on rows rounded to bf16",
-            Self::Plain => "plain loops (no AVX-512 here; slow: --dtype f32 is faster)",
+            Self::Avx2 => "f32 FMAs on weights widened in registers (AVX2)",
+            Self::Plain => "plain loops (no AVX2 here; slow: --dtype f32 is faster)",
         };
         if timed.is_empty() {
             return format!("bf16 products: {what}");
@@ -109,6 +116,7 @@ impl Bf16Kernel {
             Self::Dot => "vdpbf16ps",
             Self::Widen => "widened",
             Self::Amx => "AMX",
+            Self::Avx2 => "AVX2",
             Self::Plain => "plain",
         }
     }
@@ -191,6 +199,9 @@ enum RowData {
     /// Rounded to bf16 and paired for AMX tiles (`amx::pair_rows`): `k / 2` rows of `stride`.
     #[cfg(target_arch = "x86_64")]
     Pairs { pairs: Vec<u32>, stride: usize },
+    /// As they are, `k` apart (`Avx2`).
+    #[cfg(target_arch = "x86_64")]
+    F32(Vec<f32>),
 }
 
 impl Bf16Rows {
@@ -220,6 +231,8 @@ impl Bf16Rows {
                     .for_each(|(d, s)| unsafe { widen::split_row(s, d) });
                 RowData::Split(dst)
             }
+            #[cfg(target_arch = "x86_64")]
+            Bf16Kernel::Avx2 => RowData::F32(x.to_vec()),
             #[cfg(target_arch = "x86_64")]
             Bf16Kernel::Amx if k.is_multiple_of(amx::K_STEP) => {
                 let (stride, len) = (amx::pair_stride(m), k / 2 * amx::pair_stride(m));
@@ -352,6 +365,12 @@ pub fn rows_by_weights_bf16(
             // SAFETY: `prepare` made split rows only after checking that this CPU has `Widen`;
             // the assert above bounds every access (split rows are `kp` long).
             unsafe { widen::rows_by_weights((m, n, k), &xs[rows.start * kp..], w, out) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        (RowData::F32(xs), _) => {
+            // SAFETY: `prepare` kept the rows in f32 only after checking that this CPU has
+            // `Avx2` (AVX2 and FMA); the assert above bounds every access.
+            unsafe { super::x86::rows_by_weights(m, k, n, &xs[rows.start * k..], w, out) };
         }
         #[cfg(target_arch = "x86_64")]
         (RowData::Pairs { pairs, stride }, _) => {
@@ -534,7 +553,7 @@ mod tests {
     }
 
     /// Each kernel against f64 sums over the rows as it reads them (rounded to bf16 by `Dot`
-    /// and the plain loops, f32 by `Widen`), from rows other than the first, into outputs
+    /// and the plain loops, f32 by `Widen` and `Avx2`), from rows other than the first, into outputs
     /// poisoned with NaN.
     #[test]
     fn products_match_plain_dots() {
@@ -572,7 +591,7 @@ mod tests {
                         let want: f64 = (0..k)
                             .map(|t| {
                                 let a = match kernel {
-                                    Bf16Kernel::Widen => xr[t] as f64,
+                                    Bf16Kernel::Widen | Bf16Kernel::Avx2 => xr[t] as f64,
                                     _ => bf16::from_f32(xr[t]).to_f64(),
                                 };
                                 a * w[j * k + t].to_f64()
