@@ -34,7 +34,7 @@ fn matmul(c: &mut Criterion) {
     let values = values.expect("values");
     let int8 = std::sync::Arc::new(Int8Weights::quantize(&values, n, k));
     let int4 = std::sync::Arc::new(Int4Weights::quantize(&values, n, k));
-    let has_int8 = offline_bench::gemm::quantized_panels_run_here();
+    let has_int8 = offline_bench::gemm::panels_run_here();
     let has_panels = offline_bench::gemm::pack_at_load(&[0.0], 1, 1).is_some();
     let panels = Linear::projection(w.clone()).expect("panels");
     let mut g = c.benchmark_group("gate_up_3072x576");

@@ -262,7 +262,7 @@ fn dummy_throughput(json: &Path, args: &[&str]) -> (String, serde_json::Value) {
 /// run and say so in the report, whose weight bytes are the quantized ones.
 #[test]
 fn quantized_weights_run_and_are_reported() {
-    if !offline_bench::gemm::quantized_panels_run_here() {
+    if !offline_bench::gemm::panels_run_here() {
         return; // refused without AVX2 (its one-line error: `check_quantization`)
     }
     let dir = tempfile::tempdir().unwrap();

@@ -272,7 +272,7 @@ fn check_quantization(
         ),
         _ => {}
     }
-    if !crate::gemm::quantized_panels_run_here() {
+    if !crate::gemm::panels_run_here() {
         bail!(
             "--quantization {name} needs a CPU with AVX2 and FMA, or AVX-512 (its kernels); without them, keep the f32 weights"
         );

@@ -259,9 +259,10 @@ pub fn rows_by_packed(
 /// Output features per panel of packed weights.
 pub const PANEL: usize = 32;
 
-/// Whether this CPU runs a kernel over panels: `packed` (AVX-512) or `packed_avx2`.
-#[cfg(target_arch = "x86_64")]
-fn panels_run_here() -> bool {
+/// Whether this CPU runs a vector kernel over panels (f32, and the quantized weights' `int8`,
+/// `int4`): the 512-bit one (`packed`) or, without AVX-512, the AVX2 one (`packed_avx2`).
+/// Elsewhere quantized products are plain loops, and `--quantization` is refused.
+pub fn panels_run_here() -> bool {
     crate::device::cpu_has_avx512_bw() || crate::device::cpu_has_avx2_fma()
 }
 
@@ -284,13 +285,6 @@ unsafe fn rows_by_f32_panels(
             packed_avx2::rows_by_panels((m, n, k), x, panels, (&[], 0), out)
         }
     }
-}
-
-/// Whether the products with quantized weights (`int8`, `int4`) run a vector kernel over their
-/// panels on this CPU: the 512-bit one (`packed`) or, without AVX-512, the AVX2 one
-/// (`packed_avx2`). Elsewhere they are plain loops, and `--quantization` is refused.
-pub fn quantized_panels_run_here() -> bool {
-    rows_by_weights_is_vectorised()
 }
 
 /// `out` seen as possibly uninitialised, for kernels that only write it.

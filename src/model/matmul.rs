@@ -72,7 +72,7 @@ pub const INT8_AMX_MIN_ROWS: usize = 12;
 /// without AVX2 (where `--quantization` is refused), by [`linear`] over the weights
 /// dequantized for this product.
 pub fn linear_int8(x: &Tensor, w: &Arc<Int8Weights>, bf16_products: bool) -> Result<Tensor> {
-    if !crate::gemm::quantized_panels_run_here() {
+    if !crate::gemm::panels_run_here() {
         let rows = Tensor::from_vec(w.dequantize(), (w.n, w.k), x.device())?;
         return linear(x, &rows);
     }
@@ -182,7 +182,7 @@ impl CustomOp1 for Int8Matmul {
 /// (where `--quantization int4` is refused) by [`linear`] over the weights dequantized for this
 /// product.
 pub fn linear_int4(x: &Tensor, w: &Arc<Int4Weights>) -> Result<Tensor> {
-    if !crate::gemm::quantized_panels_run_here() {
+    if !crate::gemm::panels_run_here() {
         let rows = Tensor::from_vec(w.dequantize(), (w.n, w.k), x.device())?;
         return linear(x, &rows);
     }
