@@ -114,7 +114,8 @@ impl BlockValues for Int4Weights {
         (self.n, self.k)
     }
 
-    /// Weight `(j, kk)` as the kernel computes it: `code * scale + min`, one rounding.
+    /// Weight `(j, kk)` as the AVX-512 kernel and the plain loops compute it: `code * scale +
+    /// min`, one rounding (the AVX2 kernel scales a block's sum of products instead).
     fn value(&self, j: usize, kk: usize) -> f32 {
         let (p, c) = (j / PANEL, j % PANEL);
         let byte = self.q[(p * self.k + kk) * PANEL / 2 + c % 16];

@@ -331,7 +331,7 @@ pub(crate) trait BlockValues {
     /// `(n, k)`: weight rows, and values per row.
     fn dims(&self) -> (usize, usize);
 
-    /// Weight `(j, kk)` as the kernels compute it.
+    /// Weight `(j, kk)` as the kernels compute it (to within rounding).
     fn value(&self, j: usize, kk: usize) -> f32;
 
     /// The f32 values, row-major `[n, k]`.
@@ -475,9 +475,9 @@ mod tests {
     }
 
     /// A row's products do not depend on the rows beside it: each output sums its `k` products
-    /// in order whatever tile the row falls in and whether its panel was widened in registers
-    /// (few rows) or once into a buffer (many), so a request's greedy tokens do not depend on
-    /// its batch.
+    /// in one order (int4 on AVX2: per block) whatever tile the row falls in, whether its panel was
+    /// paired with the next (one row, AVX2) and whether it was widened in registers (few rows)
+    /// or once into a buffer (many), so a request's greedy tokens do not depend on its batch.
     #[test]
     fn a_row_s_products_do_not_depend_on_its_batch() {
         fn check(
@@ -495,32 +495,36 @@ mod tests {
                     .collect::<Vec<f32>>()
             };
             let all = run(m, x);
-            for r in [0, 5, 30] {
+            for r in [0, 5, m - 1] {
                 let alone = run(1, &x[r * k..][..k]);
-                assert_eq!(alone, all[r * n..][..n], "{which}, row {r}");
-                let pair = run(2, &x[r.min(29) * k..][..2 * k]);
-                assert_eq!(
-                    pair,
-                    all[r.min(29) * n..][..2 * n],
-                    "{which}, rows from {r}"
-                );
+                assert_eq!(alone, all[r * n..][..n], "{which}, row {r} of {m}");
+                let r = r.min(m - 2);
+                let pair = run(2, &x[r * k..][..2 * k]);
+                assert_eq!(pair, all[r * n..][..2 * n], "{which}, rows from {r} of {m}");
             }
         }
         let mut rng = Rng64::new(4);
-        let (n, k, m) = (70, 96, 31);
+        // 3 panels (a pair and one for a lone row), `k` ending in a partial block.
+        let (n, k, m) = (70, 100, 31);
         let (w, x) = (rng.uniform_f32(n * k, 0.5), rng.uniform_f32(m * k, 1.0));
-        let q8 = int8::Int8Weights::quantize(&w, n, k);
-        check("int8", (n, k, m), &x, |m, x, out| {
-            q8.rows_by_weights_uninit((m, x), 0..n, out)
-        });
-        let q4 = int4::Int4Weights::quantize(&w, n, k);
-        check("int4", (n, k, m), &x, |m, x, out| {
-            q4.rows_by_weights_uninit((m, x), 0..n, out)
-        });
+        let (q8, q4) = (
+            int8::Int8Weights::quantize(&w, n, k),
+            int4::Int4Weights::quantize(&w, n, k),
+        );
+        // On AVX2, 31 rows read panels widened once into a buffer, 20 widen them in registers.
+        for m in [m, 20] {
+            check("int8", (n, k, m), &x, |m, x, out| {
+                q8.rows_by_weights_uninit((m, x), 0..n, out)
+            });
+            check("int4", (n, k, m), &x, |m, x, out| {
+                q4.rows_by_weights_uninit((m, x), 0..n, out)
+            });
+        }
     }
 
     /// The int8 and int4 kernels against products of their dequantized values: row counts
-    /// around the kernels' tiles (12; 6 on AVX2), features around the panels (32) and their
+    /// around the kernels' tiles (12; on AVX2 6, and 24 beyond which panels are widened once into
+    /// a buffer), features around the panels (32) and their
     /// halves, `k` not a multiple of a block; all features, and a range of whole panels.
     #[test]
     fn block_products_equal_their_values() {
@@ -560,6 +564,8 @@ mod tests {
             (25, 64, 5, 0..32),
             (2, 20, 33, 0..20),
             (7, 57, 40, 0..57),
+            (1, 100, 70, 0..100),
+            (1, 130, 40, 32..130),
         ] {
             let x = rng.uniform_f32(m * k, 1.0);
             let w = rng.uniform_f32(n * k, 0.5);

@@ -2,10 +2,18 @@
 //! the same panels (32 output features a panel; f32, int8 or int4 steps, with the int8 and int4
 //! blocks' scales), read one half of 16 features at a time, 6 rows x 16 features of
 //! accumulators (12 of the 16 registers). It is what runs `--quantization int8` and `int4`
-//! there: each step's codes are widened to f32 in registers for up to 6 rows, and a panel that
-//! more rows read is widened once into a buffer, as `packed` does.
+//! there: each step's codes are widened to f32 in registers for up to 24 rows (a tile of 6 at a
+//! time), and a panel that more rows read is widened once into a buffer, as `packed` does.
+//!
+//! int4 products are summed per block of 32 steps over the codes themselves and scaled once a
+//! block (`scale * sum(code * x) + min * sum(x)`, as llama.cpp's Q4_1 dot does), not per step:
+//! that halves the FMAs of a decode row, whose step is otherwise bound by them (int8's steps
+//! come scaled: see its `HalfStep`). One row runs against two panels at once, so that eight
+//! independent sums hide the FMAs' latency. Every tile shape sums a (row, feature) in the same
+//! order, so a row's outputs do not depend on its batch.
 
 use std::arch::x86_64::*;
+use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
 use super::PANEL;
@@ -13,29 +21,48 @@ use super::PANEL;
 /// Rows per register tile.
 const ROWS: usize = 6;
 
+/// Quantized panels that more rows than this read are widened once into a buffer; fewer widen
+/// each step in registers for each tile of rows (up to four tiles of 3-6). The buffer of a long
+/// panel outgrows L1 (4096 steps: 512 KiB) and each tile rereads it: one core, int8 / int4, a
+/// 14336 x 4096 matrix from memory, ns a step of 32 weights in registers against widened: 8
+/// rows 7.5 / 8.0 against 11.0-11.8 / 11.0-11.7, 16 rows 13.8 / 14.9 against 18.2-19.2 /
+/// 17.9-18.8, 24 rows 20.7 / 22.1 against 25.0-25.8 / 25.1-26.1; in cache (3072 x 576) 16 and
+/// 24 rows ran 1-9% faster widened, and from 32 rows widening is as fast or faster (64 rows, int4:
+/// 55 against 59-62).
+const WIDEN_ABOVE: usize = 4 * ROWS;
+
 /// Features per half of a panel: two 256-bit registers.
 const HALF: usize = PANEL / 2;
+
+/// Steps per block of quantized weights sharing a scale (`int8::BLOCK`, `int4::BLOCK`).
+const BLOCK: usize = 32;
 
 /// A value type of the panels, read 16 features (one half) of a step at a time.
 pub(super) trait HalfStep: Copy {
     /// Elements of `Self` per step (32 features at one `k`).
     const STEP: usize;
 
-    /// Whether a step is widened and scaled (int8, int4).
-    const SCALED: bool;
+    /// Whether steps are codes to widen (int8, int4), which a panel that many rows read has
+    /// widened once into a buffer.
+    const CODES: bool;
 
-    /// Features `16 H .. 16 H + 16` of step `kk` of the panel at `wp`, with the panel's
-    /// scales at `sp` (int8: `[k / 32][32]`; int4: `[k / 32][64]`, 32 scales then 32
-    /// minimums; unused for f32).
+    /// f32s of scales per block of 32 steps that a tile applies to its sums of products once a
+    /// block: 32 scales then 32 minimums (int4); 0 where steps come scaled (f32, int8).
+    const BLOCK_SCALES: usize;
+
+    /// Features `16 H .. 16 H + 16` of step `kk` of the panel at `wp` as f32: values (f32),
+    /// codes times their scales (int8, scales at `sp`: `[k / 32][32]`), or codes (int4).
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; the panel holds step `kk` and its block's scales.
+    /// AVX2 and FMA must be available; the panel holds step `kk` (and its block's scales, where
+    /// `Self` reads them).
     unsafe fn half<const H: usize>(wp: *const Self, sp: *const f32, kk: usize) -> [__m256; 2];
 }
 
 impl HalfStep for f32 {
     const STEP: usize = PANEL;
-    const SCALED: bool = false;
+    const CODES: bool = false;
+    const BLOCK_SCALES: usize = 0;
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -48,9 +75,14 @@ impl HalfStep for f32 {
     }
 }
 
+/// int8 steps come scaled: summing a block's products before scaling them (as int4 does) cut a
+/// one-row step in cache from 2.2 to 1.7 ns, but a step from memory is bound by its bytes
+/// (llama-3-8b decode at one sequence 333 ms either way), and the 24 more FMAs and reloads of a
+/// tile's sums per block slowed prefill products by 13-19% (1024 x 4096 by 14336, two threads).
 impl HalfStep for i8 {
     const STEP: usize = PANEL;
-    const SCALED: bool = true;
+    const CODES: bool = true;
+    const BLOCK_SCALES: usize = 0;
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -73,35 +105,100 @@ impl HalfStep for i8 {
 /// `c + 16` in its high half, so both halves of a panel read the same 16 bytes.
 impl HalfStep for u8 {
     const STEP: usize = PANEL / 2;
-    const SCALED: bool = true;
+    const CODES: bool = true;
+    const BLOCK_SCALES: usize = 2 * PANEL;
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn half<const H: usize>(wp: *const u8, sp: *const f32, kk: usize) -> [__m256; 2] {
-        // SAFETY: the caller's contract: 16 bytes at step `kk`, 32 scales and 32 minimums for
-        // its block.
+    unsafe fn half<const H: usize>(wp: *const u8, _: *const f32, kk: usize) -> [__m256; 2] {
+        // SAFETY: the caller's contract: 16 bytes at step `kk`.
         unsafe {
-            let v = _mm_loadu_si128(wp.add(kk * Self::STEP) as *const __m128i);
-            let codes = |v: __m128i| {
-                let v = _mm256_cvtepu8_epi32(v);
-                let v = match H {
-                    0 => _mm256_and_si256(v, _mm256_set1_epi32(0x0f)),
-                    _ => _mm256_srli_epi32::<4>(v),
-                };
-                _mm256_cvtepi32_ps(v)
+            // The 16 bytes in both lanes (shifted down a nibble for the high codes), from which
+            // an in-lane shuffle puts 8 bytes in the low bytes of 8 lanes (lane `i` byte
+            // `lo + i`). One core, two rows: 2.3 ns a step against 3.1 by widening each half
+            // across lanes (`vpmovzxbd`, four a step as the compiler ordered them; one row 2.4
+            // either way); int8's `vpmovsxbd` from memory beat such a shuffle (1.7 against 2.2).
+            let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                wp.add(kk * Self::STEP) as *const __m128i
+            ));
+            let v = match H {
+                0 => v,
+                _ => _mm256_srli_epi16::<4>(v),
             };
-            let (lo, hi) = (codes(v), codes(_mm_srli_si128::<8>(v)));
-            let s = sp.add(kk / PANEL * 2 * PANEL + H * HALF);
-            [
-                _mm256_fmadd_ps(lo, _mm256_loadu_ps(s), _mm256_loadu_ps(s.add(PANEL))),
-                _mm256_fmadd_ps(
-                    hi,
-                    _mm256_loadu_ps(s.add(8)),
-                    _mm256_loadu_ps(s.add(PANEL + 8)),
-                ),
-            ]
+            let pick = |lo: i8| {
+                let z = -128i8;
+                #[rustfmt::skip]
+                let m = _mm256_setr_epi8(
+                    lo, z, z, z, lo + 1, z, z, z, lo + 2, z, z, z, lo + 3, z, z, z,
+                    lo + 4, z, z, z, lo + 5, z, z, z, lo + 6, z, z, z, lo + 7, z, z, z,
+                );
+                let c = _mm256_and_si256(_mm256_shuffle_epi8(v, m), _mm256_set1_epi32(0x0f));
+                _mm256_cvtepi32_ps(c)
+            };
+            [pick(0), pick(8)]
         }
     }
+}
+
+/// A panel of `W` codes widened once to f32 (for many rows), its blocks' sums still to scale
+/// where `W`'s are.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Widened<W>(f32, PhantomData<W>);
+
+impl<W: HalfStep> HalfStep for Widened<W> {
+    const STEP: usize = PANEL;
+    const CODES: bool = false;
+    const BLOCK_SCALES: usize = W::BLOCK_SCALES;
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn half<const H: usize>(wp: *const Self, sp: *const f32, kk: usize) -> [__m256; 2] {
+        // SAFETY: the caller's contract; `Widened` is an f32.
+        unsafe { f32::half::<H>(wp.cast::<f32>(), sp, kk) }
+    }
+}
+
+/// Where a tile reads its panels: the first, the next ones `stride` elements apart, and their
+/// blocks' scales `scale_stride` f32s apart (unused for f32).
+#[derive(Clone, Copy)]
+struct Panels<W> {
+    wp: *const W,
+    stride: usize,
+    sp: *const f32,
+    scale_stride: usize,
+}
+
+impl<W> Panels<W> {
+    /// Panel `p` on.
+    fn at(self, p: usize) -> Self {
+        Self {
+            wp: self.wp.wrapping_add(p * self.stride),
+            sp: self.sp.wrapping_add(p * self.scale_stride),
+            ..self
+        }
+    }
+}
+
+/// Each row's sum over each block of 32 of its `k` values (`[m][k.div_ceil(32)]`), in a fixed
+/// order (eight lanes, then their pairs): what a block's minimums multiply.
+fn block_sums(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+    if k == 0 {
+        return Vec::new();
+    }
+    x[..m * k]
+        .chunks_exact(k)
+        .flat_map(|row| row.chunks(BLOCK))
+        .map(|block| {
+            let mut l = [0f32; 8];
+            for c in block.chunks(8) {
+                for (l, v) in l.iter_mut().zip(c) {
+                    *l += v;
+                }
+            }
+            ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+        })
+        .collect()
 }
 
 /// `out[r * n + j] = x[r] . w[j]` for the `m` rows of `x` (`[m, k]`) and `n.div_ceil(32)`
@@ -110,7 +207,7 @@ impl HalfStep for u8 {
 ///
 /// # Safety
 /// AVX2 and FMA must be available; `x.len() >= m * k`; the panels hold `k` steps (and their
-/// blocks' scales, where `W` reads them); `out.len() >= m * n`.
+/// blocks' scales, where `W` has them); `out.len() >= m * n`.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn rows_by_panels<W: HalfStep>(
     (m, n, k): (usize, usize, usize),
@@ -120,29 +217,73 @@ pub(super) unsafe fn rows_by_panels<W: HalfStep>(
     out: &mut [MaybeUninit<f32>],
 ) {
     let count = n.div_ceil(PANEL);
+    debug_assert!(count == 0 || panels.len() >= (count - 1) * stride + k * W::STEP);
+    let sums = match W::BLOCK_SCALES == 2 * PANEL {
+        true => block_sums(x, m, k),
+        false => Vec::new(),
+    };
+    let all = Panels {
+        wp: panels.as_ptr(),
+        stride,
+        sp: scales.as_ptr(),
+        scale_stride,
+    };
+    let ops = Operands {
+        n,
+        k,
+        x: x.as_ptr(),
+        sums: sums.as_ptr(),
+    };
     let mut widened: Vec<f32> = Vec::new();
-    for p in 0..count {
-        let panel = &panels[p * stride..][..k * W::STEP];
-        let sp = scales.as_ptr().wrapping_add(p * scale_stride);
-        let cols = (n - p * PANEL).min(PANEL);
-        let next = match p + 1 < count {
-            true => panels.as_ptr().wrapping_add((p + 1) * stride),
-            false => std::ptr::null(),
-        };
-        // SAFETY: the caller's contract, for this panel; the prefetches form no reference.
+    let mut p = 0;
+    while p < count {
+        let cols = n - p * PANEL;
+        let here = all.at(p);
+        // SAFETY: the caller's contract, for these panels; the prefetches form no reference.
         unsafe {
-            if W::SCALED && m > ROWS {
-                widen(panel, sp, k, &mut widened);
-                let w = (widened.as_slice(), std::ptr::null());
-                panel_tiles::<f32>(m, (n, k), x, w, (p, cols), std::ptr::null(), out);
+            if W::CODES && m > WIDEN_ABOVE {
+                widen(
+                    &panels[p * stride..][..k * W::STEP],
+                    here.sp,
+                    k,
+                    &mut widened,
+                );
+                let w = Panels {
+                    wp: widened.as_ptr().cast::<Widened<W>>(),
+                    stride: 0,
+                    sp: here.sp,
+                    scale_stride: 0,
+                };
+                panel_tiles(m, ops, w, (p, cols.min(PANEL)), std::ptr::null(), out);
+                p += 1;
+            } else if m == 1 && p + 1 < count {
+                // Two panels: eight independent sums.
+                let next = all.at(p + 2).wp;
+                tile::<W, 1, 0, 4>((0, p * PANEL, cols.min(2 * PANEL)), ops, here, next, out);
+                p += 2;
             } else {
-                panel_tiles::<W>(m, (n, k), x, (panel, sp), (p, cols), next, out);
+                let next = match p + 1 < count {
+                    true => all.at(p + 1).wp,
+                    false => std::ptr::null(),
+                };
+                panel_tiles(m, ops, here, (p, cols.min(PANEL)), next, out);
+                p += 1;
             }
         }
     }
 }
 
-/// `panel`'s `k` steps widened to f32 into `dst` (resized to `k * 32`).
+/// What every tile of a product shares: its sizes, its rows (`[m, k]`), and their block sums
+/// (`[m][k.div_ceil(32)]`, int4 only).
+#[derive(Clone, Copy)]
+struct Operands {
+    n: usize,
+    k: usize,
+    x: *const f32,
+    sums: *const f32,
+}
+
+/// `panel`'s `k` steps as [`HalfStep::half`] reads them, into `dst` (resized to `k * 32`).
 ///
 /// # Safety
 /// AVX2 and FMA must be available; the panel holds `k` steps and `sp` their blocks' scales.
@@ -177,9 +318,8 @@ unsafe fn widen<W: HalfStep>(panel: &[W], sp: *const f32, k: usize, dst: &mut Ve
 #[inline]
 unsafe fn panel_tiles<W: HalfStep>(
     m: usize,
-    (n, k): (usize, usize),
-    x: &[f32],
-    w: (&[W], *const f32),
+    ops: Operands,
+    w: Panels<W>,
     (p, cols): (usize, usize),
     next: *const W,
     out: &mut [MaybeUninit<f32>],
@@ -189,8 +329,8 @@ unsafe fn panel_tiles<W: HalfStep>(
     // holds `k` steps (and their scales, where `W` has them).
     match m {
         0 => {}
-        1 => unsafe { tile::<W, 1, 0, 2>((0, j, cols, next), (n, k), x, w, out) },
-        2 => unsafe { tile::<W, 2, 0, 2>((0, j, cols, next), (n, k), x, w, out) },
+        1 => unsafe { tile::<W, 1, 0, 2>((0, j, cols), ops, w, next, out) },
+        2 => unsafe { tile::<W, 2, 0, 2>((0, j, cols), ops, w, next, out) },
         _ => {
             // `tiles` tiles of `m / tiles` rows, the first `m % tiles` one more: 3 to 6 rows.
             let tiles = m.div_ceil(ROWS);
@@ -203,17 +343,17 @@ unsafe fn panel_tiles<W: HalfStep>(
                     } else {
                         std::ptr::null()
                     };
-                    let at = (r, j + h * HALF, cols - h * HALF, pf);
+                    let at = (r, j + h * HALF, cols - h * HALF);
                     unsafe {
                         match (h, rows) {
-                            (0, 6) => tile::<W, 6, 0, 1>(at, (n, k), x, w, out),
-                            (0, 5) => tile::<W, 5, 0, 1>(at, (n, k), x, w, out),
-                            (0, 4) => tile::<W, 4, 0, 1>(at, (n, k), x, w, out),
-                            (0, 3) => tile::<W, 3, 0, 1>(at, (n, k), x, w, out),
-                            (_, 6) => tile::<W, 6, 1, 1>(at, (n, k), x, w, out),
-                            (_, 5) => tile::<W, 5, 1, 1>(at, (n, k), x, w, out),
-                            (_, 4) => tile::<W, 4, 1, 1>(at, (n, k), x, w, out),
-                            (_, 3) => tile::<W, 3, 1, 1>(at, (n, k), x, w, out),
+                            (0, 6) => tile::<W, 6, 0, 1>(at, ops, w, pf, out),
+                            (0, 5) => tile::<W, 5, 0, 1>(at, ops, w, pf, out),
+                            (0, 4) => tile::<W, 4, 0, 1>(at, ops, w, pf, out),
+                            (0, 3) => tile::<W, 3, 0, 1>(at, ops, w, pf, out),
+                            (_, 6) => tile::<W, 6, 1, 1>(at, ops, w, pf, out),
+                            (_, 5) => tile::<W, 5, 1, 1>(at, ops, w, pf, out),
+                            (_, 4) => tile::<W, 4, 1, 1>(at, ops, w, pf, out),
+                            (_, 3) => tile::<W, 3, 1, 1>(at, ops, w, pf, out),
                             _ => unreachable!("packed_avx2: a tile of {rows} rows"),
                         }
                     }
@@ -224,57 +364,102 @@ unsafe fn panel_tiles<W: HalfStep>(
     }
 }
 
-/// Rows `r .. r + R` against `HALVES` halves of one panel from half `H` (features `j ..`, of
-/// which `cols` are written), prefetching the whole panel at `next` (null: none) into L2, a
-/// line at a time.
+/// Rows `r .. r + R` against `C` halves from half `H` of the panel at `w` (on into the next
+/// panel for `C > 2 - H`; features `j ..`, of which `cols` are written), prefetching the panels
+/// at `next` (null: none) into L2, a line at a time. Quantized steps are summed per block of 32
+/// and scaled once a block.
 ///
 /// # Safety
-/// As [`rows_by_panels`], for those rows and features.
+/// As [`rows_by_panels`], for those rows, panels and features.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn tile<W: HalfStep, const R: usize, const H: usize, const HALVES: usize>(
-    (r, j, cols, next): (usize, usize, usize, *const W),
-    (n, k): (usize, usize),
-    x: &[f32],
-    (panel, sp): (&[W], *const f32),
+unsafe fn tile<W: HalfStep, const R: usize, const H: usize, const C: usize>(
+    (r, j, cols): (usize, usize, usize),
+    Operands { n, k, x, sums }: Operands,
+    w: Panels<W>,
+    next: *const W,
     out: &mut [MaybeUninit<f32>],
 ) {
     let step_bytes = W::STEP * size_of::<W>();
-    // SAFETY: the caller's contract bounds the rows, the panel and the outputs; only `cols`
+    let (scaled, minimums) = (W::BLOCK_SCALES > 0, W::BLOCK_SCALES == 2 * PANEL);
+    // Group `c` is half `(H + c) % 2` of panel `(H + c) / 2`.
+    let panels = (H + C - 1) / 2 + 1;
+    let (block, blocks) = match scaled {
+        true => (BLOCK, k.div_ceil(BLOCK)),
+        false => (k.max(1), 1),
+    };
+    // SAFETY: the caller's contract bounds the rows, the panels and the outputs; only `cols`
     // outputs of each row are written.
     unsafe {
-        let (xp, wp) = (x.as_ptr().add(r * k), panel.as_ptr());
-        let mut acc = [[[_mm256_setzero_ps(); 2]; HALVES]; R];
-        for kk in 0..k {
-            // The lines of the next panel's step `kk`, where one starts in it.
-            if !next.is_null() && (kk * step_bytes) % 64 < step_bytes {
-                let at = next.cast::<i8>().wrapping_add(kk * step_bytes);
-                _mm_prefetch::<_MM_HINT_T1>(at);
-                if step_bytes > 64 {
-                    _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(64));
+        let xp = x.add(r * k);
+        let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
+        for b in 0..blocks {
+            let (k0, k1) = (b * block, (b * block + block).min(k));
+            let mut sum = [[[_mm256_setzero_ps(); 2]; C]; R];
+            for kk in k0..k1 {
+                // The lines of the next panels' step `kk`, where one starts in it.
+                if !next.is_null() && (kk * step_bytes) % 64 < step_bytes {
+                    for pi in 0..panels {
+                        let at = next.wrapping_add(pi * w.stride).cast::<i8>();
+                        let at = at.wrapping_add(kk * step_bytes);
+                        _mm_prefetch::<_MM_HINT_T1>(at);
+                        if step_bytes > 64 {
+                            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(64));
+                        }
+                    }
+                }
+                let mut wv = [[_mm256_setzero_ps(); 2]; C];
+                for (c, wv) in wv.iter_mut().enumerate() {
+                    let wp = w.wp.add((H + c) / 2 * w.stride);
+                    let sp = w.sp.wrapping_add((H + c) / 2 * w.scale_stride);
+                    *wv = match (H + c) % 2 {
+                        0 => W::half::<0>(wp, sp, kk),
+                        _ => W::half::<1>(wp, sp, kk),
+                    };
+                }
+                for (i, s) in sum.iter_mut().enumerate() {
+                    let xb = _mm256_broadcast_ss(&*xp.add(i * k + kk));
+                    for (s, wv) in s.iter_mut().zip(&wv) {
+                        s[0] = _mm256_fmadd_ps(xb, wv[0], s[0]);
+                        s[1] = _mm256_fmadd_ps(xb, wv[1], s[1]);
+                    }
                 }
             }
-            let mut w = [[_mm256_setzero_ps(); 2]; HALVES];
-            w[0] = W::half::<H>(wp, sp, kk);
-            if HALVES > 1 {
-                w[1] = W::half::<1>(wp, sp, kk);
+            if !scaled {
+                acc = sum;
+                continue;
             }
-            for (i, a) in acc.iter_mut().enumerate() {
-                let b = _mm256_broadcast_ss(&*xp.add(i * k + kk));
-                for (a, w) in a.iter_mut().zip(&w) {
-                    a[0] = _mm256_fmadd_ps(b, w[0], a[0]);
-                    a[1] = _mm256_fmadd_ps(b, w[1], a[1]);
+            for c in 0..C {
+                let sp = w.sp.add((H + c) / 2 * w.scale_stride);
+                let s = sp.add(b * W::BLOCK_SCALES + (H + c) % 2 * HALF);
+                let scale = [_mm256_loadu_ps(s), _mm256_loadu_ps(s.add(8))];
+                for (a, s) in acc.iter_mut().zip(&sum) {
+                    for h in 0..2 {
+                        a[c][h] = _mm256_fmadd_ps(s[c][h], scale[h], a[c][h]);
+                    }
+                }
+                if minimums {
+                    let min = [
+                        _mm256_loadu_ps(s.add(PANEL)),
+                        _mm256_loadu_ps(s.add(PANEL + 8)),
+                    ];
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xs = _mm256_broadcast_ss(&*sums.add((r + i) * blocks + b));
+                        for h in 0..2 {
+                            a[c][h] = _mm256_fmadd_ps(xs, min[h], a[c][h]);
+                        }
+                    }
                 }
             }
         }
         for (i, a) in acc.iter().enumerate() {
-            let mut row = [0f32; PANEL];
-            for (h, a) in a.iter().enumerate() {
-                _mm256_storeu_ps(row.as_mut_ptr().add(h * HALF), a[0]);
-                _mm256_storeu_ps(row.as_mut_ptr().add(h * HALF + 8), a[1]);
+            let mut row = [0f32; 2 * PANEL];
+            for (c, a) in a.iter().enumerate() {
+                _mm256_storeu_ps(row.as_mut_ptr().add(c * HALF), a[0]);
+                _mm256_storeu_ps(row.as_mut_ptr().add(c * HALF + 8), a[1]);
             }
             let dst = out.as_mut_ptr().add((r + i) * n + j).cast::<f32>();
-            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols.min(HALVES * HALF));
+            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols.min(C * HALF));
         }
     }
 }
