@@ -475,9 +475,10 @@ mod tests {
     }
 
     /// A row's products do not depend on the rows beside it: each output sums its `k` products
-    /// in one order (int4 on AVX2: per block) whatever tile the row falls in, whether its panel was
-    /// paired with the next (one row, AVX2) and whether it was widened in registers (few rows)
-    /// or once into a buffer (many), so a request's greedy tokens do not depend on its batch.
+    /// in one order (int4 on AVX2: per block) whatever tile the row falls in, whether its panel
+    /// was paired with the next (one row, AVX2) and whether it was widened in registers (few
+    /// rows) or once into a buffer (many), so a request's greedy tokens do not depend on its
+    /// batch.
     #[test]
     fn a_row_s_products_do_not_depend_on_its_batch() {
         fn check(
@@ -523,9 +524,9 @@ mod tests {
     }
 
     /// The int8 and int4 kernels against products of their dequantized values: row counts
-    /// around the kernels' tiles (12; on AVX2 6, and 24 beyond which panels are widened once into
-    /// a buffer), features around the panels (32) and their
-    /// halves, `k` not a multiple of a block; all features, and a range of whole panels.
+    /// around the kernels' tiles (12; on AVX2 6, and 24, beyond which panels are widened once
+    /// into a buffer), features around the panels (32) and their halves, `k` not a multiple of a
+    /// block; all features, and a range of whole panels.
     #[test]
     fn block_products_equal_their_values() {
         #[allow(clippy::type_complexity)]

@@ -23,12 +23,11 @@ const ROWS: usize = 6;
 
 /// Quantized panels that more rows than this read are widened once into a buffer; fewer widen
 /// each step in registers for each tile of rows (up to four tiles of 3-6). The buffer of a long
-/// panel outgrows L1 (4096 steps: 512 KiB) and each tile rereads it: one core, int8 / int4, a
-/// 14336 x 4096 matrix from memory, ns a step of 32 weights in registers against widened: 8
-/// rows 7.5 / 8.0 against 11.0-11.8 / 11.0-11.7, 16 rows 13.8 / 14.9 against 18.2-19.2 /
-/// 17.9-18.8, 24 rows 20.7 / 22.1 against 25.0-25.8 / 25.1-26.1; in cache (3072 x 576) 16 and
-/// 24 rows ran 1-9% faster widened, and from 32 rows widening is as fast or faster (64 rows, int4:
-/// 55 against 59-62).
+/// panel outgrows L1 (4096 steps: 512 KiB) and each tile rereads it: one core, int4, a 14336 x
+/// 4096 matrix from memory, ns a step of 32 weights in registers against widened: 8 rows 8.0
+/// against 11.0-11.7, 16 rows 14.9 against 17.9-18.8, 24 rows 22.1 against 25.1-26.1 (int8: 8
+/// rows 10.8 against 11.7, 16 rows 17.2 against 18.2); in cache (3072 x 576) 16 and 24 rows ran
+/// 1-9% faster widened, and from 32 rows widening is as fast or faster.
 const WIDEN_ABOVE: usize = 4 * ROWS;
 
 /// Features per half of a panel: two 256-bit registers.
@@ -77,7 +76,7 @@ impl HalfStep for f32 {
 
 /// int8 steps come scaled: summing a block's products before scaling them (as int4 does) cut a
 /// one-row step in cache from 2.2 to 1.7 ns, but a step from memory is bound by its bytes
-/// (llama-3-8b decode at one sequence 333 ms either way), and the 24 more FMAs and reloads of a
+/// (llama-3-8b decode at one sequence 352 against 333 ms), and the 24 more FMAs and reloads of a
 /// tile's sums per block slowed prefill products by 13-19% (1024 x 4096 by 14336, two threads).
 impl HalfStep for i8 {
     const STEP: usize = PANEL;
@@ -258,7 +257,10 @@ pub(super) unsafe fn rows_by_panels<W: HalfStep>(
                 p += 1;
             } else if m == 1 && p + 1 < count {
                 // Two panels: eight independent sums.
-                let next = all.at(p + 2).wp;
+                let next = match p + 2 < count {
+                    true => all.at(p + 2).wp,
+                    false => std::ptr::null(),
+                };
                 tile::<W, 1, 0, 4>((0, p * PANEL, cols.min(2 * PANEL)), ops, here, next, out);
                 p += 2;
             } else {
@@ -366,8 +368,8 @@ unsafe fn panel_tiles<W: HalfStep>(
 
 /// Rows `r .. r + R` against `C` halves from half `H` of the panel at `w` (on into the next
 /// panel for `C > 2 - H`; features `j ..`, of which `cols` are written), prefetching the panels
-/// at `next` (null: none) into L2, a line at a time. Quantized steps are summed per block of 32
-/// and scaled once a block.
+/// at `next` (null: none) into L2, a line at a time. Where `W` has block scales (int4), steps
+/// are summed per block of 32 and scaled once a block.
 ///
 /// # Safety
 /// As [`rows_by_panels`], for those rows, panels and features.
