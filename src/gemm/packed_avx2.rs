@@ -17,6 +17,7 @@ use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
 use super::PANEL;
+use super::int4::{BLOCK, blocks};
 
 /// Rows per register tile.
 const ROWS: usize = 6;
@@ -33,9 +34,6 @@ const WIDEN_ABOVE: usize = 4 * ROWS;
 /// Features per half of a panel: two 256-bit registers.
 const HALF: usize = PANEL / 2;
 
-/// Steps per block of quantized weights sharing a scale (`int8::BLOCK`, `int4::BLOCK`).
-const BLOCK: usize = 32;
-
 /// A value type of the panels, read 16 features (one half) of a step at a time.
 pub(super) trait HalfStep: Copy {
     /// Elements of `Self` per step (32 features at one `k`).
@@ -45,9 +43,10 @@ pub(super) trait HalfStep: Copy {
     /// widened once into a buffer.
     const CODES: bool;
 
-    /// f32s of scales per block of 32 steps that a tile applies to its sums of products once a
-    /// block: 32 scales then 32 minimums (int4); 0 where steps come scaled (f32, int8).
-    const BLOCK_SCALES: usize;
+    /// Whether a tile sums each block's products over the codes and applies the block's 32
+    /// scales and 32 minimums once a block (int4: `[k / 32][64]` at `sp`); steps of the others
+    /// come scaled (f32, int8).
+    const BLOCK_SUMS: bool;
 
     /// Features `16 H .. 16 H + 16` of step `kk` of the panel at `wp` as f32: values (f32),
     /// codes times their scales (int8, scales at `sp`: `[k / 32][32]`), or codes (int4).
@@ -61,7 +60,7 @@ pub(super) trait HalfStep: Copy {
 impl HalfStep for f32 {
     const STEP: usize = PANEL;
     const CODES: bool = false;
-    const BLOCK_SCALES: usize = 0;
+    const BLOCK_SUMS: bool = false;
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -81,7 +80,7 @@ impl HalfStep for f32 {
 impl HalfStep for i8 {
     const STEP: usize = PANEL;
     const CODES: bool = true;
-    const BLOCK_SCALES: usize = 0;
+    const BLOCK_SUMS: bool = false;
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -105,7 +104,7 @@ impl HalfStep for i8 {
 impl HalfStep for u8 {
     const STEP: usize = PANEL / 2;
     const CODES: bool = true;
-    const BLOCK_SCALES: usize = 2 * PANEL;
+    const BLOCK_SUMS: bool = true;
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -148,7 +147,7 @@ struct Widened<W>(f32, PhantomData<W>);
 impl<W: HalfStep> HalfStep for Widened<W> {
     const STEP: usize = PANEL;
     const CODES: bool = false;
-    const BLOCK_SCALES: usize = W::BLOCK_SCALES;
+    const BLOCK_SUMS: bool = W::BLOCK_SUMS;
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -179,7 +178,7 @@ impl<W> Panels<W> {
     }
 }
 
-/// Each row's sum over each block of 32 of its `k` values (`[m][k.div_ceil(32)]`), in a fixed
+/// Each row's sum over each block of 32 of its `k` values (`[m][blocks(k)]`), in a fixed
 /// order (eight lanes, then their pairs): what a block's minimums multiply.
 fn block_sums(x: &[f32], m: usize, k: usize) -> Vec<f32> {
     if k == 0 {
@@ -217,7 +216,7 @@ pub(super) unsafe fn rows_by_panels<W: HalfStep>(
 ) {
     let count = n.div_ceil(PANEL);
     debug_assert!(count == 0 || panels.len() >= (count - 1) * stride + k * W::STEP);
-    let sums = match W::BLOCK_SCALES == 2 * PANEL {
+    let sums = match W::BLOCK_SUMS {
         true => block_sums(x, m, k),
         false => Vec::new(),
     };
@@ -232,6 +231,11 @@ pub(super) unsafe fn rows_by_panels<W: HalfStep>(
         k,
         x: x.as_ptr(),
         sums: sums.as_ptr(),
+    };
+    // Panel `q` to prefetch, if there is one.
+    let prefetch = |q: usize| match q < count {
+        true => all.at(q).wp,
+        false => std::ptr::null(),
     };
     let mut widened: Vec<f32> = Vec::new();
     let mut p = 0;
@@ -257,18 +261,11 @@ pub(super) unsafe fn rows_by_panels<W: HalfStep>(
                 p += 1;
             } else if m == 1 && p + 1 < count {
                 // Two panels: eight independent sums.
-                let next = match p + 2 < count {
-                    true => all.at(p + 2).wp,
-                    false => std::ptr::null(),
-                };
+                let next = prefetch(p + 2);
                 tile::<W, 1, 0, 4>((0, p * PANEL, cols.min(2 * PANEL)), ops, here, next, out);
                 p += 2;
             } else {
-                let next = match p + 1 < count {
-                    true => all.at(p + 1).wp,
-                    false => std::ptr::null(),
-                };
-                panel_tiles(m, ops, here, (p, cols.min(PANEL)), next, out);
+                panel_tiles(m, ops, here, (p, cols.min(PANEL)), prefetch(p + 1), out);
                 p += 1;
             }
         }
@@ -276,7 +273,7 @@ pub(super) unsafe fn rows_by_panels<W: HalfStep>(
 }
 
 /// What every tile of a product shares: its sizes, its rows (`[m, k]`), and their block sums
-/// (`[m][k.div_ceil(32)]`, int4 only).
+/// (`[m][blocks(k)]`, int4 only).
 #[derive(Clone, Copy)]
 struct Operands {
     n: usize,
@@ -368,8 +365,8 @@ unsafe fn panel_tiles<W: HalfStep>(
 
 /// Rows `r .. r + R` against `C` halves from half `H` of the panel at `w` (on into the next
 /// panel for `C > 2 - H`; features `j ..`, of which `cols` are written), prefetching the panels
-/// at `next` (null: none) into L2, a line at a time. Where `W` has block scales (int4), steps
-/// are summed per block of 32 and scaled once a block.
+/// at `next` (null: none) into L2, a line at a time. Where `W` sums blocks (int4), steps are
+/// summed per block of 32 and scaled once a block.
 ///
 /// # Safety
 /// As [`rows_by_panels`], for those rows, panels and features.
@@ -383,11 +380,10 @@ unsafe fn tile<W: HalfStep, const R: usize, const H: usize, const C: usize>(
     out: &mut [MaybeUninit<f32>],
 ) {
     let step_bytes = W::STEP * size_of::<W>();
-    let (scaled, minimums) = (W::BLOCK_SCALES > 0, W::BLOCK_SCALES == 2 * PANEL);
     // Group `c` is half `(H + c) % 2` of panel `(H + c) / 2`.
     let panels = (H + C - 1) / 2 + 1;
-    let (block, blocks) = match scaled {
-        true => (BLOCK, k.div_ceil(BLOCK)),
+    let (block, blocks) = match W::BLOCK_SUMS {
+        true => (BLOCK, blocks(k)),
         false => (k.max(1), 1),
     };
     // SAFETY: the caller's contract bounds the rows, the panels and the outputs; only `cols`
@@ -427,29 +423,23 @@ unsafe fn tile<W: HalfStep, const R: usize, const H: usize, const C: usize>(
                     }
                 }
             }
-            if !scaled {
+            if !W::BLOCK_SUMS {
                 acc = sum;
                 continue;
             }
             for c in 0..C {
                 let sp = w.sp.add((H + c) / 2 * w.scale_stride);
-                let s = sp.add(b * W::BLOCK_SCALES + (H + c) % 2 * HALF);
+                let s = sp.add(b * 2 * PANEL + (H + c) % 2 * HALF);
                 let scale = [_mm256_loadu_ps(s), _mm256_loadu_ps(s.add(8))];
-                for (a, s) in acc.iter_mut().zip(&sum) {
+                let min = [
+                    _mm256_loadu_ps(s.add(PANEL)),
+                    _mm256_loadu_ps(s.add(PANEL + 8)),
+                ];
+                for (i, (a, s)) in acc.iter_mut().zip(&sum).enumerate() {
+                    let xs = _mm256_broadcast_ss(&*sums.add((r + i) * blocks + b));
                     for h in 0..2 {
                         a[c][h] = _mm256_fmadd_ps(s[c][h], scale[h], a[c][h]);
-                    }
-                }
-                if minimums {
-                    let min = [
-                        _mm256_loadu_ps(s.add(PANEL)),
-                        _mm256_loadu_ps(s.add(PANEL + 8)),
-                    ];
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        let xs = _mm256_broadcast_ss(&*sums.add((r + i) * blocks + b));
-                        for h in 0..2 {
-                            a[c][h] = _mm256_fmadd_ps(xs, min[h], a[c][h]);
-                        }
+                        a[c][h] = _mm256_fmadd_ps(xs, min[h], a[c][h]);
                     }
                 }
             }
