@@ -17,7 +17,7 @@ use offline_bench::gemm::bf16::{Bf16Kernel, Bf16Rows, rows_by_weights_bf16};
 use offline_bench::gemm::int4::Int4Weights;
 use offline_bench::gemm::int8::Int8Weights;
 use offline_bench::model::linear::Linear;
-use offline_bench::model::matmul::{linear, linear_int4, linear_int8};
+use offline_bench::model::matmul::{linear, linear_quantized};
 
 /// The binary's allocator, so that buffers are aligned as in a run (`heap`).
 #[global_allocator]
@@ -46,13 +46,16 @@ fn matmul(c: &mut Criterion) {
         });
         if has_int8 {
             g.bench_with_input(BenchmarkId::new("int8", rows), &x, |b, x| {
-                b.iter(|| black_box(linear_int8(x, &int8, false).expect("int8 matmul")))
+                b.iter(|| black_box(linear_quantized(x, &int8, false).expect("int8 matmul")))
             });
             g.bench_with_input(BenchmarkId::new("int8_bf16", rows), &x, |b, x| {
-                b.iter(|| black_box(linear_int8(x, &int8, true).expect("int8 matmul, bf16")))
+                b.iter(|| black_box(linear_quantized(x, &int8, true).expect("int8 matmul, bf16")))
             });
             g.bench_with_input(BenchmarkId::new("int4", rows), &x, |b, x| {
-                b.iter(|| black_box(linear_int4(x, &int4).expect("int4 matmul")))
+                b.iter(|| black_box(linear_quantized(x, &int4, false).expect("int4 matmul")))
+            });
+            g.bench_with_input(BenchmarkId::new("int4_bf16", rows), &x, |b, x| {
+                b.iter(|| black_box(linear_quantized(x, &int4, true).expect("int4 matmul, bf16")))
             });
         }
         g.bench_with_input(BenchmarkId::new("f32", rows), &x, |b, x| {

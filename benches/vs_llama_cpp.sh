@@ -5,8 +5,8 @@
 # llama.cpp with the Q4_1 GGUF and with it converted to Q8_0, BF16 and F32 (llama-quantize
 # --allow-requantize), then offline-bench (benches/llama_batched_shape.sh) with --dtype f32, bf16,
 # --quantization int8 (Q8_0's scheme with f32 scales; AVX-512 CPUs only, skipped elsewhere)
-# with --dtype f32 and bf16 (bf16 products: on AMX from 12 rows), and --quantization int4 (Q4_1's
-# scheme with f32 scales and minimums, the LM head int8; AVX-512 only). Prints each run's total
+# with --dtype f32 and bf16 (bf16 products: on AMX from 13 rows), and --quantization int4 (Q4_1's
+# scheme with f32 scales and minimums, the LM head int8; AVX-512 only), also with both dtypes. Prints each run's total
 # tokens/s and the medians. A benchmark, not a test.
 #
 # llama.cpp is the copy vendored in the llama-cpp-python 0.3.36 source package on PyPI (llama.cpp
@@ -77,13 +77,13 @@ for i in $(seq "$rounds"); do
     row=$(grep '^|' "$runlog" | tail -n 1)
     record "llama.cpp $t" "$(echo "$row" | awk -F'|' '{gsub(/ /, "", $(NF-1)); print $(NF-1)}')"
   done
-  for cfg in "f32" "bf16" "int8" "int8-bf16" "int4"; do
+  for cfg in "f32" "bf16" "int8" "int8-bf16" "int4" "int4-bf16"; do
     flags=(--dtype "$cfg")
     case "$cfg" in
-      int8 | int8-bf16 | int4)
+      int8 | int8-bf16 | int4 | int4-bf16)
         grep -q avx512bw /proc/cpuinfo 2>/dev/null || continue
         flags=(--dtype f32 --quantization "${cfg%-bf16}")
-        [ "$cfg" != int8-bf16 ] || flags=(--dtype bf16 --quantization int8)
+        [ "$cfg" = "${cfg%-bf16}" ] || flags=(--dtype bf16 --quantization "${cfg%-bf16}")
         ;;
     esac
     RUNS=1 benches/llama_batched_shape.sh "${flags[@]}" >"$runlog" 2>&1 ||
@@ -94,7 +94,7 @@ for i in $(seq "$rounds"); do
 done
 for name in "llama.cpp Q4_1" "llama.cpp Q8_0" "llama.cpp BF16" "llama.cpp F32" \
   "offline-bench f32" "offline-bench bf16" "offline-bench int8" "offline-bench int8-bf16" \
-  "offline-bench int4"; do
+  "offline-bench int4" "offline-bench int4-bf16"; do
   [ -n "${rates[$name]:-}" ] || continue
   printf '%s\n' ${rates[$name]} | sort -n |
     awk -v n="$name" '{a[NR]=$1} END {m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2;

@@ -292,7 +292,7 @@ fn bad_flag_values() {
         ],
         &["--quantization int8", "--dtype", "f16"],
     );
-    // int4 weights compute in f32 only.
+    // int4 weights compute in f32 or bf16, as int8's.
     assert_one_line_error(
         &[
             "generate",
@@ -305,9 +305,9 @@ fn bad_flag_values() {
             "--quantization",
             "int4",
             "--dtype",
-            "bf16",
+            "f16",
         ],
-        &["--quantization int4", "--dtype f32", "bf16"],
+        &["--quantization int4", "--dtype", "f16"],
     );
     // An engine flag is checked before the workload is sampled.
     let gguf = path_str(&common::smollm_gguf());

@@ -290,7 +290,7 @@ fn bf16_weights_keep_greedy_tokens_close() {
 /// (and the GGUF's Q4_1 values do not fall on them): greedy tokens stay close to the f32
 /// reference, whether a product widens the weights step by step (up to 12 rows: the decode
 /// steps of the eight sequences) or a panel at a time for several tiles of rows (prefills, whole
-/// or in chunks of 24 tokens); and with `--dtype bf16` as well, whose products of 12 rows or
+/// or in chunks of 24 tokens); and with `--dtype bf16` as well, whose products of 13 rows or
 /// more (the prefills here) run on the AMX unit where the CPU has it, rows and widened weights
 /// rounded to bf16. Measured (Intel Xeon, 2026-12-06), all four ways alike: [32, 32, 32, 32, 32,
 /// 9, 32, 17] tokens. A wrong kernel or scale parts at the first token.
@@ -326,6 +326,23 @@ fn int4_weights_keep_greedy_tokens() {
         assert!(agree.iter().all(|&n| n >= 16), "{what}");
         let whole = agree.iter().filter(|&&n| n == TOKENS).count();
         assert!(whole + 1 >= agree.len(), "{what}");
+    }
+}
+
+/// `--quantization int4 --dtype bf16`: the same 4-bit weights, with products of 13 rows or
+/// more (the prefills here) on the AMX unit where the CPU has it, rows and widened weights
+/// rounded to bf16, as int8's with `--dtype bf16`; fewer rows (the decode steps) by the f32
+/// kernel. Greedy tokens stay as close to the f32 reference as int8's do with bf16 products.
+/// Measured (Intel Xeon with AMX, 2026-12-07): whole [32, 32, 32, 32, 10, 32, 32, 32], in
+/// chunks [32, 32, 32, 32, 10, 21, 32, 32] tokens.
+#[test]
+fn int4_weights_with_bf16_products_keep_greedy_tokens_close() {
+    for limits in [(16, 512, 256, 8192), (16, 512, 256, 24)] {
+        let agree = greedy_agreement(common::smollm_int4_bf16(), limits);
+        let what = format!("{limits:?}: tokens agreeing {agree:?}");
+        assert!(agree.iter().all(|&n| n >= 8), "{what}");
+        let whole = agree.iter().filter(|&&n| n == TOKENS).count();
+        assert!(whole * 2 >= agree.len(), "{what}");
     }
 }
 

@@ -261,16 +261,11 @@ fn check_quantization(
     if device != crate::device::DeviceSpec::Cpu {
         bail!("--quantization {name} runs on the CPU only; on CUDA choose the weights' --dtype");
     }
-    match quant {
-        Quantization::Int4 if dtype != DType::F32 => bail!(
-            "--quantization int4 computes in f32: use it with --dtype f32 or auto, not {}",
-            dtype_name(dtype)
-        ),
-        _ if dtype != DType::F32 && dtype != DType::BF16 => bail!(
+    if dtype != DType::F32 && dtype != DType::BF16 {
+        bail!(
             "--quantization {name} computes in f32 or bf16: use it with --dtype f32, bf16 or auto, not {}",
             dtype_name(dtype)
-        ),
-        _ => {}
+        );
     }
     if !crate::gemm::panels_run_here() {
         bail!(

@@ -327,7 +327,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// Weights kept as blocks of codes in panels (`int8`, `int4`), read a value at a time: what
 /// their dequantization and their plain loops (CPUs without AVX-512) share.
-pub(crate) trait BlockValues {
+pub trait BlockValues {
     /// `(n, k)`: weight rows, and values per row.
     fn dims(&self) -> (usize, usize);
 
@@ -392,12 +392,16 @@ pub mod int8;
 mod packed;
 #[cfg(target_arch = "x86_64")]
 mod packed_avx2;
+pub mod quant;
+#[cfg(target_arch = "x86_64")]
+mod quant_amx;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gemm::quant::QuantPanels;
     use crate::util::Rng64;
 
     /// Every path of `rows_by_weights` this CPU can run: the one it picks, and the AVX2 one

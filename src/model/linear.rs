@@ -21,13 +21,16 @@ enum Weights {
     Panels { panels: Tensor, n: usize, k: usize },
     /// int8 blocks (`--quantization int8`: [`Linear::into_int8`]); `bf16_products` where the
     /// run's dtype is bf16 (`--dtype bf16`), which then bounds the products' precision
-    /// (`matmul::linear_int8`).
+    /// (`matmul::linear_quantized`).
     Int8 {
         q: Arc<Int8Weights>,
         bf16_products: bool,
     },
-    /// 4-bit blocks (`--quantization int4`: [`Linear::into_int4`]), f32 products.
-    Int4(Arc<Int4Weights>),
+    /// 4-bit blocks (`--quantization int4`: [`Linear::into_int4`]), `bf16_products` as int8's.
+    Int4 {
+        q: Arc<Int4Weights>,
+        bf16_products: bool,
+    },
 }
 
 /// `x W^T + b`, with `W` as `[out, in]`.
@@ -42,8 +45,8 @@ impl Linear {
         let y = match &self.w {
             Weights::Rows(w) => matmul::linear(x, w)?,
             Weights::Panels { panels, n, k } => matmul::linear_panels(x, panels, (*n, *k))?,
-            Weights::Int8 { q, bf16_products } => matmul::linear_int8(x, q, *bf16_products)?,
-            Weights::Int4(q) => matmul::linear_int4(x, q)?,
+            Weights::Int8 { q, bf16_products } => matmul::linear_quantized(x, q, *bf16_products)?,
+            Weights::Int4 { q, bf16_products } => matmul::linear_quantized(x, q, *bf16_products)?,
         };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
@@ -72,7 +75,7 @@ impl Linear {
         let w = match &self.w {
             Weights::Rows(w) | Weights::Panels { panels: w, .. } => size(w),
             Weights::Int8 { q, .. } => q.bytes(),
-            Weights::Int4(q) => q.bytes(),
+            Weights::Int4 { q, .. } => q.bytes(),
         };
         w + self.b.as_ref().map_or(0, size)
     }
@@ -87,7 +90,7 @@ impl Linear {
     pub(super) fn quantized_bytes_per_weight(&self) -> Option<f64> {
         match self.w {
             Weights::Int8 { .. } => Some(crate::gemm::int8::BYTES_PER_WEIGHT),
-            Weights::Int4(_) => Some(crate::gemm::int4::BYTES_PER_WEIGHT),
+            Weights::Int4 { .. } => Some(crate::gemm::int4::BYTES_PER_WEIGHT),
             Weights::Rows(_) | Weights::Panels { .. } => None,
         }
     }
@@ -98,7 +101,7 @@ impl Linear {
         match &self.w {
             Weights::Rows(w) => Ok(w.index_select(ids, 0)?),
             Weights::Panels { panels, n, k } => matmul::panel_rows(panels, ids, (*n, *k)),
-            Weights::Int8 { .. } | Weights::Int4(_) => {
+            Weights::Int8 { .. } | Weights::Int4 { .. } => {
                 anyhow::bail!("Linear::weight_rows: quantized blocks have no rows")
             }
         }
@@ -110,16 +113,20 @@ impl Linear {
         match quant {
             Quantization::None => self.into_panels(),
             Quantization::Int8 => self.into_int8(dtype),
-            Quantization::Int4 => self.into_int4(),
+            Quantization::Int4 => self.into_int4(dtype),
         }
     }
 
-    /// The same projection with its weights quantized to 4-bit blocks (`gemm::int4`); the
-    /// values it had are not kept.
-    pub(super) fn into_int4(self) -> Result<Self> {
+    /// The same projection with its weights quantized to 4-bit blocks (`gemm::int4`), their
+    /// products computed with `dtype`'s precision where it is bf16 (as [`Linear::into_int8`]);
+    /// the values it had are not kept.
+    pub(super) fn into_int4(self, dtype: DType) -> Result<Self> {
         let (values, (n, k)) = self.row_values("into_int4")?;
         Ok(Self {
-            w: Weights::Int4(Arc::new(Int4Weights::quantize(&values, n, k))),
+            w: Weights::Int4 {
+                q: Arc::new(Int4Weights::quantize(&values, n, k)),
+                bf16_products: dtype == DType::BF16,
+            },
             b: self.b,
         })
     }
@@ -135,7 +142,7 @@ impl Linear {
     }
 
     /// The same projection with its weights quantized to int8 blocks (`gemm::int8`), their
-    /// products computed with `dtype`'s precision where it is bf16 (`matmul::linear_int8`); the
+    /// products computed with `dtype`'s precision where it is bf16 (`matmul::linear_quantized`); the
     /// values it had are not kept.
     pub(super) fn into_int8(self, dtype: DType) -> Result<Self> {
         if matches!(self.w, Weights::Int8 { .. }) {
@@ -157,9 +164,12 @@ impl Linear {
             && match &self.w {
                 Weights::Rows(w) => matmul::gate_up_silu_fuses(x, w)?,
                 Weights::Int8 { q, bf16_products } => {
-                    matmul::int8_gate_up_silu_fuses(x, q, *bf16_products)?
+                    matmul::quantized_gate_up_silu_fuses(x, &**q, *bf16_products)?
                 }
-                Weights::Panels { .. } | Weights::Int4(_) => false,
+                Weights::Int4 { q, bf16_products } => {
+                    matmul::quantized_gate_up_silu_fuses(x, &**q, *bf16_products)?
+                }
+                Weights::Panels { .. } => false,
             })
     }
 
@@ -168,10 +178,9 @@ impl Linear {
     pub fn silu_mul(&self, x: &Tensor) -> Result<Tensor> {
         match &self.w {
             Weights::Rows(w) => matmul::gate_up_silu(x, w),
-            Weights::Int8 { q, .. } => matmul::int8_gate_up_silu(x, q),
-            Weights::Panels { .. } | Weights::Int4(_) => {
-                anyhow::bail!("Linear::silu_mul: f32 panels and int4 blocks do not fuse")
-            }
+            Weights::Int8 { q, .. } => matmul::quantized_gate_up_silu(x, q),
+            Weights::Int4 { q, .. } => matmul::quantized_gate_up_silu(x, q),
+            Weights::Panels { .. } => anyhow::bail!("Linear::silu_mul: f32 panels do not fuse"),
         }
     }
 
@@ -242,11 +251,12 @@ mod tests {
         let rows = Linear::rows(w.clone(), Some(b.clone()));
         let laid_out = |quant, dtype| rows.clone().prepared(quant, dtype).unwrap();
         let int8 = laid_out(Quantization::Int8, DType::F32);
-        // Products with bf16's precision (on AMX from `INT8_AMX_MIN_ROWS` rows, where it runs).
+        // Products with bf16's precision (on AMX from `AMX_MIN_ROWS` rows, where it runs).
         let int8_bf16 = laid_out(Quantization::Int8, DType::BF16);
+        let int4_bf16 = laid_out(Quantization::Int4, DType::BF16);
         let panels = laid_out(Quantization::None, DType::F32);
         let int4 = laid_out(Quantization::Int4, DType::F32);
-        let (Weights::Int8 { q, .. }, Weights::Int4(q4)) = (&int8.w, &int4.w) else {
+        let (Weights::Int8 { q, .. }, Weights::Int4 { q: q4, .. }) = (&int8.w, &int4.w) else {
             panic!("not int8 and int4")
         };
         let dequantized = Tensor::from_vec(q.dequantize(), (n, k), &Device::Cpu).unwrap();
@@ -267,6 +277,10 @@ mod tests {
             assert!(
                 diff(&int8_bf16, &want8) < 5e-3,
                 "int8, bf16 products, {m} rows"
+            );
+            assert!(
+                diff(&int4_bf16, &want4) < 5e-3,
+                "int4, bf16 products, {m} rows"
             );
             // Against the unquantized weights: about half a step (int8) or level (int4) per weight.
             assert!(diff(&int8, &want) < 0.05, "int8 error, {m} rows");

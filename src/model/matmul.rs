@@ -14,8 +14,7 @@ use crate::util::Disjoint;
 use crate::gemm::bf16::{
     Bf16Kernel, Bf16Rows, rows_by_weights_bf16_silu_uninit, rows_by_weights_bf16_uninit, silu_fits,
 };
-use crate::gemm::int4::Int4Weights;
-use crate::gemm::int8::Int8Weights;
+use crate::gemm::quant::{AMX_MIN_ROWS, QuantPanels};
 use crate::gemm::{PANEL, rows_by_packed_uninit, rows_by_weights_uninit};
 
 /// Up to this many rows, [`linear`] splits the output features over the threads itself:
@@ -57,93 +56,100 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(&w.t()?)?)
 }
 
-/// Fewer rows than this run int8 products with bf16 precision ([`linear_int8`]'s `bf16_products`)
-/// by the f32 kernel all the same: widening each panel to bf16 for the AMX unit costs about
-/// what 8-10 rows of products do (one core, SmolLM2's gate/up and down: 8 rows 170 / 85 us by the
-/// f32 kernel, 179 / 77 us on AMX; 12 rows 238 / 119 against 169 / 80 us).
-pub const INT8_AMX_MIN_ROWS: usize = 12;
-
-/// `x W^T` for f32 rows and int8 weights (`gemm::int8`, `--quantization int8`), by the packed
-/// kernel over the int8 panels: over the panels for up to [`SPLIT_MAX_ROWS`] rows, over blocks
-/// of rows beyond (as [`linear_panels`]). With `bf16_products` (`--dtype bf16`), products of
-/// [`INT8_AMX_MIN_ROWS`] rows or more run on the AMX unit where the CPU has it, the rows and
-/// the widened weights rounded to bf16 (`Int8Weights::rows_by_amx_rows_uninit`), split over
-/// the panels so that each is widened once, or over large blocks of rows. On CPUs
-/// without AVX2 (where `--quantization` is refused), by [`linear`] over the weights
-/// dequantized for this product.
-pub fn linear_int8(x: &Tensor, w: &Arc<Int8Weights>, bf16_products: bool) -> Result<Tensor> {
+/// `x W^T` for f32 rows and quantized weights (`gemm::int8`, `gemm::int4`: `--quantization`),
+/// by the packed kernel over their panels: over the panels for up to [`SPLIT_MAX_ROWS`] rows,
+/// over blocks of rows beyond (as [`linear_panels`]). With `bf16_products` (`--dtype bf16`),
+/// products of [`AMX_MIN_ROWS`] rows or more run on the AMX unit where the CPU has it, the
+/// rows and the widened weights rounded to bf16 (`QuantPanels::rows_by_amx_rows_uninit`),
+/// split over the panels so that each is widened once, or over large blocks of rows. On CPUs
+/// without AVX2 (where `--quantization` is refused), by [`linear`] over the weights dequantized
+/// for this product.
+pub fn linear_quantized<W: QuantPanels + 'static>(
+    x: &Tensor,
+    w: &Arc<W>,
+    bf16_products: bool,
+) -> Result<Tensor> {
     if !crate::gemm::panels_run_here() {
-        let rows = Tensor::from_vec(w.dequantize(), (w.n, w.k), x.device())?;
+        let (n, k) = w.dims();
+        let rows = Tensor::from_vec(w.values(), (n, k), x.device())?;
         return linear(x, &rows);
     }
-    Ok(x.apply_op1_no_bwd(&Int8Matmul {
+    Ok(x.apply_op1_no_bwd(&QuantMatmul {
         w: w.clone(),
         bf16_products,
         silu: false,
     })?)
 }
 
-/// Whether [`int8_gate_up_silu`] runs for rows `x` and int8 gate/up weights `w` (`[2h, k]`,
-/// the gate rows first): where [`linear_int8`] would run them on the AMX unit (bf16 products,
-/// [`INT8_AMX_MIN_ROWS`] rows or more, `k` a multiple of 32), and `h` a multiple of 16.
-pub fn int8_gate_up_silu_fuses(x: &Tensor, w: &Int8Weights, bf16_products: bool) -> Result<bool> {
+/// Whether [`quantized_gate_up_silu`] runs for rows `x` and quantized gate/up weights `w`
+/// (`[2h, k]`, the gate rows first): where [`linear_quantized`] would run them on the AMX unit
+/// (bf16 products, [`AMX_MIN_ROWS`] rows or more, `k` a multiple of 32), and `h` a multiple
+/// of 16.
+pub fn quantized_gate_up_silu_fuses<W: QuantPanels>(
+    x: &Tensor,
+    w: &W,
+    bf16_products: bool,
+) -> Result<bool> {
+    let (n, k) = w.dims();
     Ok(bf16_products
         && x.device().is_cpu()
         && x.dtype() == DType::F32
         && x.rank() == 2
-        && x.dim(0)? >= INT8_AMX_MIN_ROWS
-        && w.k.is_multiple_of(32)
-        && w.n.is_multiple_of(32)
+        && x.dim(0)? >= AMX_MIN_ROWS
+        && k.is_multiple_of(32)
+        && n.is_multiple_of(32)
         && Bf16Kernel::Amx.runs_here())
 }
 
-/// `silu(x W_gate^T) * (x W_up^T)` for int8 gate/up weights in one op, where
-/// [`int8_gate_up_silu_fuses`]: as [`linear_int8`] with bf16 products followed by SiLU x mul
-/// (bit for bit), without writing the `[rows, 2h]` products.
-pub fn int8_gate_up_silu(x: &Tensor, w: &Arc<Int8Weights>) -> Result<Tensor> {
-    Ok(x.apply_op1_no_bwd(&Int8Matmul {
+/// `silu(x W_gate^T) * (x W_up^T)` for quantized gate/up weights in one op, where
+/// [`quantized_gate_up_silu_fuses`]: as [`linear_quantized`] with bf16 products followed by
+/// SiLU x mul (bit for bit), without writing the `[rows, 2h]` products.
+pub fn quantized_gate_up_silu<W: QuantPanels + 'static>(x: &Tensor, w: &Arc<W>) -> Result<Tensor> {
+    Ok(x.apply_op1_no_bwd(&QuantMatmul {
         w: w.clone(),
         bf16_products: true,
         silu: true,
     })?)
 }
 
-/// Rows per block of an int8 product on AMX: about 1 MiB of bf16 rows of `k` (256 to 1024),
-/// which stay in L2 while the panels pass. Up to two such blocks, the product is split over the
-/// panels, each widened once; beyond, over blocks of rows, each widening every panel again (a
-/// prefill chunk of 8192 rows split over the panels read its rows from memory once per panel:
-/// 5.6 s against 4.5 for SmolLM2's 32 x 512 prefill).
-fn int8_amx_row_block(k: usize) -> usize {
+/// Rows per block of a quantized product on AMX: about 1 MiB of bf16 rows of `k` (256 to
+/// 1024), which stay in L2 while the panels pass. Up to two such blocks, the product is split
+/// over the panels, each widened once; beyond, over blocks of rows, each widening every panel
+/// again (a prefill chunk of 8192 rows split over the panels read its rows from memory once per
+/// panel: 5.6 s against 4.5 for SmolLM2's 32 x 512 prefill with int8 weights).
+fn amx_row_block(k: usize) -> usize {
     ((1 << 20) / (2 * k.max(1))).clamp(256, 1024)
 }
 
-/// [`linear_int8`]'s op, and [`int8_gate_up_silu`]'s (`silu`).
-struct Int8Matmul {
-    w: Arc<Int8Weights>,
+/// [`linear_quantized`]'s op, and [`quantized_gate_up_silu`]'s (`silu`).
+struct QuantMatmul<W> {
+    w: Arc<W>,
     bf16_products: bool,
     silu: bool,
 }
 
-impl CustomOp1 for Int8Matmul {
+impl<W: QuantPanels> CustomOp1 for QuantMatmul<W> {
     fn name(&self) -> &'static str {
-        "int8-matmul"
+        W::NAME
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = &self.w;
-        let (x, m, k) = quantized_operand("int8_matmul", (xs, xl), (w.n, w.k))?;
-        let amx = match self.bf16_products && m >= INT8_AMX_MIN_ROWS {
+        let w = &*self.w;
+        let (n, _) = w.dims();
+        let (x, m, k) = quantized_operand(W::NAME, (xs, xl), w.dims())?;
+        let amx = match self.bf16_products && m >= AMX_MIN_ROWS {
             true => w.amx_rows(x, m),
             false => None,
         };
+        let block = amx_row_block(k);
         if self.silu {
             let Some(x) = amx else {
                 candle_core::bail!(
-                    "int8_gate_up_silu: {m}x{k} by ({}x{k})^T does not fuse here",
-                    w.n
+                    "{} gate_up_silu: {m}x{k} by ({n}x{k})^T does not fuse here",
+                    W::NAME
                 );
             };
-            let (h, block) = (w.n / 2, int8_amx_row_block(k));
+            let h = n / 2;
             // SAFETY: the kernel writes every output of its block.
             let out = unsafe {
                 if m > 2 * block {
@@ -158,55 +164,21 @@ impl CustomOp1 for Int8Matmul {
             };
             return Ok((CpuStorage::F32(out), Shape::from((m, h))));
         }
-        let block = int8_amx_row_block(k);
         // SAFETY: both kernels write every output of their block.
         let out = unsafe {
             match &amx {
-                Some(x) if m > 2 * block => by_row_blocks((m, w.n), block, |rows, part| {
-                    w.rows_by_amx_rows_uninit((x, rows), 0..w.n, part)
+                Some(x) if m > 2 * block => by_row_blocks((m, n), block, |rows, part| {
+                    w.rows_by_amx_rows_uninit((x, rows), 0..n, part)
                 }),
-                Some(x) => by_output_features((m, w.n), PANEL, |a, len, part| {
+                Some(x) => by_output_features((m, n), PANEL, |a, len, part| {
                     w.rows_by_amx_rows_uninit((x, 0..m), a..a + len, part)
                 }),
-                None => split_product((m, w.n), m <= SPLIT_MAX_ROWS, PANEL, |rows, cols, part| {
+                None => split_product((m, n), m <= SPLIT_MAX_ROWS, PANEL, |rows, cols, part| {
                     w.rows_by_weights_uninit((rows.len(), &x[rows.start * k..]), cols, part)
                 }),
             }
         };
-        Ok((CpuStorage::F32(out), Shape::from((m, w.n))))
-    }
-}
-
-/// `x W^T` for f32 rows and 4-bit weights (`gemm::int4`, `--quantization int4`), by the packed
-/// kernel over the 4-bit panels, split as [`linear_panels`] splits. On CPUs without AVX2
-/// (where `--quantization int4` is refused) by [`linear`] over the weights dequantized for this
-/// product.
-pub fn linear_int4(x: &Tensor, w: &Arc<Int4Weights>) -> Result<Tensor> {
-    if !crate::gemm::panels_run_here() {
-        let rows = Tensor::from_vec(w.dequantize(), (w.n, w.k), x.device())?;
-        return linear(x, &rows);
-    }
-    Ok(x.apply_op1_no_bwd(&Int4Matmul(w.clone()))?)
-}
-
-/// [`linear_int4`]'s op.
-struct Int4Matmul(Arc<Int4Weights>);
-
-impl CustomOp1 for Int4Matmul {
-    fn name(&self) -> &'static str {
-        "int4-matmul"
-    }
-
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = &self.0;
-        let (x, m, k) = quantized_operand("int4_matmul", (xs, xl), (w.n, w.k))?;
-        // SAFETY: the kernel writes every output of its block.
-        let out = unsafe {
-            split_product((m, w.n), m <= SPLIT_MAX_ROWS, PANEL, |rows, cols, part| {
-                w.rows_by_weights_uninit((rows.len(), &x[rows.start * k..]), cols, part)
-            })
-        };
-        Ok((CpuStorage::F32(out), Shape::from((m, w.n))))
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
 
@@ -600,6 +572,8 @@ fn row_block(m: usize, threads: usize, most: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gemm::int4::Int4Weights;
+    use crate::gemm::int8::Int8Weights;
     use crate::util::Rng64;
     use candle_core::Device;
 
@@ -687,54 +661,76 @@ mod tests {
         Ok(())
     }
 
-    /// int8 products with bf16's precision give those of f32 precision within bf16's rounding,
-    /// whichever way they run: the f32 kernel (few rows), over the panels on AMX, over blocks
-    /// of rows on AMX (beyond 2048 rows at this `k`); every output written.
-    #[test]
-    fn int8_bf16_products_match_f32_ones() -> Result<()> {
-        let mut rng = Rng64::new(9);
-        let (n, k) = (70, 64);
+    /// int8 and int4 weights, quantized from the same values, for tests over both schemes.
+    fn both_schemes(
+        rng: &mut Rng64,
+        (n, k): (usize, usize),
+    ) -> (Arc<Int8Weights>, Arc<Int4Weights>) {
         let w = rng.uniform_f32(n * k, 0.5);
-        let w = Arc::new(Int8Weights::quantize(&w, n, k));
-        for m in [3, 100, 2100] {
-            let x = uniform(&mut rng, (m, k), 1.0)?;
-            let want = linear_int8(&x, &w, false)?.to_vec2::<f32>()?;
-            let got = linear_int8(&x, &w, true)?.to_vec2::<f32>()?;
+        (
+            Arc::new(Int8Weights::quantize(&w, n, k)),
+            Arc::new(Int4Weights::quantize(&w, n, k)),
+        )
+    }
+
+    /// Quantized products with bf16's precision give those of f32 precision within bf16's
+    /// rounding, whichever way they run: the f32 kernel (few rows), over the panels on AMX, over
+    /// blocks of rows on AMX (beyond 2048 rows at this `k`); every output written.
+    #[test]
+    fn quantized_bf16_products_match_f32_ones() -> Result<()> {
+        fn check<W: QuantPanels + 'static>(w: &Arc<W>, x: &Tensor) -> Result<()> {
+            let want = linear_quantized(x, w, false)?.to_vec2::<f32>()?;
+            let got = linear_quantized(x, w, true)?.to_vec2::<f32>()?;
             for (r, (g, e)) in got.iter().zip(&want).enumerate() {
                 for (j, (a, b)) in g.iter().zip(e).enumerate() {
-                    assert!((a - b).abs() < 0.05, "{m} rows [{r}][{j}]: {a} vs {b}");
+                    let m = x.dim(0)?;
+                    assert!(
+                        (a - b).abs() < 0.05,
+                        "{} {m} rows [{r}][{j}]: {a} vs {b}",
+                        W::NAME
+                    );
                 }
             }
+            Ok(())
+        }
+        let mut rng = Rng64::new(9);
+        let (q8, q4) = both_schemes(&mut rng, (70, 64));
+        for m in [3, 100, 2100] {
+            let x = uniform(&mut rng, (m, 64), 1.0)?;
+            check(&q8, &x)?;
+            check(&q4, &x)?;
         }
         Ok(())
     }
 
-    /// The fused int8 gate/up with SiLU x mul equals the product then the activation, bit for
-    /// bit, over the panels and over blocks of rows (beyond 2048 rows at this `k`); it runs
+    /// The fused quantized gate/up with SiLU x mul equals the product then the activation, bit
+    /// for bit, over the panels and over blocks of rows (beyond 2048 rows at this `k`); it runs
     /// only where it fuses.
     #[test]
-    fn int8_gate_up_silu_matches_product_then_activation() -> Result<()> {
-        let mut rng = Rng64::new(10);
-        let (h, k) = (48, 64);
-        let w = Arc::new(Int8Weights::quantize(
-            &rng.uniform_f32(2 * h * k, 0.5),
-            2 * h,
-            k,
-        ));
-        for m in [12, 100, 2100] {
-            let x = uniform(&mut rng, (m, k), 1.0)?;
-            if !int8_gate_up_silu_fuses(&x, &w, true)? {
-                assert!(int8_gate_up_silu(&x, &w).is_err());
+    fn quantized_gate_up_silu_matches_product_then_activation() -> Result<()> {
+        fn check<W: QuantPanels + 'static>(w: &Arc<W>, x: &Tensor) -> Result<()> {
+            let m = x.dim(0)?;
+            if !quantized_gate_up_silu_fuses(x, &**w, true)? {
+                assert!(quantized_gate_up_silu(x, w).is_err());
                 return Ok(()); // no AMX here
             }
-            assert!(!int8_gate_up_silu_fuses(&x, &w, false)?);
-            let got = int8_gate_up_silu(&x, &w)?.to_vec2::<f32>()?;
-            let want = crate::model::ops::silu_mul(&linear_int8(&x, &w, true)?)?;
+            assert!(!quantized_gate_up_silu_fuses(x, &**w, false)?);
+            let got = quantized_gate_up_silu(x, w)?.to_vec2::<f32>()?;
+            let want = crate::model::ops::silu_mul(&linear_quantized(x, w, true)?)?;
             for (r, (g, e)) in got.iter().zip(&want.to_vec2::<f32>()?).enumerate() {
                 for (j, (a, b)) in g.iter().zip(e).enumerate() {
-                    assert_eq!(a.to_bits(), b.to_bits(), "{m} rows [{r}][{j}]: {a} vs {b}");
+                    let what = format!("{} {m} rows [{r}][{j}]: {a} vs {b}", W::NAME);
+                    assert_eq!(a.to_bits(), b.to_bits(), "{what}");
                 }
             }
+            Ok(())
+        }
+        let mut rng = Rng64::new(10);
+        let (q8, q4) = both_schemes(&mut rng, (2 * 48, 64));
+        for m in [12, 100, 2100] {
+            let x = uniform(&mut rng, (m, 64), 1.0)?;
+            check(&q8, &x)?;
+            check(&q4, &x)?;
         }
         Ok(())
     }

@@ -53,8 +53,8 @@ pub enum Quantization {
     /// AVX2 or AVX-512, f32 activations): a quarter of f32's weight bytes.
     Int8,
     /// 4-bit codes in blocks of 32 values with an f32 scale and minimum each (llama.cpp's Q4_1
-    /// scheme; CPU with AVX2 or AVX-512, f32 activations and products): 0.75 bytes a weight, the LM
-    /// head int8.
+    /// scheme; CPU with AVX2 or AVX-512, f32 activations, products as int8's): 0.75 bytes a
+    /// weight, the LM head int8.
     Int4,
 }
 
@@ -72,8 +72,12 @@ impl Quantization {
     pub fn describe_bf16_products(self) -> String {
         match self {
             Self::None => crate::gemm::bf16::Bf16Kernel::describe(),
-            Self::Int8 => crate::gemm::int8::describe_bf16_products(),
-            Self::Int4 => "int4 products: f32 only (--dtype bf16 is refused with int4)".into(),
+            Self::Int8 => {
+                crate::gemm::quant::describe_bf16_products::<crate::gemm::int8::Int8Weights>()
+            }
+            Self::Int4 => {
+                crate::gemm::quant::describe_bf16_products::<crate::gemm::int4::Int4Weights>()
+            }
         }
     }
 }

@@ -89,6 +89,13 @@ pub fn smollm_int4() -> &'static Llama {
     MODEL.get_or_init(|| load_smollm(DType::F32, Quantization::Int4).1)
 }
 
+/// SmolLM2 with 4-bit weights whose products keep bf16's precision (`--quantization int4
+/// --dtype bf16`), loaded once per test binary.
+pub fn smollm_int4_bf16() -> &'static Llama {
+    static MODEL: OnceLock<Llama> = OnceLock::new();
+    MODEL.get_or_init(|| load_smollm(DType::BF16, Quantization::Int4).1)
+}
+
 fn load_smollm(dtype: DType, quant: Quantization) -> (ModelInfo, Llama) {
     let info = model::inspect(
         &ModelOptions {

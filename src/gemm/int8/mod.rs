@@ -10,6 +10,7 @@
 
 use std::mem::MaybeUninit;
 
+use super::quant::QuantPanels;
 use super::{BlockValues, PANEL};
 
 #[cfg(target_arch = "x86_64")]
@@ -69,11 +70,25 @@ impl Int8Weights {
     pub fn bytes(&self) -> u64 {
         (self.q.len() + 4 * self.scales.len()) as u64
     }
+}
 
-    /// `out[r * n + j] = x[r] . w[j]` for f32 rows `x` (`[m, k]`) and the weight rows `cols`
-    /// (a range of whole panels, or the last), into outputs not yet written (every one of the
-    /// `m * cols.len()` is, `[m, cols.len()]`).
-    pub fn rows_by_weights_uninit(
+impl BlockValues for Int8Weights {
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Weight `(j, kk)` as the kernel computes it: `q * scale`.
+    fn value(&self, j: usize, kk: usize) -> f32 {
+        let (p, c) = (j / PANEL, j % PANEL);
+        let q = self.q[(p * self.k + kk) * PANEL + c];
+        q as f32 * self.scales[(p * blocks(self.k) + kk / BLOCK) * PANEL + c]
+    }
+}
+
+impl QuantPanels for Int8Weights {
+    const NAME: &'static str = "int8";
+
+    fn rows_by_weights_uninit(
         &self,
         (m, x): (usize, &[f32]),
         cols: std::ops::Range<usize>,
@@ -108,113 +123,11 @@ impl Int8Weights {
         self.rows_by_values((m, x), cols, out);
     }
 
-    /// The rows `x` (`[m, k]`) rounded to bf16 for products on the AMX unit (`amx`), where this
-    /// CPU has it and `k` is a multiple of 32; `None` elsewhere.
-    pub fn amx_rows(&self, x: &[f32], m: usize) -> Option<AmxRows> {
-        #[cfg(target_arch = "x86_64")]
-        if self.k.is_multiple_of(BLOCK)
-            && x.len() >= m * self.k
-            && super::bf16::Bf16Kernel::Amx.runs_here()
-        {
-            let values = amx::rows_to_bf16(x, m, self.k);
-            return Some(AmxRows { values, m });
-        }
-        let _ = (x, m);
-        None
-    }
-
-    /// As [`Int8Weights::rows_by_weights_uninit`] for the rows `range` of `x` (from
-    /// [`Int8Weights::amx_rows`]), on the AMX unit: each panel of `cols` widened to bf16 (`q *
-    /// scale` rounded) once per call, so the products are those of bf16 weights, summed in f32.
-    /// `out` is `[range.len(), cols.len()]`.
-    pub fn rows_by_amx_rows_uninit(
-        &self,
-        (x, range): (&AmxRows, std::ops::Range<usize>),
-        cols: std::ops::Range<usize>,
-        out: &mut [MaybeUninit<f32>],
-    ) {
-        assert!(
-            range.end <= x.m
-                && out.len() >= range.len() * cols.len()
-                && cols.start.is_multiple_of(PANEL)
-                && cols.end <= self.n,
-            "Int8Weights::rows_by_amx_rows_uninit: sizes"
-        );
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `AmxRows` exists only where AMX, AVX-512 F, BW and BF16 run and `k % 32 ==
-        // 0`, made from `m` rows of `k` and 16 zero rows, so a tile from any row of `range`
-        // stays inside; the assert bounds the features and the outputs.
-        unsafe {
-            let rows = &x.values[range.start * self.k..];
-            amx::rows_by_panels(self, (rows, range.len()), cols, out)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("AmxRows are made only on x86-64");
-    }
-
-    /// `silu(gate) * up` of these weights as a gate/up matrix (`[2h, k]`, the gate rows first)
-    /// for the rows `range` of `x` and the output features `cols` (of `h`), as
-    /// [`Int8Weights::rows_by_amx_rows_uninit`] then SiLU x mul, without the `[rows, 2h]`
-    /// products in between. `h` must be a multiple of 16.
-    pub fn rows_by_amx_rows_silu_uninit(
-        &self,
-        (x, range): (&AmxRows, std::ops::Range<usize>),
-        cols: std::ops::Range<usize>,
-        out: &mut [MaybeUninit<f32>],
-    ) {
-        let h = self.n / 2;
-        assert!(
-            range.end <= x.m
-                && out.len() >= range.len() * cols.len()
-                && self.n == 2 * h
-                && h.is_multiple_of(16)
-                && cols.start.is_multiple_of(16)
-                && cols.end <= h,
-            "Int8Weights::rows_by_amx_rows_silu_uninit: sizes"
-        );
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `rows_by_amx_rows_uninit`; the assert gives the gate/up shape.
-        unsafe {
-            let rows = &x.values[range.start * self.k..];
-            amx::rows_by_gate_up_silu(self, h, (rows, range.len()), cols, out)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("AmxRows are made only on x86-64");
-    }
-}
-
-impl BlockValues for Int8Weights {
-    fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
-
-    /// Weight `(j, kk)` as the kernel computes it: `q * scale`.
-    fn value(&self, j: usize, kk: usize) -> f32 {
-        let (p, c) = (j / PANEL, j % PANEL);
-        let q = self.q[(p * self.k + kk) * PANEL + c];
-        q as f32 * self.scales[(p * blocks(self.k) + kk / BLOCK) * PANEL + c]
-    }
-}
-
-/// One line for the user: how products with int8 weights and bf16's precision (`--dtype bf16`)
-/// run on this CPU.
-pub fn describe_bf16_products() -> String {
-    let f32_kernel = "f32 FMAs on panels widened in registers";
-    if cfg!(target_arch = "x86_64") && super::bf16::Bf16Kernel::Amx.runs_here() {
-        let rows = crate::model::matmul::INT8_AMX_MIN_ROWS;
-        let amx = "AMX tdpbf16ps on panels widened to bf16";
-        format!("int8 products: {amx} from {rows} rows, {f32_kernel} below")
-    } else {
-        format!("int8 products: {f32_kernel} (no AMX here: f32's precision)")
-    }
-}
-
-/// f32 rows rounded to bf16 for [`Int8Weights::rows_by_amx_rows_uninit`] (once per product);
-/// made only by [`Int8Weights::amx_rows`], where those products run.
-pub struct AmxRows {
     #[cfg(target_arch = "x86_64")]
-    values: Vec<half::bf16>,
-    m: usize,
+    unsafe fn widen_for_amx(&self, f: usize, dst: &mut [u32]) {
+        // SAFETY: the caller's contract is `amx::widen_features`'.
+        unsafe { amx::widen_features(self, f, dst) }
+    }
 }
 
 #[cfg(test)]
@@ -243,84 +156,5 @@ mod tests {
         assert!(back[k..2 * k].iter().all(|&v| v == 0.0));
         assert!((back[7] - 40.0).abs() < 1e-5);
         assert!(iw.q.iter().all(|&v| v != i8::MIN));
-    }
-
-    #[test]
-    fn amx_products_equal_bf16_rounded_weights_and_rows() {
-        // Row counts around the unit's tiles (16, two at a time), features around its halves
-        // of a panel (16) and the panels (32), partial last panels, a range of whole panels.
-        let mut rng = Rng64::new(3);
-        for (m, n, k, cols) in [
-            (1, 32, 32, 0..32),
-            (17, 70, 64, 32..70),
-            (40, 100, 576, 0..100),
-            (33, 64, 96, 0..64),
-            (16, 48, 32, 0..48),
-        ] {
-            let x = rng.uniform_f32(m * k, 1.0);
-            let iw = Int8Weights::quantize(&rng.uniform_f32(n * k, 0.5), n, k);
-            let Some(rows) = iw.amx_rows(&x, m) else {
-                return; // no AMX here: nothing to check
-            };
-            let round = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
-            let deq = iw.dequantize();
-            let width = cols.len();
-            // All the rows, and the last rows from one that is not the first of a tile.
-            for range in [0..m, m / 3..m] {
-                let mut out = vec![MaybeUninit::new(f32::NAN); range.len() * width];
-                iw.rows_by_amx_rows_uninit((&rows, range.clone()), cols.clone(), &mut out);
-                for (i, r) in range.enumerate() {
-                    for (c, j) in cols.clone().enumerate() {
-                        let want: f64 = (0..k)
-                            .map(|kk| round(x[r * k + kk]) * round(deq[j * k + kk]))
-                            .sum();
-                        // SAFETY: the kernel wrote every output (NaN would fail below).
-                        let got = unsafe { out[i * width + c].assume_init() } as f64;
-                        assert!(
-                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "{m}x{n}x{k} [{r},{j}]: {got} vs {want}"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn amx_gate_up_silu_equals_products_then_activation() {
-        // h = 48: three groups of 16, the last not in a whole panel; rows around the tiles.
-        let mut rng = Rng64::new(4);
-        let (h, k) = (48, 64);
-        let iw = Int8Weights::quantize(&rng.uniform_f32(2 * h * k, 0.5), 2 * h, k);
-        for (m, cols) in [(1, 0..48), (20, 16..48), (37, 0..32)] {
-            let x = rng.uniform_f32(m * k, 1.0);
-            let Some(rows) = iw.amx_rows(&x, m) else {
-                return; // no AMX here: nothing to check
-            };
-            let mut products = vec![MaybeUninit::new(f32::NAN); m * 2 * h];
-            iw.rows_by_amx_rows_uninit((&rows, 0..m), 0..2 * h, &mut products);
-            let width = cols.len();
-            let mut out = vec![MaybeUninit::new(f32::NAN); m * width];
-            iw.rows_by_amx_rows_silu_uninit((&rows, 0..m), cols.clone(), &mut out);
-            for r in 0..m {
-                for (c, j) in cols.clone().enumerate() {
-                    // SAFETY: both kernels wrote every output (NaN would fail below).
-                    let (g, u, got) = unsafe {
-                        let p = &products[r * 2 * h..];
-                        (
-                            p[j].assume_init(),
-                            p[h + j].assume_init(),
-                            out[r * width + c].assume_init(),
-                        )
-                    };
-                    let want = crate::fastmath::silu(g) * u;
-                    assert_eq!(
-                        got.to_bits(),
-                        want.to_bits(),
-                        "{m} rows [{r},{j}]: {got} vs {want}"
-                    );
-                }
-            }
-        }
     }
 }

@@ -12,7 +12,11 @@
 
 use std::mem::MaybeUninit;
 
+use super::quant::QuantPanels;
 use super::{BlockValues, PANEL};
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
 
 /// Values per block (one scale and one minimum each).
 pub const BLOCK: usize = 32;
@@ -73,11 +77,28 @@ impl Int4Weights {
     pub fn bytes(&self) -> u64 {
         (self.q.len() + 4 * self.dm.len()) as u64
     }
+}
 
-    /// `out[r * n + j] = x[r] . w[j]` for f32 rows `x` (`[m, k]`) and the weight rows `cols`
-    /// (a range of whole panels, or the last), into outputs not yet written (every one of the
-    /// `m * cols.len()` is, `[m, cols.len()]`).
-    pub fn rows_by_weights_uninit(
+impl BlockValues for Int4Weights {
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Weight `(j, kk)` as the AVX-512 kernel and the plain loops compute it: `code * scale +
+    /// min`, one rounding (the AVX2 kernel scales a block's sum of products instead).
+    fn value(&self, j: usize, kk: usize) -> f32 {
+        let (p, c) = (j / PANEL, j % PANEL);
+        let byte = self.q[(p * self.k + kk) * PANEL / 2 + c % 16];
+        let code = (byte >> (4 * (c / 16))) & 0x0f;
+        let at = (p * blocks(self.k) + kk / BLOCK) * 2 * PANEL;
+        (code as f32).mul_add(self.dm[at + c], self.dm[at + PANEL + c])
+    }
+}
+
+impl QuantPanels for Int4Weights {
+    const NAME: &'static str = "int4";
+
+    fn rows_by_weights_uninit(
         &self,
         (m, x): (usize, &[f32]),
         cols: std::ops::Range<usize>,
@@ -107,21 +128,11 @@ impl Int4Weights {
         }
         self.rows_by_values((m, x), cols, out);
     }
-}
 
-impl BlockValues for Int4Weights {
-    fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
-
-    /// Weight `(j, kk)` as the AVX-512 kernel and the plain loops compute it: `code * scale +
-    /// min`, one rounding (the AVX2 kernel scales a block's sum of products instead).
-    fn value(&self, j: usize, kk: usize) -> f32 {
-        let (p, c) = (j / PANEL, j % PANEL);
-        let byte = self.q[(p * self.k + kk) * PANEL / 2 + c % 16];
-        let code = (byte >> (4 * (c / 16))) & 0x0f;
-        let at = (p * blocks(self.k) + kk / BLOCK) * 2 * PANEL;
-        (code as f32).mul_add(self.dm[at + c], self.dm[at + PANEL + c])
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn widen_for_amx(&self, f: usize, dst: &mut [u32]) {
+        // SAFETY: the caller's contract is `amx::widen_features`'.
+        unsafe { amx::widen_features(self, f, dst) }
     }
 }
 
