@@ -160,3 +160,40 @@ fn shapes_with_bf16_weights_on_the_cpu() {
             > 0.0
     );
 }
+
+/// With `--quantization`, the title names the weights' scheme and the products' precision, not
+/// the dtype alone (which would read as bf16 weights).
+#[test]
+fn shapes_title_names_quantized_weights() {
+    if !offline_bench::gemm::panels_run_here() {
+        return; // refused without AVX2 (its one-line error: `check_quantization`)
+    }
+    let gguf = common::smollm_gguf().display().to_string();
+    let args = [
+        "shapes",
+        "--quiet",
+        "--model",
+        &gguf,
+        "--quantization",
+        "int4",
+        "--dtype",
+        "bf16",
+        "--batch-sizes",
+        "1",
+        "--input-lens",
+        "8",
+        "--output-lens",
+        "2",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+        "--no-kernels",
+    ];
+    let (code, stdout, stderr) = common::run(&args, &[]);
+    assert_eq!(code, 0, "shapes failed: {stderr}");
+    assert!(
+        stdout.contains("(gguf, int4 weights, bf16 products, KV cache f16) on cpu"),
+        "{stdout}"
+    );
+}

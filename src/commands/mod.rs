@@ -155,6 +155,15 @@ impl Setup {
         )
     }
 
+    /// How the weights are held and their products computed, for a report's title: with
+    /// `--quantization`, `--dtype` names only the products' precision.
+    pub fn weights_name(&self) -> String {
+        match self.quantization {
+            Quantization::None => dtype_name(self.dtype),
+            q => format!("{} weights, {} products", q.name(), dtype_name(self.dtype)),
+        }
+    }
+
     /// The report's description of the model, engine and machine.
     pub fn context(&self, engine: &Engine, args: &ModelArgs, eng: &EngineArgs) -> Value {
         let c = engine.config();

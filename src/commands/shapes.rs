@@ -75,7 +75,7 @@ pub fn run(args: &ShapesArgs) -> Result<()> {
         "{} ({}, {}, KV cache {}) on {}, commit {}",
         args.model.model,
         setup.info.load_format.name(),
-        super::dtype_name(setup.dtype),
+        setup.weights_name(),
         super::dtype_name(runner.cache().spec.dtype),
         crate::device::describe(&setup.device),
         super::COMMIT
