@@ -1,8 +1,8 @@
 //! The quantized CPU matmuls against the dequantized f32 one the engine runs, on SmolLM2's fused
 //! gate/up projection (3072 x 576) for decode steps (1 to 64 rows) and a prefill chunk (512
 //! rows): candle's Q4_1 kernels (what the GGUF holds), our int8 blocks (`--quantization int8`,
-//! AVX2 or AVX-512 CPUs; `int8_bf16` as with `--dtype bf16`: on AMX from 12 rows) and 4-bit blocks
-//! (`--quantization int4`, Q4_1's scheme), f32 as rows
+//! AVX2 or AVX-512 CPUs; `int8_bf16` as with `--dtype bf16`: on AMX from 13 rows) and 4-bit blocks
+//! (`--quantization int4`, Q4_1's scheme; `int4_bf16` as int8's), f32 as rows
 //! (`model::matmul::linear`) and, where the CPU has AVX-512, packed into panels at load as the
 //! model keeps them (`f32_panels`), and bf16 weights (`--dtype bf16`).
 //! `cargo bench --bench matmul`.

@@ -4,10 +4,11 @@
 # alternating rounds (this kind of machine drifts too much for figures taken minutes apart):
 # llama.cpp with the Q4_1 GGUF and with it converted to Q8_0, BF16 and F32 (llama-quantize
 # --allow-requantize), then offline-bench (benches/llama_batched_shape.sh) with --dtype f32, bf16,
-# --quantization int8 (Q8_0's scheme with f32 scales; AVX-512 CPUs only, skipped elsewhere)
-# with --dtype f32 and bf16 (bf16 products: on AMX from 13 rows), and --quantization int4 (Q4_1's
-# scheme with f32 scales and minimums, the LM head int8; AVX-512 only), also with both dtypes. Prints each run's total
-# tokens/s and the medians. A benchmark, not a test.
+# --quantization int8 (Q8_0's scheme with f32 scales) with --dtype f32 and bf16 (bf16 products:
+# on AMX from 13 rows), and --quantization int4 (Q4_1's scheme with f32 scales and minimums, the
+# LM head int8), also with both dtypes; the quantized runs need AVX-512 or AVX2 and FMA (skipped
+# elsewhere, where they are refused). Prints each run's total tokens/s and the medians. A
+# benchmark, not a test.
 #
 # llama.cpp is the copy vendored in the llama-cpp-python 0.3.36 source package on PyPI (llama.cpp
 # commit 0c1e570), built here with cmake into assets/llama.cpp (about 10 minutes on 2 cores,
@@ -81,7 +82,9 @@ for i in $(seq "$rounds"); do
     flags=(--dtype "$cfg")
     case "$cfg" in
       int8 | int8-bf16 | int4 | int4-bf16)
-        grep -q avx512bw /proc/cpuinfo 2>/dev/null || continue
+        # As `gemm::panels_run_here`: AVX-512 BW, or AVX2 and FMA.
+        grep -qw avx512bw /proc/cpuinfo 2>/dev/null ||
+          { grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /proc/cpuinfo; } || continue
         flags=(--dtype f32 --quantization "${cfg%-bf16}")
         [ "$cfg" = "${cfg%-bf16}" ] || flags=(--dtype bf16 --quantization "${cfg%-bf16}")
         ;;
