@@ -211,6 +211,12 @@ pub fn table(reports: &[ShapeReport], peaks: &Peaks) -> String {
              (weights or K/V that fit in the last-level cache)\n",
         );
     }
+    if reports.iter().any(|r| r.prefill_compute_util > 1.0) {
+        out.push_str(
+            "%peak above 100: the prefill ran faster than the calibration's GEMM measured (that \
+             GEMM met a slower moment of a shared host, or the prefill's kernels beat it)\n",
+        );
+    }
     out
 }
 
@@ -415,6 +421,12 @@ mod tests {
             fast.decode_bandwidth_util = util;
             let t = table(std::slice::from_ref(&fast), &peaks());
             assert_eq!(t.contains("%bw above 100"), note);
+        }
+        // Above the compute peak too.
+        for (util, note) in [(1.2, true), (0.5, false)] {
+            fast.prefill_compute_util = util;
+            let t = table(std::slice::from_ref(&fast), &peaks());
+            assert_eq!(t.contains("%peak above 100"), note);
         }
         assert!(kernel_table(&r).unwrap().contains("embedding"));
         let line = shape_line(&r);
