@@ -16,12 +16,28 @@ use crate::gemm::quant_amx::pair_rows;
 /// As `QuantPanels::widen_for_amx`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(super) unsafe fn widen_features(w: &Int4Weights, f: usize, dst: &mut [u32]) {
+    // SAFETY: the caller's contract. Features from 16 sit in the high halves of the bytes:
+    // a shift alone takes them, a mask alone the low ones.
+    unsafe {
+        if f % PANEL < 16 {
+            widen_half::<false>(w, f, dst)
+        } else {
+            widen_half::<true>(w, f, dst)
+        }
+    }
+}
+
+/// [`widen_features`] for features in the low (`HIGH` false) or high halves of the bytes.
+///
+/// # Safety
+/// As `QuantPanels::widen_for_amx`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn widen_half<const HIGH: bool>(w: &Int4Weights, f: usize, dst: &mut [u32]) {
     let (k, kb) = (w.k, blocks(w.k));
     let (panel, h) = (f / PANEL, f % PANEL);
     let q = &w.q[panel * k * PANEL / 2..][..k * PANEL / 2];
     let dm = &w.dm[panel * kb * 2 * PANEL..][..kb * 2 * PANEL];
-    // Features from 16 sit in the high halves of the bytes.
-    let shift = _mm_cvtsi32_si128(4 * (h / 16) as i32);
     let nibble = _mm512_set1_epi32(0x0f);
     let values = |p: usize| {
         // SAFETY: steps 2p and 2p + 1 of the panel's `k` steps of 16 bytes; the block's 32
@@ -34,8 +50,12 @@ pub(super) unsafe fn widen_features(w: &Int4Weights, f: usize, dst: &mut [u32]) 
             );
             let widen = |step: usize| {
                 let v = _mm_loadu_si128(q.as_ptr().add(step * PANEL / 2).cast());
-                let codes = _mm512_srl_epi32(_mm512_cvtepu8_epi32(v), shift);
-                let codes = _mm512_and_si512(codes, nibble);
+                let bytes = _mm512_cvtepu8_epi32(v);
+                let codes = if HIGH {
+                    _mm512_srli_epi32::<4>(bytes)
+                } else {
+                    _mm512_and_si512(bytes, nibble)
+                };
                 _mm512_fmadd_ps(_mm512_cvtepi32_ps(codes), scale, min)
             };
             (widen(2 * p), widen(2 * p + 1))
