@@ -1,7 +1,7 @@
 //! 4-bit panels as the AMX unit's B operand (`quant_amx`): a pair row's two values are two
 //! consecutive 16-byte steps of the panel, whose low four bits hold its first 16 features and
-//! high four bits the other 16, so each is one load, a shift and mask, a widening and the
-//! block's scale and minimum.
+//! high four bits the other 16, so each is one load, a widening, a mask (low halves) or a
+//! shift (high), and the block's scale and minimum.
 
 use std::arch::x86_64::*;
 
