@@ -24,4 +24,5 @@ pub mod shapes;
 pub mod simt;
 pub mod tokenizer;
 pub mod util;
+pub mod workers;
 pub mod workload;

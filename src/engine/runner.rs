@@ -195,13 +195,15 @@ impl ModelRunner {
         let timing = crate::profile::current();
         let logits = dev
             .with_context(|| {
-                crate::profile::within(timing, || -> Result<Option<Tensor>> {
-                    let attn = attention_for(&self.model, &self.cache, layout)?;
-                    let hidden = self.model.forward(&ids, &positions, &attn)?;
-                    if rows.dim(0)? == 0 {
-                        return Ok(None);
-                    }
-                    Ok(Some(self.model.logits(&hidden, &rows)?))
+                crate::workers::awake_during(|| {
+                    crate::profile::within(timing, || -> Result<Option<Tensor>> {
+                        let attn = attention_for(&self.model, &self.cache, layout)?;
+                        let hidden = self.model.forward(&ids, &positions, &attn)?;
+                        if rows.dim(0)? == 0 {
+                            return Ok(None);
+                        }
+                        Ok(Some(self.model.logits(&hidden, &rows)?))
+                    })
                 })
             })
             .context("forward pass")?;

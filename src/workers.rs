@@ -1,0 +1,127 @@
+//! Keeping the thread pool's workers awake through a forward pass.
+//!
+//! A forward pass is hundreds of short parallel sections (a few per layer) with serial work
+//! between them. Between sections, rayon's idle workers yield a few dozen times and then sleep
+//! on a futex, so most sections began by waking a sleeping worker: the wake-up's system calls,
+//! and a section that starts on one core until the other is scheduled. llama.cpp's workers spin
+//! between the ops of a graph for the same reason. [`awake_during`] occupies every other worker
+//! of the current pool with a loop that runs whatever parallel work the pass posts and yields
+//! the core (not sleeps) when there is none, until the pass returns.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Runs `f` on this thread while the current rayon pool's other workers wait for its parallel
+/// work without sleeping. Outside a pool, or in a pool of one thread, it just runs `f`.
+///
+/// Only for a pass that starts with the pool idle (the top of a forward pass): a worker that is
+/// busy when it is called joins the wait only once its current job is done.
+pub fn awake_during<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let Some(caller) = rayon::current_thread_index() else {
+        return f();
+    };
+    if rayon::current_num_threads() < 2 {
+        return f();
+    }
+    let done = AtomicBool::new(false);
+    let work = Mutex::new(Some(f));
+    let mut results = rayon::broadcast(|ctx| {
+        if ctx.index() != caller {
+            wait_for_work(&done);
+            return None;
+        }
+        // Set even if `f` panics, so the other workers stop waiting and the panic propagates.
+        let _finished = Finished(&done);
+        let f = work.lock().ok().and_then(|mut w| w.take())?;
+        Some(f())
+    });
+    match results.get_mut(caller).and_then(Option::take) {
+        Some(r) => r,
+        // The broadcast ran this thread's part on this thread, so it produced `f`'s result;
+        // this is unreachable unless rayon changes that, and then `f` runs here instead.
+        None => match work.into_inner().ok().flatten() {
+            Some(f) => f(),
+            None => unreachable!("the forward pass ran but its result is gone"),
+        },
+    }
+}
+
+/// Marks the pass finished when dropped (normally or by a panic).
+struct Finished<'a>(&'a AtomicBool);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Runs the pool's pending jobs until `done`, yielding the core when there are none (so other
+/// threads, e.g. candle's own elementwise workers, are not starved on a machine with no spare
+/// core).
+fn wait_for_work(done: &AtomicBool) {
+    while !done.load(Ordering::Acquire) {
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::thread::yield_now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn runs_nested_parallel_work_and_returns_its_result() {
+        for threads in [1, 2, 4] {
+            let sum: u64 = pool(threads).install(|| {
+                awake_during(|| {
+                    (0..50u64)
+                        .map(|i| (0..1000u64).into_par_iter().map(|j| i * j).sum::<u64>())
+                        .sum()
+                })
+            });
+            assert_eq!(sum, (0..50u64).sum::<u64>() * (0..1000u64).sum::<u64>());
+        }
+    }
+
+    #[test]
+    fn other_workers_run_the_passes_jobs() {
+        let seen = pool(2).install(|| {
+            let caller = rayon::current_thread_index();
+            awake_during(|| {
+                // Enough independent jobs that the waiting worker takes some.
+                (0..10_000)
+                    .into_par_iter()
+                    .with_max_len(1)
+                    .map(|_| {
+                        std::hint::black_box((0..200).sum::<u64>());
+                        rayon::current_thread_index()
+                    })
+                    .filter(|&i| i != caller)
+                    .count()
+            })
+        });
+        assert!(seen > 0, "no job ran on the other worker");
+    }
+
+    #[test]
+    fn outside_a_pool_it_runs_inline() {
+        assert_eq!(awake_during(|| 7), 7);
+    }
+
+    #[test]
+    fn a_panic_in_the_pass_releases_the_workers() {
+        let result = std::panic::catch_unwind(|| {
+            pool(2).install(|| awake_during(|| -> u32 { panic!("pass failed") }))
+        });
+        assert!(result.is_err());
+    }
+}
