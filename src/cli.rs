@@ -33,6 +33,18 @@ pub enum Command {
     Compare(CompareArgs),
 }
 
+impl Command {
+    /// `--threads`, for the commands that run a model on the CPU.
+    pub fn threads(&self) -> Option<usize> {
+        match self {
+            Command::Throughput(a) => a.model.threads,
+            Command::Generate(a) => a.model.threads,
+            Command::Shapes(a) => a.model.threads,
+            Command::SelfCheck(_) | Command::Compare(_) => None,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct CompareArgs {
     /// Report files (throughput --output-json, or shapes.json), one column each; several runs
@@ -80,6 +92,11 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    /// CPU threads for the forward pass and everything else parallel (llama.cpp's `-t`);
+    /// default: RAYON_NUM_THREADS, else the physical cores. More threads than cores slows a
+    /// run: a pass's waiting workers spin.
+    #[arg(long, value_parser = positive)]
+    pub threads: Option<usize>,
     /// Hub revision (branch, tag or commit) for hub ids.
     #[arg(long)]
     pub revision: Option<String>,

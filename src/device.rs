@@ -66,14 +66,29 @@ pub fn describe(device: &Device) -> String {
                         .map(|(_, v)| v.trim().to_string())
                 })
                 .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-            format!(
-                "cpu: {model}, {} threads",
-                candle_core::utils::get_num_threads()
-            )
+            // The pool the forward pass runs in, as built (not what the environment says now).
+            let threads = Device::Cpu.with_context(rayon::current_num_threads);
+            let s = if threads == 1 { "" } else { "s" };
+            format!("cpu: {model}, {threads} thread{s}")
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(dev) => format!("cuda: {}", crate::gpu::describe(dev)),
         other => format!("{:?}", other.location()),
+    }
+}
+
+/// Sizes every thread pool of the process (candle's, its elementwise workers', rayon's global
+/// one) at `n` threads, through the variables they read when first used.
+///
+/// # Safety
+/// No other thread may run yet (setting the environment races with reading it), and no pool
+/// may have been used: a pool already built keeps its size.
+pub unsafe fn set_cpu_threads(n: usize) {
+    let n = n.to_string();
+    // SAFETY: the caller's contract.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", &n);
+        std::env::set_var("CANDLE_NUM_THREADS", &n);
     }
 }
 

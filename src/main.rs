@@ -23,6 +23,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(n) = cli.command.threads() {
+        // SAFETY: no other thread exists yet to read the environment concurrently.
+        unsafe { offline_bench::device::set_cpu_threads(n) };
+    }
     let result = match &cli.command {
         Command::Throughput(args) => commands::throughput::run(args),
         Command::Generate(args) => commands::generate::run(args),

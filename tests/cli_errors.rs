@@ -159,6 +159,10 @@ fn zero_prompts_and_unknown_load_format() {
         &["--n", "0"],
     );
     assert_one_line_error(
+        &["throughput", "--model", "smollm2-135m", "--threads", "0"],
+        &["--threads", "0"],
+    );
+    assert_one_line_error(
         &[
             "generate",
             "--model",

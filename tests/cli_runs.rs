@@ -294,6 +294,30 @@ fn quantized_weights_run_and_are_reported() {
     assert!((35_000_000..45_000_000).contains(&saved), "{bytes:?}");
 }
 
+/// `--threads` sizes the pool the forward pass runs in; the report names the size it ran with.
+#[test]
+fn threads_flag_sizes_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    for (threads, ends) in [("1", ", 1 thread"), ("3", ", 3 threads")] {
+        let args = [
+            "--dataset-name",
+            "random",
+            "--input-len",
+            "24",
+            "--output-len",
+            "3",
+            "--num-prompts",
+            "2",
+            "--threads",
+            threads,
+        ];
+        let (_, v) = dummy_throughput(&dir.path().join(format!("t{threads}.json")), &args);
+        let device = v["device"].as_str().unwrap();
+        assert!(device.ends_with(ends), "{device}");
+        assert_eq!(v["total_output_tokens"], 6);
+    }
+}
+
 #[test]
 fn n_outputs_per_prompt_are_counted_as_vllm_counts_them() {
     // Two 40-token prompts, three outputs each: the later two of each find the prompt's two
