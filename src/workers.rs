@@ -8,7 +8,6 @@
 //! of the current pool with a loop that runs whatever parallel work the pass posts and yields
 //! the core (not sleeps) when there is none, until the pass returns.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Runs `f` on this thread while the current rayon pool's other workers wait for its parallel
@@ -16,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 ///
 /// Only for a pass that starts with the pool idle (the top of a forward pass): a worker that is
 /// busy when it is called joins the wait only once its current job is done.
-pub fn awake_during<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+pub fn awake_during<R>(f: impl FnOnce() -> R) -> R {
     let Some(caller) = rayon::current_thread_index() else {
         return f();
     };
@@ -24,26 +23,16 @@ pub fn awake_during<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         return f();
     }
     let done = AtomicBool::new(false);
-    let work = Mutex::new(Some(f));
-    let mut results = rayon::broadcast(|ctx| {
-        if ctx.index() != caller {
-            wait_for_work(&done);
-            return None;
-        }
-        // Set even if `f` panics, so the other workers stop waiting and the panic propagates.
+    rayon::in_place_scope(|scope| {
+        scope.spawn_broadcast(|_, ctx| {
+            if ctx.index() != caller {
+                wait_for_work(&done);
+            }
+        });
+        // Set even if `f` panics, so the other workers stop waiting and the scope ends.
         let _finished = Finished(&done);
-        let f = work.lock().ok().and_then(|mut w| w.take())?;
-        Some(f())
-    });
-    match results.get_mut(caller).and_then(Option::take) {
-        Some(r) => r,
-        // The broadcast ran this thread's part on this thread, so it produced `f`'s result;
-        // this is unreachable unless rayon changes that, and then `f` runs here instead.
-        None => match work.into_inner().ok().flatten() {
-            Some(f) => f(),
-            None => unreachable!("the forward pass ran but its result is gone"),
-        },
-    }
+        f()
+    })
 }
 
 /// Marks the pass finished when dropped (normally or by a panic).
@@ -70,6 +59,7 @@ fn wait_for_work(done: &AtomicBool) {
 mod tests {
     use super::*;
     use rayon::prelude::*;
+    use std::time::{Duration, Instant};
 
     fn pool(threads: usize) -> rayon::ThreadPool {
         rayon::ThreadPoolBuilder::new()
@@ -92,24 +82,33 @@ mod tests {
         }
     }
 
+    /// The waiting worker takes the pass's jobs: the pass posts one job at a time (the second
+    /// half of a `join`, while it runs the first) until another thread has run one. A wait
+    /// that only spun would never take one; the deadline turns that into a failure, not a hang.
     #[test]
     fn other_workers_run_the_passes_jobs() {
-        let seen = pool(2).install(|| {
+        let taken = pool(2).install(|| {
             let caller = rayon::current_thread_index();
             awake_during(|| {
-                // Enough independent jobs that the waiting worker takes some.
-                (0..10_000)
-                    .into_par_iter()
-                    .with_max_len(1)
-                    .map(|_| {
-                        std::hint::black_box((0..200).sum::<u64>());
-                        rayon::current_thread_index()
-                    })
-                    .filter(|&i| i != caller)
-                    .count()
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < deadline {
+                    let (_, ran_on) = rayon::join(
+                        || {
+                            let t = Instant::now();
+                            while t.elapsed() < Duration::from_micros(200) {
+                                std::hint::spin_loop();
+                            }
+                        },
+                        rayon::current_thread_index,
+                    );
+                    if ran_on != caller {
+                        return true;
+                    }
+                }
+                false
             })
         });
-        assert!(seen > 0, "no job ran on the other worker");
+        assert!(taken, "no job of the pass ran on the other worker");
     }
 
     #[test]
