@@ -93,8 +93,8 @@ pub struct ModelArgs {
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     /// CPU threads for the forward pass and everything else parallel (llama.cpp's `-t`);
-    /// default: RAYON_NUM_THREADS, else the physical cores. More threads than cores slows a
-    /// run: a pass's waiting workers spin.
+    /// default: RAYON_NUM_THREADS, else the physical cores. A pass's waiting workers spin (and
+    /// yield), so more threads than cores gains nothing.
     #[arg(long, value_parser = positive)]
     pub threads: Option<usize>,
     /// Hub revision (branch, tag or commit) for hub ids.
