@@ -316,6 +316,35 @@ fn threads_flag_sizes_the_pool() {
         assert!(device.ends_with(ends), "{device}");
         assert_eq!(v["total_output_tokens"], 6);
     }
+    // The status lines name it too (stderr, off with --quiet).
+    let (code, _, err) = run(
+        &[
+            "throughput",
+            "--model",
+            "smollm2-135m",
+            "--load-format",
+            "dummy",
+            "--kv-cache-memory",
+            "64MiB",
+            "--dataset-name",
+            "random",
+            "--input-len",
+            "8",
+            "--output-len",
+            "2",
+            "--num-prompts",
+            "1",
+            "--threads",
+            "1",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("device: cpu: ") && l.ends_with(", 1 thread")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -131,6 +131,7 @@ impl Setup {
             );
         }
         let tokens = num_blocks * spec.block_size;
+        progress.info(format!("device: {}", crate::device::describe(&self.device)));
         progress.info(format!(
             "KV cache ({}): {} in {num_blocks} blocks of {} tokens ({tokens} tokens, {} per token); maximum concurrency at {} tokens per request: {:.2}x",
             dtype_name(kv_dtype),
