@@ -238,8 +238,8 @@ fn prefix_caching_is_on_by_default_and_reported() {
 }
 
 /// `throughput` over SmolLM2's shapes with dummy weights and a 64 MiB cache, plus `args`,
-/// writing its report to `json`: its stdout and the report.
-fn dummy_throughput(json: &Path, args: &[&str]) -> (String, serde_json::Value) {
+/// writing its report to `json`: its stdout, its stderr (the status lines) and the report.
+fn dummy_throughput(json: &Path, args: &[&str]) -> (String, String, serde_json::Value) {
     let json_arg = s(json);
     let mut all = vec![
         "throughput",
@@ -253,9 +253,10 @@ fn dummy_throughput(json: &Path, args: &[&str]) -> (String, serde_json::Value) {
         &json_arg,
     ];
     all.extend_from_slice(args);
-    let out = ok(&all);
+    let (code, out, err) = run(&all, &[]);
+    assert_eq!(code, 0, "{all:?} failed: {err}");
     let v = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
-    (out, v)
+    (out, err, v)
 }
 
 /// int8 weights with bf16 products, and int4 weights (f32 products, the LM head int8): both
@@ -282,7 +283,7 @@ fn quantized_weights_run_and_are_reported() {
             "--dtype",
             dtype,
         ];
-        let (_, v) = dummy_throughput(&dir.path().join(format!("{quant}.json")), &args);
+        let (_, _, v) = dummy_throughput(&dir.path().join(format!("{quant}.json")), &args);
         assert_eq!(v["model"]["quantization"], quant);
         assert_eq!(v["model"]["dtype"], dtype);
         assert_eq!(v["num_generations"], 4);
@@ -311,40 +312,14 @@ fn threads_flag_sizes_the_pool() {
             "--threads",
             threads,
         ];
-        let (_, v) = dummy_throughput(&dir.path().join(format!("t{threads}.json")), &args);
+        let (_, err, v) = dummy_throughput(&dir.path().join(format!("t{threads}.json")), &args);
         let device = v["device"].as_str().unwrap();
         assert!(device.ends_with(ends), "{device}");
         assert_eq!(v["total_output_tokens"], 6);
+        // The status lines name it too (stderr, off with --quiet).
+        let status = format!("device: {device}");
+        assert!(err.lines().any(|l| l == status), "{err}");
     }
-    // The status lines name it too (stderr, off with --quiet).
-    let (code, _, err) = run(
-        &[
-            "throughput",
-            "--model",
-            "smollm2-135m",
-            "--load-format",
-            "dummy",
-            "--kv-cache-memory",
-            "64MiB",
-            "--dataset-name",
-            "random",
-            "--input-len",
-            "8",
-            "--output-len",
-            "2",
-            "--num-prompts",
-            "1",
-            "--threads",
-            "1",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{err}");
-    assert!(
-        err.lines()
-            .any(|l| l.starts_with("device: cpu: ") && l.ends_with(", 1 thread")),
-        "{err}"
-    );
 }
 
 #[test]
@@ -352,7 +327,7 @@ fn n_outputs_per_prompt_are_counted_as_vllm_counts_them() {
     // Two 40-token prompts, three outputs each: the later two of each find the prompt's two
     // full blocks and compute only its last 8 tokens.
     let dir = tempfile::tempdir().unwrap();
-    let (out, v) = dummy_throughput(
+    let (out, _, v) = dummy_throughput(
         &dir.path().join("n.json"),
         &[
             "--dataset-name",
@@ -434,7 +409,7 @@ fn prefix_repetition_prompts_share_their_prefixes() {
     // Seven prompts over two 32-token prefixes: three per prefix (the seventh is not run, as in
     // vLLM); the second and third of each find the prefix's two blocks.
     let dir = tempfile::tempdir().unwrap();
-    let (out, v) = dummy_throughput(
+    let (out, _, v) = dummy_throughput(
         &dir.path().join("p.json"),
         &[
             "--dataset-name",
