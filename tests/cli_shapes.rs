@@ -104,24 +104,16 @@ fn shapes_sweep_writes_table_kernels_and_files() {
     }
 }
 
-/// `--dtype bf16` on the CPU: bf16 weights under f32 activations, said in the title and the peaks
-/// line, and the roofline counts the weights at two bytes (SmolLM2: 134.5M parameters in the
-/// projections and the LM head, 269 MB per decode step against 538 MB in f32).
-#[test]
-fn shapes_with_bf16_weights_on_the_cpu() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let out_dir = dir.path().join("bf16");
+/// One quick shape on the real SmolLM2 (`batch` sequences of 8 prompt + 2 output tokens, one
+/// iteration, no kernel breakdown) with `extra` flags; it must succeed. Its stdout and stderr.
+fn one_shape(batch: &str, extra: &[&str]) -> (String, String) {
     let gguf = common::smollm_gguf().display().to_string();
-    let out_str = out_dir.display().to_string();
-    // Not quiet: each shape's line goes to stderr as it finishes.
-    let args = [
+    let mut args = vec![
         "shapes",
         "--model",
         &gguf,
-        "--dtype",
-        "bf16",
         "--batch-sizes",
-        "2",
+        batch,
         "--input-lens",
         "8",
         "--output-lens",
@@ -131,11 +123,23 @@ fn shapes_with_bf16_weights_on_the_cpu() {
         "--iters",
         "1",
         "--no-kernels",
-        "--output-dir",
-        &out_str,
     ];
+    args.extend_from_slice(extra);
     let (code, stdout, stderr) = common::run(&args, &[]);
     assert_eq!(code, 0, "shapes failed: {stderr}");
+    (stdout, stderr)
+}
+
+/// `--dtype bf16` on the CPU: bf16 weights under f32 activations, said in the title and the peaks
+/// line, and the roofline counts the weights at two bytes (SmolLM2: 134.5M parameters in the
+/// projections and the LM head, 269 MB per decode step against 538 MB in f32).
+#[test]
+fn shapes_with_bf16_weights_on_the_cpu() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out_dir = dir.path().join("bf16");
+    let out_str = out_dir.display().to_string();
+    // Not quiet: each shape's line goes to stderr as it finishes.
+    let (stdout, stderr) = one_shape("2", &["--dtype", "bf16", "--output-dir", &out_str]);
     assert!(
         stderr.contains("batch 2 x input 8 + output 2: PP "),
         "{stderr}"
@@ -168,30 +172,8 @@ fn shapes_title_names_quantized_weights() {
     if !offline_bench::gemm::panels_run_here() {
         return; // refused without AVX2 (its one-line error: `check_quantization`)
     }
-    let gguf = common::smollm_gguf().display().to_string();
-    let args = [
-        "shapes",
-        "--quiet",
-        "--model",
-        &gguf,
-        "--quantization",
-        "int4",
-        "--dtype",
-        "bf16",
-        "--batch-sizes",
-        "1",
-        "--input-lens",
-        "8",
-        "--output-lens",
-        "2",
-        "--warmup",
-        "0",
-        "--iters",
-        "1",
-        "--no-kernels",
-    ];
-    let (code, stdout, stderr) = common::run(&args, &[]);
-    assert_eq!(code, 0, "shapes failed: {stderr}");
+    let args = ["--quiet", "--quantization", "int4", "--dtype", "bf16"];
+    let (stdout, _) = one_shape("1", &args);
     assert!(
         stdout.contains("(gguf, int4 weights, bf16 products, KV cache f16) on cpu"),
         "{stdout}"
