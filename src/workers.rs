@@ -132,25 +132,27 @@ mod tests {
     }
 
     /// The deadlock [`wait_for_work`] describes: many short passes of nested parallel work
-    /// make its race likely (without the idle limit, 3 of 3 runs hung); a watchdog turns a
-    /// hang into a failure.
+    /// make its race likely (without the idle limit, 3 of 3 runs hung with 2 threads, 1 of 1
+    /// with 4); a watchdog turns a hang into a failure.
     #[test]
     fn a_wait_started_inside_a_pass_job_does_not_deadlock_the_pass() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let total: u64 = pool(2).install(|| {
-                (0..200_000u64)
-                    .map(|_| {
-                        awake_during(|| (0..64u64).into_par_iter().map(|j| j * j).sum::<u64>())
-                    })
-                    .sum()
+        for threads in [2, 4] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let total: u64 = pool(threads).install(|| {
+                    (0..200_000u64)
+                        .map(|_| {
+                            awake_during(|| (0..64u64).into_par_iter().map(|j| j * j).sum::<u64>())
+                        })
+                        .sum()
+                });
+                let _ = tx.send(total);
             });
-            let _ = tx.send(total);
-        });
-        let total = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("passes deadlocked: no result within 120 s");
-        assert_eq!(total, 200_000 * (0..64u64).map(|j| j * j).sum::<u64>());
+            let total = rx
+                .recv_timeout(Duration::from_secs(120))
+                .unwrap_or_else(|_| panic!("{threads} threads: no result within 120 s"));
+            assert_eq!(total, 200_000 * (0..64u64).map(|j| j * j).sum::<u64>());
+        }
     }
 
     #[test]
