@@ -8,9 +8,14 @@ use std::path::Path;
 use common::run;
 
 fn ok(args: &[&str]) -> String {
+    ok_with_stderr(args).0
+}
+
+/// A successful run's stdout and stderr (the status lines).
+fn ok_with_stderr(args: &[&str]) -> (String, String) {
     let (code, out, err) = run(args, &[]);
     assert_eq!(code, 0, "{args:?} failed: {err}");
-    out
+    (out, err)
 }
 
 fn s(p: &Path) -> String {
@@ -253,8 +258,7 @@ fn dummy_throughput(json: &Path, args: &[&str]) -> (String, String, serde_json::
         &json_arg,
     ];
     all.extend_from_slice(args);
-    let (code, out, err) = run(&all, &[]);
-    assert_eq!(code, 0, "{all:?} failed: {err}");
+    let (out, err) = ok_with_stderr(&all);
     let v = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
     (out, err, v)
 }
