@@ -84,7 +84,7 @@ pub struct ModelArgs {
     pub dtype: String,
     /// none, int8 or int4: the projections and the LM head as int8 in blocks of 32 with an f32
     /// scale each (llama.cpp's Q8_0 scheme), or the projections as 4-bit codes in blocks of 32
-    /// with an f32 scale and minimum each (Q4_1's) and the LM head as int8; quantized at load;
+    /// with an f16 scale and minimum each (Q4_1's) and the LM head as int8; quantized at load;
     /// CPU with AVX2 and FMA or AVX-512, f32 activations; products in f32, or with `--dtype
     /// bf16` in bf16 (on AMX where the CPU has it).
     #[arg(long, value_enum, default_value_t = Quantization::None)]

@@ -130,14 +130,19 @@ pub fn parse_kv_dtype(text: &str, model: DType, device: DeviceSpec) -> Result<DT
     }
 }
 
-/// Whether this CPU has AVX2 and FMA (checked once): the hand-written CPU kernels use them,
-/// and fall back to plain loops elsewhere (always, off x86-64).
+/// Whether this CPU has AVX2, FMA and F16C (checked once; every CPU with AVX2 has F16C): the
+/// hand-written CPU kernels use them (F16C for int4's f16 scales), and fall back to plain loops
+/// elsewhere (always, off x86-64).
 pub fn cpu_has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false

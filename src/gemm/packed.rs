@@ -8,12 +8,14 @@
 //! without it they were 15-25% slower than the dot form (docs/cpu-performance.md).
 //!
 //! The same kernel reads int8 panels (`gemm::int8`, `[k][32]` values and `[k / 32][32]` scales
-//! per panel): each step's 32 values are widened to f32 and multiplied by their block's scales
-//! before the FMAs, so the product reads a quarter of the bytes at the same tile.
+//! per panel) and int4 ones (`gemm::int4`): each step's 32 codes are widened to f32 and scaled
+//! by their block's scales (held in registers through the block's 32 steps) before the FMAs,
+//! so the product reads a quarter (an eighth) of the bytes at the same tile.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
+use half::f16;
 use rayon::prelude::*;
 
 // Output features per panel: two 512-bit registers.
@@ -53,24 +55,42 @@ pub(super) trait PanelWeight: Copy {
     /// 64-byte lines per step, for the prefetch of the next panel.
     const LINES: usize;
 
-    /// Whether a step is widened and scaled (int8), so that a panel several tiles read is
-    /// better widened once.
+    /// Whether a step is widened and scaled (int8, int4), so that a panel several tiles read
+    /// is better widened once.
     const SCALED: bool = false;
 
-    /// Step `kk` of the panel at `wp`, with the panel's scales at `sp` (int8: `[k / 32][32]`;
-    /// int4: `[k / 32][64]`, 32 scales then 32 minimums; unused for f32).
+    /// The panels' scales (int8: `[k / 32][32]` f32; int4: `[k / 32][64]` f16, 32 scales then
+    /// 32 minimums; none for f32).
+    type Scale: Copy;
+
+    /// A block's scales in registers, for its 32 steps.
+    type Block: Copy;
+
+    /// The scales of block `b` (steps `32 b ..`) of the panel whose scales are at `sp`.
     ///
     /// # Safety
-    /// AVX-512 F must be available; the panel holds step `kk` (and its block's scales).
-    unsafe fn step(wp: *const Self, sp: *const f32, kk: usize) -> [__m512; 2];
+    /// AVX-512 F must be available; the panel has block `b`'s scales (where `Self` has them).
+    unsafe fn block(sp: *const Self::Scale, b: usize) -> Self::Block;
+
+    /// Step `kk` of the panel at `wp`, scaled by its block's `scales`.
+    ///
+    /// # Safety
+    /// AVX-512 F must be available; the panel holds step `kk`.
+    unsafe fn step(wp: *const Self, scales: Self::Block, kk: usize) -> [__m512; 2];
 }
 
 impl PanelWeight for f32 {
     const LINES: usize = 2;
+    type Scale = f32;
+    type Block = ();
 
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn step(wp: *const f32, _: *const f32, kk: usize) -> [__m512; 2] {
+    unsafe fn block(_: *const f32, _: usize) {}
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn step(wp: *const f32, _: (), kk: usize) -> [__m512; 2] {
         // SAFETY: the caller's contract.
         unsafe {
             [
@@ -84,20 +104,28 @@ impl PanelWeight for f32 {
 impl PanelWeight for i8 {
     const LINES: usize = 1;
     const SCALED: bool = true;
+    type Scale = f32;
+    type Block = [__m512; 2];
 
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn step(wp: *const i8, sp: *const f32, kk: usize) -> [__m512; 2] {
-        // SAFETY: the caller's contract: 32 values at step `kk`, 32 scales for its block.
+    unsafe fn block(sp: *const f32, b: usize) -> [__m512; 2] {
+        // SAFETY: the caller's contract: the block's 32 scales.
+        unsafe {
+            let s = sp.add(b * PANEL);
+            [_mm512_loadu_ps(s), _mm512_loadu_ps(s.add(16))]
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn step(wp: *const i8, [s0, s1]: [__m512; 2], kk: usize) -> [__m512; 2] {
+        // SAFETY: the caller's contract: 32 values at step `kk`.
         unsafe {
             let v = _mm256_loadu_si256(wp.add(kk * PANEL) as *const __m256i);
-            let s = sp.add(kk / PANEL * PANEL);
             let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
             let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(v)));
-            [
-                _mm512_mul_ps(lo, _mm512_loadu_ps(s)),
-                _mm512_mul_ps(hi, _mm512_loadu_ps(s.add(16))),
-            ]
+            [_mm512_mul_ps(lo, s0), _mm512_mul_ps(hi, s1)]
         }
     }
 }
@@ -108,12 +136,25 @@ impl PanelWeight for u8 {
     const STEP: usize = PANEL / 2;
     const LINES: usize = 1;
     const SCALED: bool = true;
+    type Scale = f16;
+    /// The block's scales and minimums, features 0-15 then 16-31 of each, widened to f32.
+    type Block = [__m512; 4];
 
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn step(wp: *const u8, sp: *const f32, kk: usize) -> [__m512; 2] {
-        // SAFETY: the caller's contract: 16 bytes at step `kk`, 32 scales and 32 minimums for
-        // its block.
+    unsafe fn block(sp: *const f16, b: usize) -> [__m512; 4] {
+        // SAFETY: the caller's contract: the block's 32 scales and 32 minimums.
+        unsafe {
+            let s = sp.add(b * 2 * PANEL);
+            let widen = |i: usize| _mm512_cvtph_ps(_mm256_loadu_si256(s.add(16 * i).cast()));
+            [widen(0), widen(1), widen(2), widen(3)]
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn step(wp: *const u8, [s0, s1, m0, m1]: [__m512; 4], kk: usize) -> [__m512; 2] {
+        // SAFETY: the caller's contract: 16 bytes at step `kk`.
         unsafe {
             // Each byte widened to a lane first: its low four bits are feature `c`, the bits
             // above them (no mask needed) feature `c + 16`. (Masking the bytes before widening
@@ -123,11 +164,7 @@ impl PanelWeight for u8 {
             let v = _mm512_cvtepu8_epi32(v);
             let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0f)));
             let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v));
-            let s = sp.add(kk / PANEL * 2 * PANEL);
-            [
-                _mm512_fmadd_ps(lo, _mm512_loadu_ps(s), _mm512_loadu_ps(s.add(PANEL))),
-                _mm512_fmadd_ps(hi, _mm512_loadu_ps(s.add(16)), _mm512_loadu_ps(s.add(48))),
-            ]
+            [_mm512_fmadd_ps(lo, s0, m0), _mm512_fmadd_ps(hi, s1, m1)]
         }
     }
 }
@@ -148,7 +185,7 @@ pub unsafe fn rows_by_packed(
     out: &mut [MaybeUninit<f32>],
 ) {
     // SAFETY: the caller's contract; f32 panels have no scales.
-    unsafe { rows_by_panels_of((m, n, k), x, (packed, stride), (&[], 0), out) }
+    unsafe { rows_by_panels_of::<f32>((m, n, k), x, (packed, stride), (&[], 0), out) }
 }
 
 /// [`rows_by_packed`] for int8 panels (`gemm::int8::Int8Weights`): `q` holds `n.div_ceil(32)`
@@ -170,7 +207,7 @@ pub unsafe fn rows_by_int8_panels(
 }
 
 /// [`rows_by_packed`] for 4-bit panels (`gemm::int4::Int4Weights`): `q` holds `n.div_ceil(32)`
-/// panels of `[k][16]` bytes, `dm` as many of `[k.div_ceil(32)][64]` scales and minimums.
+/// panels of `[k][16]` bytes, `dm` as many of `[k.div_ceil(32)][64]` f16 scales and minimums.
 ///
 /// # Safety
 /// AVX-512 F must be available; `x.len() >= m * k`; `q` and `dm` as above;
@@ -179,7 +216,7 @@ pub unsafe fn rows_by_int8_panels(
 pub unsafe fn rows_by_int4_panels(
     (m, n, k): (usize, usize, usize),
     x: &[f32],
-    (q, dm): (&[u8], &[f32]),
+    (q, dm): (&[u8], &[f16]),
     out: &mut [MaybeUninit<f32>],
 ) {
     let (weights, stats) = ((q, k * PANEL / 2), (dm, k.div_ceil(PANEL) * 2 * PANEL));
@@ -196,7 +233,7 @@ unsafe fn rows_by_panels_of<W: PanelWeight>(
     (m, n, k): (usize, usize, usize),
     x: &[f32],
     (packed, stride): (&[W], usize),
-    (scales, scale_stride): (&[f32], usize),
+    (scales, scale_stride): (&[W::Scale], usize),
     out: &mut [MaybeUninit<f32>],
 ) {
     let panels = n.div_ceil(PANEL);
@@ -206,7 +243,7 @@ unsafe fn rows_by_panels_of<W: PanelWeight>(
     // stalled, the others left memory idle): gate/up at 32 and 64 rows 15-16% slower.
     let tiles = m.div_ceil(ROWS);
     let share = k.div_ceil(tiles.max(1));
-    // Panels that must be widened (int8) are widened once into this buffer where more than
+    // Panels that must be widened (int8, int4) are widened once into this buffer where more than
     // one tile of rows reads them, each tile then running on f32.
     let mut widened: Vec<f32> = Vec::new();
     for p in 0..panels {
@@ -262,7 +299,7 @@ unsafe fn rows_by_panels_of<W: PanelWeight>(
 #[target_feature(enable = "avx512f")]
 unsafe fn widen<W: PanelWeight>(
     panel: &[W],
-    sp: *const f32,
+    sp: *const W::Scale,
     k: usize,
     after: Option<*const W>,
     dst: &mut Vec<f32>,
@@ -272,13 +309,16 @@ unsafe fn widen<W: PanelWeight>(
     // SAFETY: `dst` has room for `k` steps of 32; the caller's contract covers the panel.
     unsafe {
         let (wp, dp) = (panel.as_ptr(), dst.as_mut_ptr());
-        for kk in 0..k {
-            if let Some(at) = after {
-                _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(kk * W::STEP).cast::<i8>());
+        for b in 0..k.div_ceil(PANEL) {
+            let scales = W::block(sp, b);
+            for kk in b * PANEL..(b * PANEL + PANEL).min(k) {
+                if let Some(at) = after {
+                    _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(kk * W::STEP).cast::<i8>());
+                }
+                let [u, v] = W::step(wp, scales, kk);
+                _mm512_storeu_ps(dp.add(kk * PANEL), u);
+                _mm512_storeu_ps(dp.add(kk * PANEL + 16), v);
             }
-            let [a, b] = W::step(wp, sp, kk);
-            _mm512_storeu_ps(dp.add(kk * PANEL), a);
-            _mm512_storeu_ps(dp.add(kk * PANEL + 16), b);
         }
         dst.set_len(k * PANEL);
     }
@@ -295,7 +335,7 @@ unsafe fn panel_tiles<W: PanelWeight>(
     m: usize,
     (n, k): (usize, usize),
     x: &[f32],
-    w: (&[W], *const f32),
+    w: (&[W], *const W::Scale),
     (p, cols): (usize, usize),
     next: impl Fn(usize) -> Next<W>,
     out: &mut [MaybeUninit<f32>],
@@ -353,7 +393,7 @@ unsafe fn tile<W: PanelWeight, const R: usize>(
     (r, j, cols, next): (usize, usize, usize, Next<W>),
     (n, k): (usize, usize),
     x: &[f32],
-    (panel, sp): (&[W], *const f32),
+    (panel, sp): (&[W], *const W::Scale),
     out: &mut [MaybeUninit<f32>],
 ) {
     // SAFETY: the caller's contract bounds the rows, the panel and the outputs; stores past
@@ -362,24 +402,27 @@ unsafe fn tile<W: PanelWeight, const R: usize>(
         let (xp, wp) = (x.as_ptr().add(r * k), panel.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let (mut asked, mut wait) = (0, 0);
-        for kk in 0..k {
-            if asked < next.steps {
-                if wait == 0 {
-                    let at = next.at.add(asked * W::STEP).cast::<i8>();
-                    _mm_prefetch::<_MM_HINT_T1>(at);
-                    if W::LINES > 1 {
-                        _mm_prefetch::<_MM_HINT_T1>(at.add(64));
+        for b in 0..k.div_ceil(PANEL) {
+            let scales = W::block(sp, b);
+            for kk in b * PANEL..(b * PANEL + PANEL).min(k) {
+                if asked < next.steps {
+                    if wait == 0 {
+                        let at = next.at.add(asked * W::STEP).cast::<i8>();
+                        _mm_prefetch::<_MM_HINT_T1>(at);
+                        if W::LINES > 1 {
+                            _mm_prefetch::<_MM_HINT_T1>(at.add(64));
+                        }
+                        asked += 1;
+                        wait = next.every;
                     }
-                    asked += 1;
-                    wait = next.every;
+                    wait -= 1;
                 }
-                wait -= 1;
-            }
-            let [w0, w1] = W::step(wp, sp, kk);
-            for (i, a) in acc.iter_mut().enumerate() {
-                let b = _mm512_set1_ps(*xp.add(i * k + kk));
-                a[0] = _mm512_fmadd_ps(b, w0, a[0]);
-                a[1] = _mm512_fmadd_ps(b, w1, a[1]);
+                let [w0, w1] = W::step(wp, scales, kk);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*xp.add(i * k + kk));
+                    a[0] = _mm512_fmadd_ps(x, w0, a[0]);
+                    a[1] = _mm512_fmadd_ps(x, w1, a[1]);
+                }
             }
         }
         let mask = |h: usize| -> __mmask16 {

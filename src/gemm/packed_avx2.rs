@@ -16,6 +16,8 @@ use std::arch::x86_64::*;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
+use half::f16;
+
 use super::PANEL;
 use super::int4::{BLOCK, blocks};
 
@@ -48,21 +50,42 @@ pub(super) trait HalfStep: Copy {
     /// come scaled (f32, int8).
     const BLOCK_SUMS: bool;
 
+    /// The panels' scales (int8: f32, int4: f16; none for f32).
+    type Scale: Copy;
+
+    /// 8 scales from `sp` as f32 (int4's, which a tile applies once a block).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `sp` holds 8 scales.
+    unsafe fn scales8(sp: *const Self::Scale) -> __m256;
+
     /// Features `16 H .. 16 H + 16` of step `kk` of the panel at `wp` as f32: values (f32),
     /// codes times their scales (int8, scales at `sp`: `[k / 32][32]`), or codes (int4).
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; the panel holds step `kk` (and its block's scales, where
-    /// `Self` reads them).
-    unsafe fn half<const H: usize>(wp: *const Self, sp: *const f32, kk: usize) -> [__m256; 2];
+    /// AVX2, FMA and F16C must be available; the panel holds step `kk` (and its block's
+    /// scales, where `Self` reads them).
+    unsafe fn half<const H: usize>(
+        wp: *const Self,
+        sp: *const Self::Scale,
+        kk: usize,
+    ) -> [__m256; 2];
 }
 
 impl HalfStep for f32 {
     const STEP: usize = PANEL;
     const CODES: bool = false;
     const BLOCK_SUMS: bool = false;
+    type Scale = f32;
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn scales8(sp: *const f32) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_loadu_ps(sp) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn half<const H: usize>(wp: *const f32, _: *const f32, kk: usize) -> [__m256; 2] {
         // SAFETY: the caller's contract.
@@ -81,8 +104,16 @@ impl HalfStep for i8 {
     const STEP: usize = PANEL;
     const CODES: bool = true;
     const BLOCK_SUMS: bool = false;
+    type Scale = f32;
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn scales8(sp: *const f32) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_loadu_ps(sp) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn half<const H: usize>(wp: *const i8, sp: *const f32, kk: usize) -> [__m256; 2] {
         // SAFETY: the caller's contract: 32 values at step `kk`, 32 scales for its block.
@@ -105,10 +136,18 @@ impl HalfStep for u8 {
     const STEP: usize = PANEL / 2;
     const CODES: bool = true;
     const BLOCK_SUMS: bool = true;
+    type Scale = f16;
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn half<const H: usize>(wp: *const u8, _: *const f32, kk: usize) -> [__m256; 2] {
+    unsafe fn scales8(sp: *const f16) -> __m256 {
+        // SAFETY: the caller's contract: 8 f16s.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(sp.cast())) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn half<const H: usize>(wp: *const u8, _: *const f16, kk: usize) -> [__m256; 2] {
         // SAFETY: the caller's contract: 16 bytes at step `kk`.
         unsafe {
             // The 16 bytes in both lanes (shifted down a nibble for the high codes), from which
@@ -148,26 +187,41 @@ impl<W: HalfStep> HalfStep for Widened<W> {
     const STEP: usize = PANEL;
     const CODES: bool = false;
     const BLOCK_SUMS: bool = W::BLOCK_SUMS;
+    type Scale = W::Scale;
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn half<const H: usize>(wp: *const Self, sp: *const f32, kk: usize) -> [__m256; 2] {
-        // SAFETY: the caller's contract; `Widened` is an f32.
-        unsafe { f32::half::<H>(wp.cast::<f32>(), sp, kk) }
+    unsafe fn scales8(sp: *const W::Scale) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe { W::scales8(sp) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn half<const H: usize>(wp: *const Self, _: *const W::Scale, kk: usize) -> [__m256; 2] {
+        // SAFETY: the caller's contract; `Widened` is an f32, already scaled where `W` steps are.
+        unsafe { f32::half::<H>(wp.cast::<f32>(), std::ptr::null(), kk) }
     }
 }
 
 /// Where a tile reads its panels: the first, the next ones `stride` elements apart, and their
-/// blocks' scales `scale_stride` f32s apart (unused for f32).
-#[derive(Clone, Copy)]
-struct Panels<W> {
+/// blocks' scales `scale_stride` apart (unused for f32).
+struct Panels<W: HalfStep> {
     wp: *const W,
     stride: usize,
-    sp: *const f32,
+    sp: *const W::Scale,
     scale_stride: usize,
 }
 
-impl<W> Panels<W> {
+impl<W: HalfStep> Clone for Panels<W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<W: HalfStep> Copy for Panels<W> {}
+
+impl<W: HalfStep> Panels<W> {
     /// Panel `p` on.
     fn at(self, p: usize) -> Self {
         Self {
@@ -204,14 +258,14 @@ fn block_sums(x: &[f32], m: usize, k: usize) -> Vec<f32> {
 /// output is written, so `out` need not be initialised.
 ///
 /// # Safety
-/// AVX2 and FMA must be available; `x.len() >= m * k`; the panels hold `k` steps (and their
+/// AVX2, FMA and F16C must be available; `x.len() >= m * k`; the panels hold `k` steps (and their
 /// blocks' scales, where `W` has them); `out.len() >= m * n`.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn rows_by_panels<W: HalfStep>(
     (m, n, k): (usize, usize, usize),
     x: &[f32],
     (panels, stride): (&[W], usize),
-    (scales, scale_stride): (&[f32], usize),
+    (scales, scale_stride): (&[W::Scale], usize),
     out: &mut [MaybeUninit<f32>],
 ) {
     let count = n.div_ceil(PANEL);
@@ -285,9 +339,9 @@ struct Operands {
 /// `panel`'s `k` steps as [`HalfStep::half`] reads them, into `dst` (resized to `k * 32`).
 ///
 /// # Safety
-/// AVX2 and FMA must be available; the panel holds `k` steps and `sp` their blocks' scales.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn widen<W: HalfStep>(panel: &[W], sp: *const f32, k: usize, dst: &mut Vec<f32>) {
+/// AVX2, FMA and F16C must be available; the panel holds `k` steps and `sp` their blocks' scales.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen<W: HalfStep>(panel: &[W], sp: *const W::Scale, k: usize, dst: &mut Vec<f32>) {
     dst.clear();
     dst.reserve(k * PANEL);
     // SAFETY: `dst` has room for `k` steps of 32; the caller's contract covers the panel.
@@ -313,7 +367,7 @@ unsafe fn widen<W: HalfStep>(panel: &[W], sp: *const f32, k: usize, dst: &mut Ve
 ///
 /// # Safety
 /// As [`rows_by_panels`], for this panel.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn panel_tiles<W: HalfStep>(
     m: usize,
@@ -370,7 +424,7 @@ unsafe fn panel_tiles<W: HalfStep>(
 ///
 /// # Safety
 /// As [`rows_by_panels`], for those rows, panels and features.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn tile<W: HalfStep, const R: usize, const H: usize, const C: usize>(
     (r, j, cols): (usize, usize, usize),
@@ -430,11 +484,8 @@ unsafe fn tile<W: HalfStep, const R: usize, const H: usize, const C: usize>(
             for c in 0..C {
                 let sp = w.sp.add((H + c) / 2 * w.scale_stride);
                 let s = sp.add(b * 2 * PANEL + (H + c) % 2 * HALF);
-                let scale = [_mm256_loadu_ps(s), _mm256_loadu_ps(s.add(8))];
-                let min = [
-                    _mm256_loadu_ps(s.add(PANEL)),
-                    _mm256_loadu_ps(s.add(PANEL + 8)),
-                ];
+                let scale = [W::scales8(s), W::scales8(s.add(8))];
+                let min = [W::scales8(s.add(PANEL)), W::scales8(s.add(PANEL + 8))];
                 for (i, (a, s)) in acc.iter_mut().zip(&sum).enumerate() {
                     let xs = _mm256_broadcast_ss(&*sums.add((r + i) * blocks + b));
                     for h in 0..2 {
@@ -493,6 +544,69 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// int8 and int4 panels through this kernel (which an AVX-512 host does not dispatch to)
+    /// against f64 products of their values: row counts of every tiling, widened in registers
+    /// and (past 24 rows) once into a buffer; a ragged last panel and a partial last block.
+    #[test]
+    fn quantized_panels_match_their_values() {
+        use crate::gemm::BlockValues;
+        use crate::gemm::int4::Int4Weights;
+        use crate::gemm::int8::Int8Weights;
+        if !crate::device::cpu_has_avx2_fma() {
+            return;
+        }
+        fn check<W: BlockValues>(
+            w: &W,
+            x: &[f32],
+            m: usize,
+            product: &dyn Fn(&mut [MaybeUninit<f32>]),
+        ) {
+            let (n, k) = w.dims();
+            let values = w.values();
+            let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
+            product(&mut out);
+            for r in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|t| x[r * k + t] as f64 * values[j * k + t] as f64)
+                        .sum();
+                    // SAFETY: initialised above.
+                    let got = unsafe { out[r * n + j].assume_init() } as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{m} x {n} x {k} [{r}][{j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        let mut rng = Rng64::new(29);
+        for (n, k) in [(57, 100), (64, 64)] {
+            let w = rng.uniform_f32(n * k, 0.5);
+            let (q8, q4) = (
+                Int8Weights::quantize(&w, n, k),
+                Int4Weights::quantize(&w, n, k),
+            );
+            let kb = k.div_ceil(BLOCK);
+            for m in (1..=8).chain([13, 24, 25, 31]) {
+                let x = rng.uniform_f32(m * k, 1.0);
+                // SAFETY (both): AVX2, FMA and F16C checked; the panels are as quantized.
+                check(&q8, &x, m, &|out| unsafe {
+                    rows_by_panels(
+                        (m, n, k),
+                        &x,
+                        (&q8.q, k * PANEL),
+                        (&q8.scales, kb * PANEL),
+                        out,
+                    )
+                });
+                check(&q4, &x, m, &|out| unsafe {
+                    let q = (&q4.q[..], k * PANEL / 2);
+                    rows_by_panels((m, n, k), &x, q, (&q4.dm, kb * 2 * PANEL), out)
+                });
             }
         }
     }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::Quantization;
 use super::matmul;
-use crate::gemm::int4::Int4Weights;
+use crate::gemm::int4::{self, Int4Weights};
 use crate::gemm::int8::Int8Weights;
 
 /// The weights of a [`Linear`], in the one form its products run on.
@@ -122,6 +122,13 @@ impl Linear {
     /// the values it had are not kept.
     pub(super) fn into_int4(self, dtype: DType) -> Result<Self> {
         let (values, (n, k)) = self.row_values("into_int4")?;
+        if let Some(v) = values.iter().find(|v| v.abs() > int4::MAX_WEIGHT) {
+            anyhow::bail!(
+                "--quantization int4: a {n} x {k} projection holds the weight {v}, beyond the \
+                 f16 range (±{}) of int4's scales; use --quantization int8 or none",
+                int4::MAX_WEIGHT
+            );
+        }
         Ok(Self {
             w: Weights::Int4 {
                 q: Arc::new(Int4Weights::quantize(&values, n, k)),
@@ -287,7 +294,7 @@ mod tests {
             assert!(diff(&int4, &want) < 0.1, "int4 error, {m} rows");
         }
         assert_eq!(int8.quantized_bytes_per_weight(), Some(1.125));
-        assert_eq!(int4.quantized_bytes_per_weight(), Some(0.75));
+        assert_eq!(int4.quantized_bytes_per_weight(), Some(0.625));
         assert_eq!(rows.quantized_bytes_per_weight(), None);
         assert_eq!(panels.quantized_bytes_per_weight(), None);
         assert_eq!(
@@ -315,6 +322,23 @@ mod tests {
         let int8_bytes = (n.div_ceil(32) * 32 * (k + 4 * k / 32) + 4 * n) as u64;
         assert_eq!(int8.bytes(), int8_bytes);
         assert_eq!(rows.bytes(), (4 * n * k + 4 * n) as u64);
+    }
+
+    #[test]
+    fn int4_refuses_weights_beyond_its_f16_scales() {
+        let mut values = vec![0.01f32; 32 * 64];
+        values[100] = 70000.0;
+        let w = Tensor::from_vec(values, (32, 64), &Device::Cpu).unwrap();
+        let err = Linear::rows(w.clone(), None)
+            .prepared(Quantization::Int4, DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("70000") && err.contains("int8"), "{err}");
+        assert!(
+            Linear::rows(w, None)
+                .prepared(Quantization::Int8, DType::F32)
+                .is_ok()
+        );
     }
 
     #[test]

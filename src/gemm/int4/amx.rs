@@ -44,10 +44,9 @@ unsafe fn widen_half<const HIGH: bool>(w: &Int4Weights, f: usize, dst: &mut [u32
         // scales and 32 minimums, 16 of each from `h` (`k % 32 == 0`: both in one block).
         unsafe {
             let at = 2 * p / BLOCK * 2 * PANEL + h;
-            let (scale, min) = (
-                _mm512_loadu_ps(dm.as_ptr().add(at)),
-                _mm512_loadu_ps(dm.as_ptr().add(at + PANEL)),
-            );
+            let widen_f16 =
+                |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(dm.as_ptr().add(at).cast()));
+            let (scale, min) = (widen_f16(at), widen_f16(at + PANEL));
             let widen = |step: usize| {
                 let v = _mm_loadu_si128(q.as_ptr().add(step * PANEL / 2).cast());
                 let bytes = _mm512_cvtepu8_epi32(v);

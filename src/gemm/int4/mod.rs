@@ -1,16 +1,18 @@
-//! Weights as 4-bit codes in blocks of 32 values along each row, with an f32 scale and minimum
-//! per block (llama.cpp's Q4_1 scheme, f32 where it keeps f16): a weight is `code * scale +
-//! min`, codes 0 to 15, so a block spans its own range. An eighth of f32's bytes plus a quarter
-//! for the scales and minimums (0.75 bytes a weight against int8's 1.125), for `--quantization
-//! int4` on the CPU, where a decode step of few sequences is bound by reading the weights. A
-//! block is rounded to the 16 levels between its smallest and largest value, so a value's error
-//! is at most half a level; the weights of a Q4_1 GGUF come back as they were stored (to
-//! within the f32 rounding of a recomputed scale).
+//! Weights as 4-bit codes in blocks of 32 values along each row, with an f16 scale and minimum
+//! per block (llama.cpp's Q4_1 scheme): a weight is `code * scale + min`, codes 0 to 15, so a
+//! block spans its own range. An eighth of f32's bytes plus an eighth for the scales and
+//! minimums (0.625 bytes a weight against int8's 1.125), for `--quantization int4` on the CPU,
+//! where a decode step of few sequences is bound by reading the weights. A block is rounded to
+//! the 16 levels between its smallest and largest value, so a value's error is at most half a
+//! level (and the f16 rounding of the scale and minimum); the weights of a Q4_1 GGUF come back
+//! as they were stored, its f16 scales and minimums included.
 //!
 //! Kept in the panels of the packed f32 kernel (`packed`: 32 output features per panel, a step
 //! of 16 bytes per `k`, two codes a byte), which widens each step to f32 in registers.
 
 use std::mem::MaybeUninit;
+
+use half::f16;
 
 use super::quant::QuantPanels;
 use super::{BlockValues, PANEL};
@@ -21,9 +23,12 @@ mod amx;
 /// Values per block (one scale and one minimum each).
 pub const BLOCK: usize = 32;
 
-/// Bytes a weight: half a byte of code, and a block's f32 scale and minimum shared by its 32
+/// Bytes a weight: half a byte of code, and a block's f16 scale and minimum shared by its 32
 /// values.
-pub const BYTES_PER_WEIGHT: f64 = 0.5 + 8.0 / BLOCK as f64;
+pub const BYTES_PER_WEIGHT: f64 = 0.5 + 4.0 / BLOCK as f64;
+
+/// The largest magnitude an f16 scale or minimum holds: weights beyond it cannot be int4.
+pub const MAX_WEIGHT: f32 = 65504.0;
 
 /// Blocks per row of `k` values (the last may be partial).
 pub fn blocks(k: usize) -> usize {
@@ -37,28 +42,33 @@ pub struct Int4Weights {
     /// panel in its low four bits and row `c + 16` in its high four (zeros past row `n`).
     pub q: Vec<u8>,
     /// `n.div_ceil(32)` panels of `[blocks(k)][64]`: a block's 32 scales, then its 32 minimums.
-    pub dm: Vec<f32>,
+    /// f16, as Q4_1 keeps them: f32 would make them a third of the bytes (0.75 a weight).
+    pub dm: Vec<f16>,
     pub n: usize,
     pub k: usize,
 }
 
 impl Int4Weights {
     /// Quantizes `w` (`n` rows of `k`, row-major). A block of equal values gets scale 0.
+    /// Values beyond [`MAX_WEIGHT`] overflow their block's f16 minimum or scale (callers
+    /// refuse them first).
     pub fn quantize(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "Int4Weights::quantize: sizes");
         let (panels, kb) = (n.div_ceil(PANEL), blocks(k));
         let mut q = vec![0u8; panels * k * PANEL / 2];
-        let mut dm = vec![0f32; panels * kb * 2 * PANEL];
+        let mut dm = vec![f16::ZERO; panels * kb * 2 * PANEL];
         for (j, row) in w.chunks_exact(k.max(1)).enumerate() {
             let (p, c) = (j / PANEL, j % PANEL);
             let (byte, shift) = (c % 16, 4 * (c / 16));
             for (b, block) in row.chunks(BLOCK).enumerate() {
                 let min = block.iter().fold(f32::INFINITY, |a, &v| a.min(v));
                 let max = block.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                let scale = (max - min) / 15.0;
-                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                // The codes are rounded against the f16 scale and minimum the kernels read.
+                let (scale, min) = (f16::from_f32((max - min) / 15.0), f16::from_f32(min));
                 let at = (p * kb + b) * 2 * PANEL;
                 (dm[at + c], dm[at + PANEL + c]) = (scale, min);
+                let (scale, min) = (scale.to_f32(), min.to_f32());
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
                 for (i, &v) in block.iter().enumerate() {
                     let code = ((v - min) * inv).round().clamp(0.0, 15.0) as u8;
                     q[(p * k + b * BLOCK + i) * PANEL / 2 + byte] |= code << shift;
@@ -75,7 +85,7 @@ impl Int4Weights {
 
     /// Bytes held: the codes, the scales and the minimums.
     pub fn bytes(&self) -> u64 {
-        (self.q.len() + 4 * self.dm.len()) as u64
+        (self.q.len() + 2 * self.dm.len()) as u64
     }
 }
 
@@ -91,7 +101,7 @@ impl BlockValues for Int4Weights {
         let byte = self.q[(p * self.k + kk) * PANEL / 2 + c % 16];
         let code = (byte >> (4 * (c / 16))) & 0x0f;
         let at = (p * blocks(self.k) + kk / BLOCK) * 2 * PANEL;
-        (code as f32).mul_add(self.dm[at + c], self.dm[at + PANEL + c])
+        (code as f32).mul_add(self.dm[at + c].to_f32(), self.dm[at + PANEL + c].to_f32())
     }
 }
 
@@ -149,30 +159,40 @@ mod tests {
         w[7] = 40.0; // an outlier coarsens only its own block
         w[k..2 * k].fill(0.25); // a row of equal values
         let iw = Int4Weights::quantize(&w, n, k);
-        // Two panels (rows padded to 64) of 70 steps of 16 bytes, 3 blocks of 64 f32.
+        // Two panels (rows padded to 64) of 70 steps of 16 bytes, 3 blocks of 64 f16.
         assert_eq!((iw.q.len(), iw.dm.len()), (2 * 70 * 16, 2 * 3 * 64));
-        assert_eq!(iw.bytes(), (2 * 70 * 16 + 4 * 2 * 3 * 64) as u64);
+        assert_eq!(iw.bytes(), (2 * 70 * 16 + 2 * 2 * 3 * 64) as u64);
         let back = iw.dequantize();
         assert_eq!(back.len(), n * k);
         for (i, (a, b)) in w.iter().zip(&back).enumerate() {
             let (j, kk) = (i / k, i % k);
             let at = ((j / PANEL) * 3 + kk / BLOCK) * 2 * PANEL + j % PANEL;
-            let level = iw.dm[at];
-            assert!((a - b).abs() <= level / 2.0 + 1e-5, "value {i}: {a} -> {b}");
+            let level = iw.dm[at].to_f32();
+            // Half a level, and the f16 rounding (2^-11 relative) of the block's minimum and
+            // of its scale, 15 times over at the top of its range.
+            let rounding = (a.abs() + 15.0 * level) / 1024.0;
+            assert!(
+                (a - b).abs() <= level / 2.0 + rounding + 1e-5,
+                "value {i}: {a} -> {b}"
+            );
         }
         assert!(back[k..2 * k].iter().all(|&v| v == 0.25));
-        assert!((back[7] - 40.0).abs() < 1e-5);
+        assert!((back[7] - 40.0).abs() < 40.0 / 1024.0, "{}", back[7]);
     }
 
     #[test]
     fn a_q4_1_block_comes_back_as_stored() {
         // Values on 16 levels of a block, both ends used (as llama.cpp's quantizer leaves
-        // them): requantizing finds the same levels.
-        let (scale, min) = (0.0625f32, -0.5f32);
-        let w: Vec<f32> = (0..64)
-            .map(|i| ((i * 7 % 16) as f32).mul_add(scale, min))
-            .collect();
-        let back = Int4Weights::quantize(&w, 2, 32).dequantize();
-        assert_eq!(back, w);
+        // them), with scales and minimums as Q4_1 stores them (f16): requantizing finds the
+        // same levels, the same f16 bits and the same values.
+        for (scale, min) in [(0.0625f32, -0.5f32), (0.01234, -0.0871), (3.1e-5, 2.2e-3)] {
+            let (d, m) = (f16::from_f32(scale), f16::from_f32(min));
+            let w: Vec<f32> = (0..64)
+                .map(|i| ((i * 7 % 16) as f32).mul_add(d.to_f32(), m.to_f32()))
+                .collect();
+            let iw = Int4Weights::quantize(&w, 2, 32);
+            assert_eq!((iw.dm[0], iw.dm[1], iw.dm[32]), (d, d, m), "{scale} {min}");
+            assert_eq!(iw.dequantize(), w, "{scale} {min}");
+        }
     }
 }
