@@ -503,19 +503,7 @@ mod tests {
             let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
             // SAFETY: AVX-512 F checked; the sizes are as the contract asks.
             unsafe { rows_by_packed((m, n, k), &x, (&packed, k * PANEL), &mut out) };
-            for r in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|t| x[r * k + t] as f64 * w[j * k + t] as f64)
-                        .sum();
-                    // SAFETY: initialised above.
-                    let got = unsafe { out[r * n + j].assume_init() } as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{m} x {n} x {k} [{r}][{j}]: {got} vs {want}"
-                    );
-                }
-            }
+            crate::gemm::tests::assert_products_match_dots((m, n, k), &x, &w, &out);
         }
     }
 }

@@ -51,13 +51,7 @@ pub(super) trait HalfStep: Copy {
     const BLOCK_SUMS: bool;
 
     /// The panels' scales (int8: f32, int4: f16; none for f32).
-    type Scale: Copy;
-
-    /// 8 scales from `sp` as f32 (int4's, which a tile applies once a block).
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; `sp` holds 8 scales.
-    unsafe fn scales8(sp: *const Self::Scale) -> __m256;
+    type Scale: Scale;
 
     /// Features `16 H .. 16 H + 16` of step `kk` of the panel at `wp` as f32: values (f32),
     /// codes times their scales (int8, scales at `sp`: `[k / 32][32]`), or codes (int4).
@@ -72,18 +66,38 @@ pub(super) trait HalfStep: Copy {
     ) -> [__m256; 2];
 }
 
+/// A type of the panels' scales, read 8 at a time as f32.
+pub(super) trait Scale: Copy {
+    /// 8 scales from `sp` as f32 (int4's, which a tile applies once a block).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `sp` holds 8 scales.
+    unsafe fn load8(sp: *const Self) -> __m256;
+}
+
+impl Scale for f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(sp: *const f32) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_loadu_ps(sp) }
+    }
+}
+
+impl Scale for f16 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(sp: *const f16) -> __m256 {
+        // SAFETY: the caller's contract: 8 f16s.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(sp.cast())) }
+    }
+}
+
 impl HalfStep for f32 {
     const STEP: usize = PANEL;
     const CODES: bool = false;
     const BLOCK_SUMS: bool = false;
     type Scale = f32;
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn scales8(sp: *const f32) -> __m256 {
-        // SAFETY: the caller's contract.
-        unsafe { _mm256_loadu_ps(sp) }
-    }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -105,13 +119,6 @@ impl HalfStep for i8 {
     const CODES: bool = true;
     const BLOCK_SUMS: bool = false;
     type Scale = f32;
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn scales8(sp: *const f32) -> __m256 {
-        // SAFETY: the caller's contract.
-        unsafe { _mm256_loadu_ps(sp) }
-    }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -137,13 +144,6 @@ impl HalfStep for u8 {
     const CODES: bool = true;
     const BLOCK_SUMS: bool = true;
     type Scale = f16;
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn scales8(sp: *const f16) -> __m256 {
-        // SAFETY: the caller's contract: 8 f16s.
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(sp.cast())) }
-    }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -188,13 +188,6 @@ impl<W: HalfStep> HalfStep for Widened<W> {
     const CODES: bool = false;
     const BLOCK_SUMS: bool = W::BLOCK_SUMS;
     type Scale = W::Scale;
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn scales8(sp: *const W::Scale) -> __m256 {
-        // SAFETY: the caller's contract.
-        unsafe { W::scales8(sp) }
-    }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -484,8 +477,8 @@ unsafe fn tile<W: HalfStep, const R: usize, const H: usize, const C: usize>(
             for c in 0..C {
                 let sp = w.sp.add((H + c) / 2 * w.scale_stride);
                 let s = sp.add(b * 2 * PANEL + (H + c) % 2 * HALF);
-                let scale = [W::scales8(s), W::scales8(s.add(8))];
-                let min = [W::scales8(s.add(PANEL)), W::scales8(s.add(PANEL + 8))];
+                let load = |at: usize| W::Scale::load8(s.add(at));
+                let (scale, min) = ([load(0), load(8)], [load(PANEL), load(PANEL + 8)]);
                 for (i, (a, s)) in acc.iter_mut().zip(&sum).enumerate() {
                     let xs = _mm256_broadcast_ss(&*sums.add((r + i) * blocks + b));
                     for h in 0..2 {
@@ -556,32 +549,9 @@ mod tests {
         use crate::gemm::BlockValues;
         use crate::gemm::int4::Int4Weights;
         use crate::gemm::int8::Int8Weights;
+        use crate::gemm::tests::assert_products_match_dots;
         if !crate::device::cpu_has_avx2_fma() {
             return;
-        }
-        fn check<W: BlockValues>(
-            w: &W,
-            x: &[f32],
-            m: usize,
-            product: &dyn Fn(&mut [MaybeUninit<f32>]),
-        ) {
-            let (n, k) = w.dims();
-            let values = w.values();
-            let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
-            product(&mut out);
-            for r in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|t| x[r * k + t] as f64 * values[j * k + t] as f64)
-                        .sum();
-                    // SAFETY: initialised above.
-                    let got = unsafe { out[r * n + j].assume_init() } as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{m} x {n} x {k} [{r}][{j}]: {got} vs {want}"
-                    );
-                }
-            }
         }
         let mut rng = Rng64::new(29);
         for (n, k) in [(57, 100), (64, 64)] {
@@ -593,20 +563,16 @@ mod tests {
             let kb = k.div_ceil(BLOCK);
             for m in (1..=8).chain([13, 24, 25, 31]) {
                 let x = rng.uniform_f32(m * k, 1.0);
-                // SAFETY (both): AVX2, FMA and F16C checked; the panels are as quantized.
-                check(&q8, &x, m, &|out| unsafe {
-                    rows_by_panels(
-                        (m, n, k),
-                        &x,
-                        (&q8.q, k * PANEL),
-                        (&q8.scales, kb * PANEL),
-                        out,
-                    )
-                });
-                check(&q4, &x, m, &|out| unsafe {
-                    let q = (&q4.q[..], k * PANEL / 2);
-                    rows_by_panels((m, n, k), &x, q, (&q4.dm, kb * 2 * PANEL), out)
-                });
+                let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
+                let (q, scales) = ((&q8.q[..], k * PANEL), (&q8.scales[..], kb * PANEL));
+                // SAFETY: AVX2, FMA and F16C checked; the panels are as quantized.
+                unsafe { rows_by_panels((m, n, k), &x, q, scales, &mut out) };
+                assert_products_match_dots((m, n, k), &x, &q8.values(), &out);
+                let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
+                let (q, dm) = ((&q4.q[..], k * PANEL / 2), (&q4.dm[..], kb * 2 * PANEL));
+                // SAFETY: as above.
+                unsafe { rows_by_panels((m, n, k), &x, q, dm, &mut out) };
+                assert_products_match_dots((m, n, k), &x, &q4.values(), &out);
             }
         }
     }
