@@ -405,7 +405,9 @@ mod tests {
     use crate::util::Rng64;
 
     /// `out` (`[m, n]`, every element written: NaN fails) against f64 dot products of the rows
-    /// `x` (`[m, k]`) and the weight rows `w` (`[n, k]`), to f32 rounding.
+    /// `x` (`[m, k]`) and the weight rows `w` (`[n, k]`), to f32 rounding. (For the x86-64
+    /// kernels' tests.)
+    #[cfg(target_arch = "x86_64")]
     pub(super) fn assert_products_match_dots(
         (m, n, k): (usize, usize, usize),
         x: &[f32],
