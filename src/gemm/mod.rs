@@ -405,25 +405,25 @@ mod tests {
     use crate::util::Rng64;
 
     /// `out` (`[m, n]`, every element written: NaN fails) against f64 dot products of the rows
-    /// `x` (`[m, k]`) and the weight rows `w` (`[n, k]`), to f32 rounding. (For the x86-64
-    /// kernels' tests.)
+    /// `x` (`[m, k]`) and the first `k` values of the weight rows `w` (`n` rows `stride`
+    /// apart), to f32 rounding. (For the x86-64 kernels' tests.)
     #[cfg(target_arch = "x86_64")]
     pub(super) fn assert_products_match_dots(
         (m, n, k): (usize, usize, usize),
         x: &[f32],
-        w: &[f32],
+        (w, stride): (&[f32], usize),
         out: &[MaybeUninit<f32>],
     ) {
         for r in 0..m {
             for j in 0..n {
                 let want: f64 = (0..k)
-                    .map(|t| x[r * k + t] as f64 * w[j * k + t] as f64)
+                    .map(|t| x[r * k + t] as f64 * w[j * stride + t] as f64)
                     .sum();
                 // SAFETY: the caller initialised every element (NaN where unwritten).
                 let got = unsafe { out[r * n + j].assume_init() } as f64;
                 assert!(
                     (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                    "{m} x {n} x {k} [{r}][{j}]: {got} vs {want}"
+                    "{m} x {n} x {k} of {stride} [{r}][{j}]: {got} vs {want}"
                 );
             }
         }

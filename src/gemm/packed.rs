@@ -448,6 +448,7 @@ unsafe fn tile<W: PanelWeight, const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gemm::tests::assert_products_match_dots;
     use crate::util::Rng64;
 
     /// The first `k` steps of panels packed longer (`stride` apart), the steps after them NaN:
@@ -467,18 +468,8 @@ mod tests {
             let packed = pack(&w, n, long);
             let mut out = vec![f32::NAN; m * n];
             crate::gemm::rows_by_panels((m, n, k), &x, (&packed, long * PANEL), &mut out);
-            for r in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|t| x[r * k + t] as f64 * w[j * long + t] as f64)
-                        .sum();
-                    let got = out[r * n + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{m} x {n} x {k} of {long} [{r}][{j}]: {got} vs {want}"
-                    );
-                }
-            }
+            let out: Vec<_> = out.into_iter().map(MaybeUninit::new).collect();
+            assert_products_match_dots((m, n, k), &x, (&w, long), &out);
         }
     }
 
@@ -503,7 +494,7 @@ mod tests {
             let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
             // SAFETY: AVX-512 F checked; the sizes are as the contract asks.
             unsafe { rows_by_packed((m, n, k), &x, (&packed, k * PANEL), &mut out) };
-            crate::gemm::tests::assert_products_match_dots((m, n, k), &x, &w, &out);
+            assert_products_match_dots((m, n, k), &x, (&w, k), &out);
         }
     }
 }

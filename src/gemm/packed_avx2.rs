@@ -503,6 +503,7 @@ unsafe fn tile<W: HalfStep, const R: usize, const H: usize, const C: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gemm::tests::assert_products_match_dots;
     use crate::util::Rng64;
 
     /// Every way of tiling the rows (the whole panel for one or two, balanced tiles of 3 to 6
@@ -524,19 +525,7 @@ mod tests {
                 unsafe {
                     rows_by_panels((m, n, k), &x, (&packed, long * PANEL), (&[], 0), &mut out)
                 };
-                for r in 0..m {
-                    for j in 0..n {
-                        let want: f64 = (0..k)
-                            .map(|t| x[r * k + t] as f64 * w[j * long + t] as f64)
-                            .sum();
-                        // SAFETY: initialised above.
-                        let got = unsafe { out[r * n + j].assume_init() } as f64;
-                        assert!(
-                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "{m} x {n} x {k} of {long} [{r}][{j}]: {got} vs {want}"
-                        );
-                    }
-                }
+                assert_products_match_dots((m, n, k), &x, (&w, long), &out);
             }
         }
     }
@@ -549,7 +538,6 @@ mod tests {
         use crate::gemm::BlockValues;
         use crate::gemm::int4::Int4Weights;
         use crate::gemm::int8::Int8Weights;
-        use crate::gemm::tests::assert_products_match_dots;
         if !crate::device::cpu_has_avx2_fma() {
             return;
         }
@@ -567,12 +555,12 @@ mod tests {
                 let (q, scales) = ((&q8.q[..], k * PANEL), (&q8.scales[..], kb * PANEL));
                 // SAFETY: AVX2, FMA and F16C checked; the panels are as quantized.
                 unsafe { rows_by_panels((m, n, k), &x, q, scales, &mut out) };
-                assert_products_match_dots((m, n, k), &x, &q8.values(), &out);
+                assert_products_match_dots((m, n, k), &x, (&q8.values(), k), &out);
                 let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
                 let (q, dm) = ((&q4.q[..], k * PANEL / 2), (&q4.dm[..], kb * 2 * PANEL));
                 // SAFETY: as above.
                 unsafe { rows_by_panels((m, n, k), &x, q, dm, &mut out) };
-                assert_products_match_dots((m, n, k), &x, &q4.values(), &out);
+                assert_products_match_dots((m, n, k), &x, (&q4.values(), k), &out);
             }
         }
     }
