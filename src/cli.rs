@@ -82,7 +82,7 @@ pub struct ModelArgs {
     /// projection weights in bf16 (AVX-512 BF16 dot products) and activations in f32.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
-    /// none, int8 or int4: the projections and the LM head as int8 in blocks of 32 with an f32
+    /// none, int8 or int4: the projections and the LM head as int8 in blocks of 32 with an f16
     /// scale each (llama.cpp's Q8_0 scheme), or the projections as 4-bit codes in blocks of 32
     /// with an f16 scale and minimum each (Q4_1's) and the LM head as int8; quantized at load;
     /// CPU with AVX2 and FMA or AVX-512, f32 activations; products in f32, or with `--dtype

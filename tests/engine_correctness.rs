@@ -292,8 +292,9 @@ fn bf16_weights_keep_greedy_tokens_close() {
 /// steps of the eight sequences) or a panel at a time for several tiles of rows (prefills, whole
 /// or in chunks of 24 tokens); and with `--dtype bf16` as well, whose products of 13 rows or
 /// more (the prefills here) run on the AMX unit where the CPU has it, rows and widened weights
-/// rounded to bf16. Measured (Intel Xeon, 2026-12-06), all four ways alike: [32, 32, 32, 32, 32,
-/// 9, 32, 17] tokens. A wrong kernel or scale parts at the first token.
+/// rounded to bf16. Measured (Intel Xeon, 2026-12-07, f16 scales): [32, 32, 32, 32, 32, 9, 32,
+/// 17] tokens three ways, the sixth prompt 23 with bf16 products in chunks (with f32 scales, on
+/// 2026-12-06, all four ways alike). A wrong kernel or scale parts at the first token.
 #[test]
 fn int8_weights_keep_greedy_tokens_close() {
     for (model, products) in [

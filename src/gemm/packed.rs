@@ -59,7 +59,7 @@ pub(super) trait PanelWeight: Copy {
     /// is better widened once.
     const SCALED: bool = false;
 
-    /// The panels' scales (int8: `[k / 32][32]` f32; int4: `[k / 32][64]` f16, 32 scales then
+    /// The panels' scales (int8: `[k / 32][32]` f16; int4: `[k / 32][64]` f16, 32 scales then
     /// 32 minimums; none for f32).
     type Scale: Copy;
 
@@ -104,16 +104,18 @@ impl PanelWeight for f32 {
 impl PanelWeight for i8 {
     const LINES: usize = 1;
     const SCALED: bool = true;
-    type Scale = f32;
+    type Scale = f16;
+    /// The block's scales, features 0-15 then 16-31, widened to f32.
     type Block = [__m512; 2];
 
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn block(sp: *const f32, b: usize) -> [__m512; 2] {
+    unsafe fn block(sp: *const f16, b: usize) -> [__m512; 2] {
         // SAFETY: the caller's contract: the block's 32 scales.
         unsafe {
             let s = sp.add(b * PANEL);
-            [_mm512_loadu_ps(s), _mm512_loadu_ps(s.add(16))]
+            let widen = |i: usize| _mm512_cvtph_ps(_mm256_loadu_si256(s.add(16 * i).cast()));
+            [widen(0), widen(1)]
         }
     }
 
@@ -198,7 +200,7 @@ pub unsafe fn rows_by_packed(
 pub unsafe fn rows_by_int8_panels(
     (m, n, k): (usize, usize, usize),
     x: &[f32],
-    (q, scales): (&[i8], &[f32]),
+    (q, scales): (&[i8], &[f16]),
     out: &mut [MaybeUninit<f32>],
 ) {
     let (weights, stats) = ((q, k * PANEL), (scales, k.div_ceil(PANEL) * PANEL));

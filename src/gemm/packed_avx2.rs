@@ -50,25 +50,27 @@ pub(super) trait HalfStep: Copy {
     /// come scaled (f32, int8).
     const BLOCK_SUMS: bool;
 
-    /// The panels' scales (int8: f32, int4: f16; none for f32).
+    /// Whether each step is scaled by its block's scales (int8: `[k / 32][32]` at `sp`), which
+    /// a tile widens to f32 once a block for [`HalfStep::half`] to read.
+    const SCALED_STEPS: bool;
+
+    /// The panels' scales (int8, int4: f16; none for f32).
     type Scale: Scale;
 
     /// Features `16 H .. 16 H + 16` of step `kk` of the panel at `wp` as f32: values (f32),
-    /// codes times their scales (int8, scales at `sp`: `[k / 32][32]`), or codes (int4).
+    /// codes times their scales (int8: `scales` holds the 16 of this half of the step's
+    /// block, as f32), or codes (int4).
     ///
     /// # Safety
-    /// AVX2, FMA and F16C must be available; the panel holds step `kk` (and its block's
-    /// scales, where `Self` reads them).
-    unsafe fn half<const H: usize>(
-        wp: *const Self,
-        sp: *const Self::Scale,
-        kk: usize,
-    ) -> [__m256; 2];
+    /// AVX2, FMA and F16C must be available; the panel holds step `kk` (and `scales` 16 f32,
+    /// where `Self` reads them).
+    unsafe fn half<const H: usize>(wp: *const Self, scales: *const f32, kk: usize) -> [__m256; 2];
 }
 
 /// A type of the panels' scales, read 8 at a time as f32.
 pub(super) trait Scale: Copy {
-    /// 8 scales from `sp` as f32 (int4's, which a tile applies once a block).
+    /// 8 scales from `sp` as f32 (int4's, which a tile applies once a block; int8's, which it
+    /// widens once a block).
     ///
     /// # Safety
     /// AVX2, FMA and F16C must be available; `sp` holds 8 scales.
@@ -97,6 +99,7 @@ impl HalfStep for f32 {
     const STEP: usize = PANEL;
     const CODES: bool = false;
     const BLOCK_SUMS: bool = false;
+    const SCALED_STEPS: bool = false;
     type Scale = f32;
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -110,28 +113,30 @@ impl HalfStep for f32 {
     }
 }
 
-/// int8 steps come scaled: summing a block's products before scaling them (as int4 does) cut a
-/// one-row step in cache from 2.2 to 1.7 ns, but a step from memory is bound by its bytes
-/// (llama-3-8b decode at one sequence 352 against 333 ms), and the 24 more FMAs and reloads of a
-/// tile's sums per block slowed prefill products by 13-19% (1024 x 4096 by 14336, two threads).
+/// int8 steps come scaled, by their block's f16 scales widened once a block (by the tile) into
+/// f32 that each step reloads from L1. Summing a block's products before scaling them (as int4
+/// does) cut a one-row step in cache from 2.2 to 1.7 ns, but a step from memory is bound by its
+/// bytes (llama-3-8b decode at one sequence 352 against 333 ms), and the 24 more FMAs and
+/// reloads of a tile's sums per block slowed prefill products by 13-19% (1024 x 4096 by 14336,
+/// two threads).
 impl HalfStep for i8 {
     const STEP: usize = PANEL;
     const CODES: bool = true;
     const BLOCK_SUMS: bool = false;
-    type Scale = f32;
+    const SCALED_STEPS: bool = true;
+    type Scale = f16;
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn half<const H: usize>(wp: *const i8, sp: *const f32, kk: usize) -> [__m256; 2] {
-        // SAFETY: the caller's contract: 32 values at step `kk`, 32 scales for its block.
+    unsafe fn half<const H: usize>(wp: *const i8, scales: *const f32, kk: usize) -> [__m256; 2] {
+        // SAFETY: the caller's contract: 32 values at step `kk`, 16 scales for this half.
         unsafe {
             let v = _mm_loadu_si128(wp.add(kk * PANEL + H * HALF) as *const __m128i);
             let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
             let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(v)));
-            let s = sp.add(kk / PANEL * PANEL + H * HALF);
             [
-                _mm256_mul_ps(lo, _mm256_loadu_ps(s)),
-                _mm256_mul_ps(hi, _mm256_loadu_ps(s.add(8))),
+                _mm256_mul_ps(lo, _mm256_loadu_ps(scales)),
+                _mm256_mul_ps(hi, _mm256_loadu_ps(scales.add(8))),
             ]
         }
     }
@@ -143,11 +148,12 @@ impl HalfStep for u8 {
     const STEP: usize = PANEL / 2;
     const CODES: bool = true;
     const BLOCK_SUMS: bool = true;
+    const SCALED_STEPS: bool = false;
     type Scale = f16;
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn half<const H: usize>(wp: *const u8, _: *const f16, kk: usize) -> [__m256; 2] {
+    unsafe fn half<const H: usize>(wp: *const u8, _: *const f32, kk: usize) -> [__m256; 2] {
         // SAFETY: the caller's contract: 16 bytes at step `kk`.
         unsafe {
             // The 16 bytes in both lanes (shifted down a nibble for the high codes), from which
@@ -187,11 +193,12 @@ impl<W: HalfStep> HalfStep for Widened<W> {
     const STEP: usize = PANEL;
     const CODES: bool = false;
     const BLOCK_SUMS: bool = W::BLOCK_SUMS;
+    const SCALED_STEPS: bool = false;
     type Scale = W::Scale;
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn half<const H: usize>(wp: *const Self, _: *const W::Scale, kk: usize) -> [__m256; 2] {
+    unsafe fn half<const H: usize>(wp: *const Self, _: *const f32, kk: usize) -> [__m256; 2] {
         // SAFETY: the caller's contract; `Widened` is an f32, already scaled where `W` steps are.
         unsafe { f32::half::<H>(wp.cast::<f32>(), std::ptr::null(), kk) }
     }
@@ -340,12 +347,20 @@ unsafe fn widen<W: HalfStep>(panel: &[W], sp: *const W::Scale, k: usize, dst: &m
     // SAFETY: `dst` has room for `k` steps of 32; the caller's contract covers the panel.
     unsafe {
         let (wp, dp) = (panel.as_ptr(), dst.as_mut_ptr());
-        for kk in 0..k {
-            let d = dp.add(kk * PANEL);
-            let [a, b] = W::half::<0>(wp, sp, kk);
-            let [c, e] = W::half::<1>(wp, sp, kk);
-            for (i, v) in [a, b, c, e].into_iter().enumerate() {
-                _mm256_storeu_ps(d.add(8 * i), v);
+        let mut scales = [0f32; PANEL];
+        for b in 0..blocks(k) {
+            if W::SCALED_STEPS {
+                for (i, s) in scales.chunks_exact_mut(8).enumerate() {
+                    _mm256_storeu_ps(s.as_mut_ptr(), W::Scale::load8(sp.add(b * PANEL + 8 * i)));
+                }
+            }
+            for kk in b * BLOCK..(b * BLOCK + BLOCK).min(k) {
+                let d = dp.add(kk * PANEL);
+                let [v0, v1] = W::half::<0>(wp, scales.as_ptr(), kk);
+                let [v2, v3] = W::half::<1>(wp, scales.as_ptr().add(HALF), kk);
+                for (i, v) in [v0, v1, v2, v3].into_iter().enumerate() {
+                    _mm256_storeu_ps(d.add(8 * i), v);
+                }
             }
         }
         dst.set_len(k * PANEL);
@@ -429,7 +444,7 @@ unsafe fn tile<W: HalfStep, const R: usize, const H: usize, const C: usize>(
     let step_bytes = W::STEP * size_of::<W>();
     // Group `c` is half `(H + c) % 2` of panel `(H + c) / 2`.
     let panels = (H + C - 1) / 2 + 1;
-    let (block, blocks) = match W::BLOCK_SUMS {
+    let (block, blocks) = match W::BLOCK_SUMS || W::SCALED_STEPS {
         true => (BLOCK, blocks(k)),
         false => (k.max(1), 1),
     };
@@ -440,7 +455,21 @@ unsafe fn tile<W: HalfStep, const R: usize, const H: usize, const C: usize>(
         let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
         for b in 0..blocks {
             let (k0, k1) = (b * block, (b * block + block).min(k));
-            let mut sum = [[[_mm256_setzero_ps(); 2]; C]; R];
+            // Each group's 16 scales of this block as f32 (int8).
+            let mut scales = [[0f32; HALF]; C];
+            if W::SCALED_STEPS {
+                for (c, s) in scales.iter_mut().enumerate() {
+                    let sp = w.sp.add((H + c) / 2 * w.scale_stride);
+                    let sp = sp.add(b * PANEL + (H + c) % 2 * HALF);
+                    _mm256_storeu_ps(s.as_mut_ptr(), W::Scale::load8(sp));
+                    _mm256_storeu_ps(s.as_mut_ptr().add(8), W::Scale::load8(sp.add(8)));
+                }
+            }
+            // Blocks' sums start from zero; steps that come scaled add on to the tile's sums.
+            let mut sum = match W::BLOCK_SUMS {
+                true => [[[_mm256_setzero_ps(); 2]; C]; R],
+                false => acc,
+            };
             for kk in k0..k1 {
                 // The lines of the next panels' step `kk`, where one starts in it.
                 if !next.is_null() && (kk * step_bytes) % 64 < step_bytes {
@@ -456,7 +485,7 @@ unsafe fn tile<W: HalfStep, const R: usize, const H: usize, const C: usize>(
                 let mut wv = [[_mm256_setzero_ps(); 2]; C];
                 for (c, wv) in wv.iter_mut().enumerate() {
                     let wp = w.wp.add((H + c) / 2 * w.stride);
-                    let sp = w.sp.wrapping_add((H + c) / 2 * w.scale_stride);
+                    let sp = scales[c].as_ptr();
                     *wv = match (H + c) % 2 {
                         0 => W::half::<0>(wp, sp, kk),
                         _ => W::half::<1>(wp, sp, kk),

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::Quantization;
 use super::matmul;
 use crate::gemm::int4::{self, Int4Weights};
-use crate::gemm::int8::Int8Weights;
+use crate::gemm::int8::{self, Int8Weights};
 
 /// The weights of a [`Linear`], in the one form its products run on.
 #[derive(Clone, Debug)]
@@ -122,13 +122,7 @@ impl Linear {
     /// the values it had are not kept.
     pub(super) fn into_int4(self, dtype: DType) -> Result<Self> {
         let (values, (n, k)) = self.row_values("into_int4")?;
-        if let Some(v) = values.iter().find(|v| v.abs() > int4::MAX_WEIGHT) {
-            anyhow::bail!(
-                "--quantization int4: a {n} x {k} projection holds the weight {v}, beyond the \
-                 f16 range (±{}) of int4's scales; use --quantization int8 or none",
-                int4::MAX_WEIGHT
-            );
-        }
+        within_f16_scales(&values, (n, k), ("int4", int4::MAX_WEIGHT), "int8 or none")?;
         Ok(Self {
             w: Weights::Int4 {
                 q: Arc::new(Int4Weights::quantize(&values, n, k)),
@@ -156,6 +150,7 @@ impl Linear {
             return Ok(self);
         }
         let (values, (n, k)) = self.row_values("into_int8")?;
+        within_f16_scales(&values, (n, k), ("int8", int8::MAX_WEIGHT), "none")?;
         Ok(Self {
             w: Weights::Int8 {
                 q: Arc::new(Int8Weights::quantize(&values, n, k)),
@@ -238,6 +233,23 @@ impl Linear {
     }
 }
 
+/// Refuses a `n` x `k` projection for `scheme` where a weight lies beyond `max`, what its f16
+/// scales hold, naming the `--quantization` values that would take it.
+fn within_f16_scales(
+    values: &[f32],
+    (n, k): (usize, usize),
+    (scheme, max): (&str, f32),
+    instead: &str,
+) -> Result<()> {
+    match values.iter().find(|v| v.abs() > max) {
+        Some(v) => anyhow::bail!(
+            "--quantization {scheme}: a {n} x {k} projection holds the weight {v}, beyond the \
+             range (±{max}) of {scheme}'s f16 scales; use --quantization {instead}"
+        ),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,7 +305,7 @@ mod tests {
             assert!(diff(&int8, &want) < 0.05, "int8 error, {m} rows");
             assert!(diff(&int4, &want) < 0.1, "int4 error, {m} rows");
         }
-        assert_eq!(int8.quantized_bytes_per_weight(), Some(1.125));
+        assert_eq!(int8.quantized_bytes_per_weight(), Some(1.0625));
         assert_eq!(int4.quantized_bytes_per_weight(), Some(0.625));
         assert_eq!(rows.quantized_bytes_per_weight(), None);
         assert_eq!(panels.quantized_bytes_per_weight(), None);
@@ -318,27 +330,34 @@ mod tests {
             );
         }
         assert!(int8.weight_rows(&ids).is_err() && int4.weight_rows(&ids).is_err());
-        // 1 byte per value plus an f32 scale per 32, and the f32 bias, against 4 bytes per value.
-        let int8_bytes = (n.div_ceil(32) * 32 * (k + 4 * k / 32) + 4 * n) as u64;
+        // 1 byte per value plus an f16 scale per 32, and the f32 bias, against 4 bytes per value.
+        let int8_bytes = (n.div_ceil(32) * 32 * (k + 2 * k / 32) + 4 * n) as u64;
         assert_eq!(int8.bytes(), int8_bytes);
         assert_eq!(rows.bytes(), (4 * n * k + 4 * n) as u64);
     }
 
     #[test]
-    fn int4_refuses_weights_beyond_its_f16_scales() {
-        let mut values = vec![0.01f32; 32 * 64];
-        values[100] = 70000.0;
-        let w = Tensor::from_vec(values, (32, 64), &Device::Cpu).unwrap();
-        let err = Linear::rows(w.clone(), None)
-            .prepared(Quantization::Int4, DType::F32)
+    fn quantizations_refuse_weights_beyond_their_f16_scales() {
+        let with = |big: f32| {
+            let mut values = vec![0.01f32; 32 * 64];
+            values[100] = big;
+            Tensor::from_vec(values, (32, 64), &Device::Cpu).unwrap()
+        };
+        let prepared = |w: Tensor, q| Linear::rows(w, None).prepared(q, DType::F32);
+        let err = prepared(with(70000.0), Quantization::Int4)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("70000") && err.contains("int8"), "{err}");
         assert!(
-            Linear::rows(w, None)
-                .prepared(Quantization::Int8, DType::F32)
-                .is_ok()
+            err.contains("70000") && err.contains("int8 or none"),
+            "{err}"
         );
+        assert!(prepared(with(70000.0), Quantization::Int8).is_ok());
+        // int8's scale is a block's largest magnitude over 127: 65504 x 127 is the last.
+        assert!(prepared(with(-8319008.0), Quantization::Int8).is_ok());
+        let err = prepared(with(-8.4e6), Quantization::Int8)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("-8400000") && err.contains("none"), "{err}");
     }
 
     #[test]

@@ -49,8 +49,9 @@ pub enum Quantization {
     /// As `--dtype` says.
     #[default]
     None,
-    /// int8 in blocks of 32 values with an f32 scale each (llama.cpp's Q8_0 scheme; CPU with
-    /// AVX2 or AVX-512, f32 activations): a quarter of f32's weight bytes.
+    /// int8 in blocks of 32 values with an f16 scale each (llama.cpp's Q8_0 scheme; CPU with
+    /// AVX2 or AVX-512, f32 activations): 1.0625 bytes a weight, a quarter of f32's and a
+    /// sixteenth more.
     Int8,
     /// 4-bit codes in blocks of 32 values with an f16 scale and minimum each (llama.cpp's Q4_1
     /// scheme; CPU with AVX2 or AVX-512, f32 activations, products as int8's): 0.625 bytes a

@@ -1,7 +1,7 @@
 //! Weights as 4-bit codes in blocks of 32 values along each row, with an f16 scale and minimum
 //! per block (llama.cpp's Q4_1 scheme): a weight is `code * scale + min`, codes 0 to 15, so a
 //! block spans its own range. An eighth of f32's bytes plus an eighth for the scales and
-//! minimums (0.625 bytes a weight against int8's 1.125), for `--quantization int4` on the CPU,
+//! minimums (0.625 bytes a weight against int8's 1.0625), for `--quantization int4` on the CPU,
 //! where a decode step of few sequences is bound by reading the weights. A block is rounded to
 //! the 16 levels between its smallest and largest value, so a value's error is at most half a
 //! level (and the f16 rounding of the scale and minimum); the weights of a Q4_1 GGUF come back

@@ -23,7 +23,8 @@ pub(super) unsafe fn widen_features(w: &Int8Weights, f: usize, dst: &mut [u32]) 
         // SAFETY: rows 2p and 2p + 1 of the panel's `k` rows of 32 values, 16 of them
         // from `h` (0 or 16); the block's 32 scales (`k % 32 == 0`: both in one block).
         unsafe {
-            let s = _mm512_loadu_ps(scales.as_ptr().add(2 * p / BLOCK * PANEL + h));
+            let s = scales.as_ptr().add(2 * p / BLOCK * PANEL + h);
+            let s = _mm512_cvtph_ps(_mm256_loadu_si256(s.cast()));
             let widen = |row: usize| {
                 let v = _mm_loadu_si128(q.as_ptr().add(row * PANEL + h).cast());
                 _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s)
