@@ -399,10 +399,23 @@ mod quant_amx;
 mod x86;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::gemm::quant::QuantPanels;
     use crate::util::Rng64;
+
+    /// int8 and int4 weights quantized from the same values (`n` rows of `k`), for tests over
+    /// both schemes.
+    pub(crate) fn both_schemes(
+        w: &[f32],
+        n: usize,
+        k: usize,
+    ) -> (int8::Int8Weights, int4::Int4Weights) {
+        (
+            int8::Int8Weights::quantize(w, n, k),
+            int4::Int4Weights::quantize(w, n, k),
+        )
+    }
 
     /// `out` (`[m, n]`, every element written: NaN fails) against f64 dot products of the rows
     /// `x` (`[m, k]`) and the first `k` values of the weight rows `w` (`n` rows `stride`
@@ -537,10 +550,7 @@ mod tests {
         // 3 panels (a pair and one for a lone row), `k` ending in a partial block.
         let (n, k, m) = (70, 100, 31);
         let (w, x) = (rng.uniform_f32(n * k, 0.5), rng.uniform_f32(m * k, 1.0));
-        let (q8, q4) = (
-            int8::Int8Weights::quantize(&w, n, k),
-            int4::Int4Weights::quantize(&w, n, k),
-        );
+        let (q8, q4) = both_schemes(&w, n, k);
         // On AVX2, 31 rows read panels widened once into a buffer, 20 widen them in registers.
         for m in [m, 20] {
             check("int8", (n, k, m), &x, |m, x, out| {
@@ -599,13 +609,12 @@ mod tests {
         ] {
             let x = rng.uniform_f32(m * k, 1.0);
             let w = rng.uniform_f32(n * k, 0.5);
-            let q8 = int8::Int8Weights::quantize(&w, n, k);
+            let (q8, q4) = both_schemes(&w, n, k);
             check(
                 (m, &x),
                 cols.clone(),
                 (&q8, |w, x, c, o| w.rows_by_weights_uninit(x, c, o)),
             );
-            let q4 = int4::Int4Weights::quantize(&w, n, k);
             check(
                 (m, &x),
                 cols,

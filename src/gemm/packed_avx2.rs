@@ -565,18 +565,14 @@ mod tests {
     #[test]
     fn quantized_panels_match_their_values() {
         use crate::gemm::BlockValues;
-        use crate::gemm::int4::Int4Weights;
-        use crate::gemm::int8::Int8Weights;
+        use crate::gemm::tests::both_schemes;
         if !crate::device::cpu_has_avx2_fma() {
             return;
         }
         let mut rng = Rng64::new(29);
         for (n, k) in [(57, 100), (64, 64)] {
             let w = rng.uniform_f32(n * k, 0.5);
-            let (q8, q4) = (
-                Int8Weights::quantize(&w, n, k),
-                Int4Weights::quantize(&w, n, k),
-            );
+            let (q8, q4) = both_schemes(&w, n, k);
             let kb = k.div_ceil(BLOCK);
             for m in (1..=8).chain([13, 24, 25, 31]) {
                 let x = rng.uniform_f32(m * k, 1.0);

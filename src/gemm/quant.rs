@@ -145,17 +145,8 @@ pub fn describe_bf16_products<W: QuantPanels>() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gemm::int4::Int4Weights;
-    use crate::gemm::int8::Int8Weights;
+    use crate::gemm::tests::both_schemes;
     use crate::util::Rng64;
-
-    /// Both schemes, quantized from the same values.
-    fn both(w: &[f32], n: usize, k: usize) -> (Int8Weights, Int4Weights) {
-        (
-            Int8Weights::quantize(w, n, k),
-            Int4Weights::quantize(w, n, k),
-        )
-    }
 
     /// `w`'s products on the unit equal those of bf16-rounded rows and weights (as
     /// [`BlockValues::value`] computes them), summed in f64, to f32 rounding; an unwritten
@@ -202,7 +193,7 @@ mod tests {
             (16, 48, 32, 0..48),
         ] {
             let x = rng.uniform_f32(m * k, 1.0);
-            let (q8, q4) = both(&rng.uniform_f32(n * k, 0.5), n, k);
+            let (q8, q4) = both_schemes(&rng.uniform_f32(n * k, 0.5), n, k);
             amx_products_match(&q8, &x, m, cols.clone());
             amx_products_match(&q4, &x, m, cols);
         }
@@ -246,7 +237,7 @@ mod tests {
         // h = 48: three groups of 16, the last not in a whole panel; rows around the tiles.
         let mut rng = Rng64::new(4);
         let (h, k) = (48, 64);
-        let (q8, q4) = both(&rng.uniform_f32(2 * h * k, 0.5), 2 * h, k);
+        let (q8, q4) = both_schemes(&rng.uniform_f32(2 * h * k, 0.5), 2 * h, k);
         for (m, cols) in [(1, 0..48), (20, 16..48), (37, 0..32)] {
             let x = rng.uniform_f32(m * k, 1.0);
             gate_up_silu_matches(&q8, &x, m, cols.clone());

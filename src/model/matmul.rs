@@ -666,11 +666,8 @@ mod tests {
         rng: &mut Rng64,
         (n, k): (usize, usize),
     ) -> (Arc<Int8Weights>, Arc<Int4Weights>) {
-        let w = rng.uniform_f32(n * k, 0.5);
-        (
-            Arc::new(Int8Weights::quantize(&w, n, k)),
-            Arc::new(Int4Weights::quantize(&w, n, k)),
-        )
+        let (q8, q4) = crate::gemm::tests::both_schemes(&rng.uniform_f32(n * k, 0.5), n, k);
+        (Arc::new(q8), Arc::new(q4))
     }
 
     /// Quantized products with bf16's precision give those of f32 precision within bf16's
