@@ -419,8 +419,7 @@ pub(crate) mod tests {
 
     /// `out` (`[m, n]`, every element written: NaN fails) against f64 dot products of the rows
     /// `x` (`[m, k]`) and the first `k` values of the weight rows `w` (`n` rows `stride`
-    /// apart), to f32 rounding. (For the x86-64 kernels' tests.)
-    #[cfg(target_arch = "x86_64")]
+    /// apart), to f32 rounding.
     pub(super) fn assert_products_match_dots(
         (m, n, k): (usize, usize, usize),
         x: &[f32],
@@ -568,32 +567,12 @@ pub(crate) mod tests {
     /// block; all features, and a range of whole panels.
     #[test]
     fn block_products_equal_their_values() {
-        #[allow(clippy::type_complexity)]
-        fn check<W: BlockValues>(
-            (m, x): (usize, &[f32]),
-            cols: std::ops::Range<usize>,
-            (w, product): (
-                &W,
-                fn(&W, (usize, &[f32]), std::ops::Range<usize>, &mut [MaybeUninit<f32>]),
-            ),
-        ) {
-            let ((n, k), width) = (w.dims(), cols.len());
-            let values = w.values();
+        fn check<W: QuantPanels>((m, x): (usize, &[f32]), cols: std::ops::Range<usize>, w: &W) {
+            let ((_, k), width) = (w.dims(), cols.len());
             let mut out = vec![MaybeUninit::new(f32::NAN); m * width];
-            product(w, (m, x), cols.clone(), &mut out);
-            for r in 0..m {
-                for (c, j) in cols.clone().enumerate() {
-                    let want: f64 = (0..k)
-                        .map(|i| x[r * k + i] as f64 * values[j * k + i] as f64)
-                        .sum();
-                    // SAFETY: the kernel wrote every output (NaN would fail below).
-                    let got = unsafe { out[r * width + c].assume_init() } as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{m}x{n}x{k} [{r},{j}]: {got} vs {want}"
-                    );
-                }
-            }
+            w.rows_by_weights_uninit((m, x), cols.clone(), &mut out);
+            let values = w.values();
+            assert_products_match_dots((m, width, k), x, (&values[cols.start * k..], k), &out);
         }
         let mut rng = Rng64::new(2);
         for (m, n, k, cols) in [
@@ -610,16 +589,8 @@ pub(crate) mod tests {
             let x = rng.uniform_f32(m * k, 1.0);
             let w = rng.uniform_f32(n * k, 0.5);
             let (q8, q4) = both_schemes(&w, n, k);
-            check(
-                (m, &x),
-                cols.clone(),
-                (&q8, |w, x, c, o| w.rows_by_weights_uninit(x, c, o)),
-            );
-            check(
-                (m, &x),
-                cols,
-                (&q4, |w, x, c, o| w.rows_by_weights_uninit(x, c, o)),
-            );
+            check((m, &x), cols.clone(), &q8);
+            check((m, &x), cols, &q4);
         }
     }
 }
