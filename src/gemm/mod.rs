@@ -519,7 +519,7 @@ pub(crate) mod tests {
     /// in one order (int4 on AVX2: per block) whatever tile the row falls in, whether its panel
     /// was paired with the next (one row, AVX2) and whether it was widened in registers (few
     /// rows) or once into a buffer (many), so a request's greedy tokens do not depend on its
-    /// batch.
+    /// batch. The kernel this CPU picks, and the AVX2 one where an AVX-512 CPU skips it.
     #[test]
     fn a_row_s_products_do_not_depend_on_its_batch() {
         fn check(
@@ -558,6 +558,23 @@ pub(crate) mod tests {
             check("int4", (n, k, m), &x, |m, x, out| {
                 q4.rows_by_weights_uninit((m, x), 0..n, out)
             });
+            // The AVX2 kernel, which an AVX-512 CPU does not dispatch to.
+            #[cfg(target_arch = "x86_64")]
+            if crate::device::cpu_has_avx2_fma() {
+                let kb = k.div_ceil(PANEL);
+                let q8_panels = ((&q8.q[..], k * PANEL), (&q8.scales[..], kb * PANEL));
+                check("int8, avx2", (n, k, m), &x, |m, x, out| {
+                    let (q, scales) = q8_panels;
+                    // SAFETY: AVX2, FMA and F16C checked; the panels are as quantized.
+                    unsafe { packed_avx2::rows_by_panels((m, n, k), x, q, scales, out) }
+                });
+                let q4_panels = ((&q4.q[..], k * PANEL / 2), (&q4.dm[..], kb * 2 * PANEL));
+                check("int4, avx2", (n, k, m), &x, |m, x, out| {
+                    let (q, dm) = q4_panels;
+                    // SAFETY: as above.
+                    unsafe { packed_avx2::rows_by_panels((m, n, k), x, q, dm, out) }
+                });
+            }
         }
     }
 
