@@ -259,6 +259,11 @@ pub fn rows_by_packed(
 /// Output features per panel of packed weights.
 pub const PANEL: usize = 32;
 
+/// Panels from some panel on, and the stride between them (in elements): how the panel
+/// kernels take quantized weights and their scales.
+#[cfg(target_arch = "x86_64")]
+pub(crate) type Strided<'a, T> = (&'a [T], usize);
+
 /// Whether this CPU runs a vector kernel over panels (f32, and the quantized weights' `int8`,
 /// `int4`): the 512-bit one (`packed`) or, without AVX-512, the AVX2 one (`packed_avx2`).
 /// Elsewhere quantized products are plain loops, and `--quantization` is refused.
@@ -561,16 +566,13 @@ pub(crate) mod tests {
             // The AVX2 kernel, which an AVX-512 CPU does not dispatch to.
             #[cfg(target_arch = "x86_64")]
             if crate::device::cpu_has_avx2_fma() {
-                let kb = k.div_ceil(PANEL);
-                let q8_panels = ((&q8.q[..], k * PANEL), (&q8.scales[..], kb * PANEL));
                 check("int8, avx2", (n, k, m), &x, |m, x, out| {
-                    let (q, scales) = q8_panels;
+                    let (q, scales) = q8.panels_from(0);
                     // SAFETY: AVX2, FMA and F16C checked; the panels are as quantized.
                     unsafe { packed_avx2::rows_by_panels((m, n, k), x, q, scales, out) }
                 });
-                let q4_panels = ((&q4.q[..], k * PANEL / 2), (&q4.dm[..], kb * 2 * PANEL));
                 check("int4, avx2", (n, k, m), &x, |m, x, out| {
-                    let (q, dm) = q4_panels;
+                    let (q, dm) = q4.panels_from(0);
                     // SAFETY: as above.
                     unsafe { packed_avx2::rows_by_panels((m, n, k), x, q, dm, out) }
                 });

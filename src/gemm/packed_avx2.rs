@@ -347,17 +347,15 @@ unsafe fn widen<W: HalfStep>(panel: &[W], sp: *const W::Scale, k: usize, dst: &m
     // SAFETY: `dst` has room for `k` steps of 32; the caller's contract covers the panel.
     unsafe {
         let (wp, dp) = (panel.as_ptr(), dst.as_mut_ptr());
-        let mut scales = [0f32; PANEL];
+        let mut scales = [[0f32; HALF]; 2];
         for b in 0..blocks(k) {
             if W::SCALED_STEPS {
-                for (i, s) in scales.chunks_exact_mut(8).enumerate() {
-                    _mm256_storeu_ps(s.as_mut_ptr(), W::Scale::load8(sp.add(b * PANEL + 8 * i)));
-                }
+                scales = [half_block_scales(sp, b, 0), half_block_scales(sp, b, 1)];
             }
             for kk in b * BLOCK..(b * BLOCK + BLOCK).min(k) {
                 let d = dp.add(kk * PANEL);
-                let [v0, v1] = W::half::<0>(wp, scales.as_ptr(), kk);
-                let [v2, v3] = W::half::<1>(wp, scales.as_ptr().add(HALF), kk);
+                let [v0, v1] = W::half::<0>(wp, scales[0].as_ptr(), kk);
+                let [v2, v3] = W::half::<1>(wp, scales[1].as_ptr(), kk);
                 for (i, v) in [v0, v1, v2, v3].into_iter().enumerate() {
                     _mm256_storeu_ps(d.add(8 * i), v);
                 }
@@ -365,6 +363,24 @@ unsafe fn widen<W: HalfStep>(panel: &[W], sp: *const W::Scale, k: usize, dst: &m
         }
         dst.set_len(k * PANEL);
     }
+}
+
+/// The 16 scales of half `h` of block `b` of the panel whose scales are at `sp`, as f32: what
+/// the steps of a block that come scaled (int8) reload.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; the panel has block `b`'s scales.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn half_block_scales<S: Scale>(sp: *const S, b: usize, h: usize) -> [f32; HALF] {
+    let mut out = [0f32; HALF];
+    // SAFETY: the caller's contract: the block's 32 scales, 16 of them from `h * 16`.
+    unsafe {
+        let sp = sp.add(b * PANEL + h * HALF);
+        _mm256_storeu_ps(out.as_mut_ptr(), S::load8(sp));
+        _mm256_storeu_ps(out.as_mut_ptr().add(8), S::load8(sp.add(8)));
+    }
+    out
 }
 
 /// Every tile of rows against panel `p` (features `p * 32 ..`, `cols` of them); the first tile
@@ -460,9 +476,7 @@ unsafe fn tile<W: HalfStep, const R: usize, const H: usize, const C: usize>(
             if W::SCALED_STEPS {
                 for (c, s) in scales.iter_mut().enumerate() {
                     let sp = w.sp.add((H + c) / 2 * w.scale_stride);
-                    let sp = sp.add(b * PANEL + (H + c) % 2 * HALF);
-                    _mm256_storeu_ps(s.as_mut_ptr(), W::Scale::load8(sp));
-                    _mm256_storeu_ps(s.as_mut_ptr().add(8), W::Scale::load8(sp.add(8)));
+                    *s = half_block_scales(sp, b, (H + c) % 2);
                 }
             }
             // Blocks' sums start from zero; steps that come scaled add on to the tile's sums.
@@ -573,16 +587,15 @@ mod tests {
         for (n, k) in [(57, 100), (64, 64)] {
             let w = rng.uniform_f32(n * k, 0.5);
             let (q8, q4) = both_schemes(&w, n, k);
-            let kb = k.div_ceil(BLOCK);
             for m in (1..=8).chain([13, 24, 25, 31]) {
                 let x = rng.uniform_f32(m * k, 1.0);
                 let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
-                let (q, scales) = ((&q8.q[..], k * PANEL), (&q8.scales[..], kb * PANEL));
+                let (q, scales) = q8.panels_from(0);
                 // SAFETY: AVX2, FMA and F16C checked; the panels are as quantized.
                 unsafe { rows_by_panels((m, n, k), &x, q, scales, &mut out) };
                 assert_products_match_dots((m, n, k), &x, (&q8.values(), k), &out);
                 let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
-                let (q, dm) = ((&q4.q[..], k * PANEL / 2), (&q4.dm[..], kb * 2 * PANEL));
+                let (q, dm) = q4.panels_from(0);
                 // SAFETY: as above.
                 unsafe { rows_by_panels((m, n, k), &x, q, dm, &mut out) };
                 assert_products_match_dots((m, n, k), &x, (&q4.values(), k), &out);

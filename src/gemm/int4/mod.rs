@@ -87,6 +87,17 @@ impl Int4Weights {
     pub fn bytes(&self) -> u64 {
         (self.q.len() + 2 * self.dm.len()) as u64
     }
+
+    /// The codes and the scales and minimums from panel `p` on, each with the stride between
+    /// panels: what the panel kernels read.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn panels_from(
+        &self,
+        p: usize,
+    ) -> (super::Strided<'_, u8>, super::Strided<'_, f16>) {
+        let (codes, dm) = (self.k * PANEL / 2, blocks(self.k) * 2 * PANEL);
+        ((&self.q[p * codes..], codes), (&self.dm[p * dm..], dm))
+    }
 }
 
 impl BlockValues for Int4Weights {
@@ -117,23 +128,20 @@ impl QuantPanels for Int4Weights {
         self.check_product("Int4Weights::rows_by_weights_uninit", (m, x), &cols, out);
         #[cfg(target_arch = "x86_64")]
         if crate::device::cpu_has_avx512_bw() {
-            let (k, n, p) = (self.k, cols.len(), cols.start / PANEL);
-            let (q, dm) = (
-                &self.q[p * k * PANEL / 2..],
-                &self.dm[p * blocks(k) * 2 * PANEL..],
-            );
+            let ((q, _), (dm, _)) = self.panels_from(cols.start / PANEL);
+            let (n, k) = (cols.len(), self.k);
             // SAFETY: AVX-512 F is available (checked); `check_product` bounds the rows and
-            // outputs, and the panels from `p` hold the `n` features' codes, scales and minimums.
+            // outputs, and the panels from `cols.start` hold the `n` features' codes, scales and
+            // minimums.
             unsafe { super::packed::rows_by_int4_panels((m, n, k), x, (q, dm), out) };
             return;
         }
         #[cfg(target_arch = "x86_64")]
         if crate::device::cpu_has_avx2_fma() {
-            let (k, n, p, kb) = (self.k, cols.len(), cols.start / PANEL, blocks(self.k));
-            let (q, dm) = (&self.q[p * k * PANEL / 2..], &self.dm[p * kb * 2 * PANEL..]);
-            let panels = ((q, k * PANEL / 2), (dm, kb * 2 * PANEL));
+            let (q, dm) = self.panels_from(cols.start / PANEL);
+            let (n, k) = (cols.len(), self.k);
             // SAFETY: AVX2 and FMA are available (checked); as above.
-            unsafe { super::packed_avx2::rows_by_panels((m, n, k), x, panels.0, panels.1, out) };
+            unsafe { super::packed_avx2::rows_by_panels((m, n, k), x, q, dm, out) };
             return;
         }
         self.rows_by_values((m, x), cols, out);

@@ -82,6 +82,20 @@ impl Int8Weights {
     pub fn bytes(&self) -> u64 {
         (self.q.len() + 2 * self.scales.len()) as u64
     }
+
+    /// The values and the scales from panel `p` on, each with the stride between panels: what
+    /// the panel kernels read.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn panels_from(
+        &self,
+        p: usize,
+    ) -> (super::Strided<'_, i8>, super::Strided<'_, f16>) {
+        let (values, scales) = (self.k * PANEL, blocks(self.k) * PANEL);
+        (
+            (&self.q[p * values..], values),
+            (&self.scales[p * scales..], scales),
+        )
+    }
 }
 
 impl BlockValues for Int8Weights {
@@ -109,27 +123,19 @@ impl QuantPanels for Int8Weights {
         self.check_product("Int8Weights::rows_by_weights_uninit", (m, x), &cols, out);
         #[cfg(target_arch = "x86_64")]
         if crate::device::cpu_has_avx512_bw() {
-            let (k, n, p) = (self.k, cols.len(), cols.start / PANEL);
-            let (q, scales) = (
-                &self.q[p * k * PANEL..],
-                &self.scales[p * blocks(k) * PANEL..],
-            );
+            let ((q, _), (scales, _)) = self.panels_from(cols.start / PANEL);
+            let (n, k) = (cols.len(), self.k);
             // SAFETY: AVX-512 F is available (checked); `check_product` bounds the rows and
-            // outputs, and the panels from `p` hold the `n` features' values and scales.
+            // outputs, and the panels from `cols.start` hold the `n` features' values and scales.
             unsafe { super::packed::rows_by_int8_panels((m, n, k), x, (q, scales), out) };
             return;
         }
         #[cfg(target_arch = "x86_64")]
         if crate::device::cpu_has_avx2_fma() {
-            let (k, n, p, kb) = (self.k, cols.len(), cols.start / PANEL, blocks(self.k));
-            let (q, scales) = (
-                (&self.q[p * k * PANEL..], k * PANEL),
-                &self.scales[p * kb * PANEL..],
-            );
+            let (q, scales) = self.panels_from(cols.start / PANEL);
+            let (n, k) = (cols.len(), self.k);
             // SAFETY: AVX2 and FMA are available (checked); as above.
-            unsafe {
-                super::packed_avx2::rows_by_panels((m, n, k), x, q, (scales, kb * PANEL), out)
-            };
+            unsafe { super::packed_avx2::rows_by_panels((m, n, k), x, q, scales, out) };
             return;
         }
         self.rows_by_values((m, x), cols, out);
